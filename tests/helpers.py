@@ -1,0 +1,42 @@
+"""Inputs and tolerances shared by the tests."""
+
+import numpy as np
+
+from tvmflash.kernel import _numpy_dtype
+
+# Tolerance per dtype, against the float64 reference on the same (rounded) inputs.
+TOLERANCE = {
+    # P and O are rounded to float16 (2^-11 relative) as in FlashAttention; |O| <~ 3 here.
+    "float16": dict(max_abs=4e-3, rel_norm=1e-3),
+    # bfloat16 keeps 8 mantissa bits (2^-8 relative): the same budget, 8x wider.
+    "bfloat16": dict(max_abs=3e-2, rel_norm=8e-3),
+}
+LSE_ATOL = 1e-4  # lse is accumulated in float32 throughout
+
+
+def make_qkv(rng, batch, seq_q, seq_k, heads, heads_kv, head_dim, dtype, scale=1.0):
+    dt = _numpy_dtype(dtype)
+    q = (rng.standard_normal((batch, seq_q, heads, head_dim)) * scale).astype(dt)
+    k = rng.standard_normal((batch, seq_k, heads_kv, head_dim)).astype(dt)
+    v = rng.standard_normal((batch, seq_k, heads_kv, head_dim)).astype(dt)
+    return q, k, v
+
+
+def assert_close_to_reference(out, lse, ref_out, ref_lse, dtype):
+    out = np.asarray(out, dtype=np.float64)
+    assert not np.isnan(out).any(), "NaN in the output"
+    tol = TOLERANCE[dtype]
+    err = np.abs(out - ref_out).max() if out.size else 0.0
+    assert err <= tol["max_abs"], f"max |out - ref| = {err:.3e} > {tol['max_abs']:.0e} ({dtype})"
+    norm = np.linalg.norm(ref_out)
+    if norm > 0:
+        rel = np.linalg.norm(out - ref_out) / norm
+        assert rel <= tol["rel_norm"], f"|out - ref| / |ref| = {rel:.3e} > {tol['rel_norm']:.0e} ({dtype})"
+    if lse is not None:
+        lse = np.asarray(lse, dtype=np.float64)
+        assert not np.isnan(lse).any(), "NaN in lse"
+        assert (np.isneginf(lse) == np.isneginf(ref_lse)).all(), "lse is -inf on other rows than the reference"
+        finite = np.isfinite(ref_lse)
+        if finite.any():
+            lerr = np.abs(lse[finite] - ref_lse[finite]).max()
+            assert lerr <= LSE_ATOL, f"max |lse - ref| = {lerr:.3e} > {LSE_ATOL:.0e}"

@@ -1,0 +1,70 @@
+"""The command line, run as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tvmflash.cli import main
+
+
+def tvmflash(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tvmflash.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_demo_builds_both_and_checks_cpu(tmp_path):
+    res = tvmflash("demo", "--head-dim", "64", "-o", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "-> OK" in res.stdout
+    assert (tmp_path / "fwd_f16_d64_g1_sm80.so").exists()
+    assert (tmp_path / "fwd_f16_d64_g1_sm80.cu").exists()
+    assert any(p.name.startswith("fwd_f16_d64_g1_cpu") and p.suffix == ".so" for p in tmp_path.iterdir())
+
+
+def test_build_then_inspect(tmp_path, capsys):
+    assert main(["build", "--target", "nvidia/nvidia-a100", "--head-dim", "128", "--causal", "--gqa", "4",
+                 "--dtype", "bfloat16", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    key = "fwd_bf16_d128_causal_g4_sm80"
+    assert f"built {key}" in out and str(tmp_path / f"{key}.so") in out
+    manifest = json.loads((tmp_path / f"{key}.json").read_text())
+    assert manifest["spec"]["group"] == 4 and manifest["tvm_version"].startswith("0.27")
+
+    assert main(["inspect", str(tmp_path / f"{key}.so"), "--cuda"]) == 0
+    cuda = capsys.readouterr().out
+    assert '__global__ void' in cuda and "main_kernel" in cuda
+    assert main(["inspect", str(tmp_path / key), "--tir-before"]) == 0
+    before = capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / f"{key}.json"), "--tir"]) == 0
+    after = capsys.readouterr().out
+    assert 'T.sblock("tile")' in before and "blockIdx.x" not in before
+    assert "blockIdx.x" in after
+
+
+def test_build_standard_cpu(tmp_path, capsys):
+    assert main(["build", "--target", "cpu", "--head-dim", "64", "--algorithm", "standard", "-o",
+                 str(tmp_path)]) == 0
+    assert "built std_f16_d64_g1_cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "--head-dim", "48", "-o", "x"], "head_dim: expected one of"),
+        (["build", "--target", "nvidia/no-such-gpu", "-o", "x"], "target: expected 'cpu', a TVM tag"),
+        (["build", "--gqa", "0", "-o", "x"], "group: expected a positive int"),
+        (["inspect", "no/such/kernel.so", "--cuda"], "PATH: expected a built kernel"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_env_prints_versions(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "tvm        0.27" in out and "tvm-ffi    0.1.14" in out

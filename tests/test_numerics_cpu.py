@@ -1,0 +1,157 @@
+"""The TensorIR algorithms on the CPU (llvm) against the float64 reference."""
+
+import math
+
+import numpy as np
+import pytest
+
+import tvmflash
+from tvmflash import KernelSpec, get_kernel
+from tvmflash.reference import attention_reference
+
+from helpers import assert_close_to_reference, make_qkv
+
+
+def run(spec, q, k, v, **kw):
+    return get_kernel(spec)(q, k, v, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("algorithm", ["fused", "standard"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(rng, algorithm, dtype, head_dim, causal):
+    q, k, v = make_qkv(rng, 2, 113, 77, 4, 4, head_dim, dtype)
+    spec = KernelSpec(head_dim, dtype, causal=causal, algorithm=algorithm)
+    out, lse = run(spec, q, k, v)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+    assert out.shape == q.shape and lse.shape == (2, 4, 113)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize(
+    "seq_q, seq_k",
+    [(1, 1), (1, 37), (37, 1), (37, 37), (113, 501), (501, 113), (1023, 1023)],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths_not_tile_multiples(rng, seq_q, seq_k, causal):
+    q, k, v = make_qkv(rng, 1, seq_q, seq_k, 2, 2, 64, "float16")
+    out, lse = run(KernelSpec(64, causal=causal), q, k, v)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=causal), "float16")
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(rng, group, causal):
+    q, k, v = make_qkv(rng, 2, 70, 90, 8, 8 // group, 64, "float16")
+    out, lse = run(KernelSpec(64, causal=causal, group=group), q, k, v)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=causal), "float16")
+
+
+@pytest.mark.parametrize("algorithm", ["fused", "standard"])
+def test_fully_masked_rows_give_zero_and_neg_inf(rng, algorithm):
+    # causal, bottom-right aligned, seq_q > seq_k: the first seq_q - seq_k rows see no key
+    q, k, v = make_qkv(rng, 1, 50, 20, 2, 2, 64, "float16")
+    out, lse = run(KernelSpec(64, causal=True, algorithm=algorithm), q, k, v)
+    assert not np.isnan(out.astype(np.float32)).any() and not np.isnan(lse).any()
+    assert (out[:, :30] == 0).all()
+    assert np.isneginf(lse[:, :, :30]).all()
+    assert np.isfinite(lse[:, :, 30:]).all()
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=True), "float16")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_large_logits_are_stable(rng, dtype):
+    # logits in the hundreds: exp overflows without the running max
+    q, k, v = make_qkv(rng, 1, 64, 200, 2, 2, 64, dtype, scale=40.0)
+    out, lse = run(KernelSpec(64, dtype), q, k, v)
+    ref_out, ref_lse = attention_reference(q, k, v)
+    assert np.abs(ref_lse).max() > 100
+    assert_close_to_reference(out, None, ref_out, ref_lse, dtype)
+    finite = np.isfinite(ref_lse)
+    # lse ~ 1e2..1e3 here: float32 keeps ~7 digits
+    assert np.allclose(lse[finite], ref_lse[finite], rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("softmax_scale", [0.05, 0.5])
+def test_softmax_scale_is_a_runtime_argument(rng, softmax_scale):
+    q, k, v = make_qkv(rng, 1, 40, 60, 2, 2, 64, "float16")
+    spec = KernelSpec(64)
+    out, lse = run(spec, q, k, v, softmax_scale=softmax_scale)
+    ref = attention_reference(q, k, v, softmax_scale=softmax_scale)
+    assert_close_to_reference(out, lse, *ref, "float16")
+    default, _ = run(spec, q, k, v)
+    assert_close_to_reference(default, None, attention_reference(q, k, v, softmax_scale=1 / math.sqrt(64))[0],
+                              None, "float16")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fused_equals_standard(rng, causal, head_dim):
+    q, k, v = make_qkv(rng, 2, 97, 131, 4, 2, head_dim, "float16")
+    fused = run(KernelSpec(head_dim, causal=causal, group=2), q, k, v)
+    standard = run(KernelSpec(head_dim, causal=causal, group=2, algorithm="standard"), q, k, v)
+    np.testing.assert_allclose(fused[0].astype(np.float32), standard[0].astype(np.float32), atol=4e-3)
+    np.testing.assert_allclose(fused[1], standard[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 256])
+def test_other_head_dims(rng, head_dim):
+    q, k, v = make_qkv(rng, 1, 45, 70, 2, 1, head_dim, "bfloat16")
+    out, lse = run(KernelSpec(head_dim, "bfloat16", causal=True, group=2), q, k, v)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=True), "bfloat16")
+
+
+def test_attention_api_numpy_and_torch(rng):
+    torch = pytest.importorskip("torch")
+    q, k, v = make_qkv(rng, 2, 60, 80, 4, 2, 64, "float16")
+    out = tvmflash.attention(q, k, v, causal=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float16
+    ref_out, ref_lse = attention_reference(q, k, v, causal=True)
+    assert_close_to_reference(out, None, ref_out, ref_lse, "float16")
+    tq, tk, tv = (torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16) for x in (q, k, v))
+    tout, tlse = tvmflash.attention(tq, tk, tv, causal=True, return_lse=True)
+    assert isinstance(tout, torch.Tensor) and tout.dtype == torch.bfloat16 and tout.shape == tq.shape
+    bq, bk, bv = (x.float().numpy() for x in (tq, tk, tv))
+    assert_close_to_reference(tout.float().numpy(), tlse.numpy(), *attention_reference(bq, bk, bv, causal=True),
+                              "bfloat16")
+
+
+def test_out_buffers_are_written_in_place(rng):
+    q, k, v = make_qkv(rng, 1, 33, 33, 2, 2, 64, "float16")
+    out = np.full(q.shape, np.nan, np.float16)
+    lse = np.full((1, 2, 33), np.nan, np.float32)
+    kernel = get_kernel(KernelSpec(64))
+    got, got_lse = kernel(q, k, v, out=out, lse=lse, return_lse=True)
+    assert got is out and got_lse is lse
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v), "float16")
+
+
+def test_non_contiguous_inputs_are_copied(rng):
+    q, k, v = make_qkv(rng, 1, 40, 50, 4, 4, 64, "float16")
+    qt = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # same values, heads-major
+    assert not qt.flags["C_CONTIGUOUS"]
+    out = tvmflash.attention(qt, k, v)
+    assert_close_to_reference(out, None, *attention_reference(q, k, v), "float16")
+
+
+def test_empty_batch_and_queries(rng):
+    for b, sq in ((0, 10), (1, 0)):
+        q, k, v = make_qkv(rng, b, sq, 12, 2, 2, 64, "float16")
+        out, lse = tvmflash.attention(q, k, v, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (b, 2, sq)
+
+
+def test_no_keys_gives_zero_and_neg_inf(rng):
+    q, k, v = make_qkv(rng, 1, 5, 0, 2, 2, 64, "float16")
+    out, lse = tvmflash.attention(q, k, v, return_lse=True)
+    assert (out == 0).all() and np.isneginf(lse).all()
+
+
+def test_deterministic_over_repeated_calls(rng):
+    q, k, v = make_qkv(rng, 1, 100, 150, 4, 1, 64, "float16")
+    kernel = get_kernel(KernelSpec(64, causal=True, group=4))
+    first, first_lse = kernel(q, k, v, return_lse=True)
+    for _ in range(100):
+        out, lse = kernel(q, k, v, return_lse=True)
+        assert out.tobytes() == first.tobytes() and lse.tobytes() == first_lse.tobytes()

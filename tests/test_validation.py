@@ -1,0 +1,157 @@
+"""Bad input: each error names the argument, with what was expected and what was given."""
+
+import numpy as np
+import pytest
+
+import tvmflash
+from tvmflash import KernelSpec, get_kernel
+
+from helpers import make_qkv
+
+
+@pytest.fixture
+def qkv(rng):
+    return make_qkv(rng, 2, 10, 12, 4, 2, 64, "float16")
+
+
+def check(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_wrong_dtype(qkv):
+    q, k, v = qkv
+    check(TypeError, r"q: expected dtype float16 or bfloat16, got float32", tvmflash.attention,
+          q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+
+
+def test_mixed_dtypes(qkv):
+    q, k, v = qkv
+    check(TypeError, r"k: expected dtype float16 \(the dtype of q\), got float32", tvmflash.attention,
+          q, k.astype(np.float32), v)
+
+
+def test_kernel_dtype_mismatch(qkv):
+    import ml_dtypes
+
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in qkv)
+    kernel = get_kernel(KernelSpec(64, "float16", group=2))
+    check(TypeError, r"q: expected dtype float16 \(the kernel's\), got bfloat16", kernel, q, k, v)
+
+
+def test_wrong_rank(qkv):
+    q, k, v = qkv
+    check(ValueError, r"q: expected rank 4 \[batch, seqlen, heads, head_dim\], got rank 3", tvmflash.attention,
+          q[0], k, v)
+
+
+def test_mismatched_batch(qkv):
+    q, k, v = qkv
+    check(ValueError, r"k: expected batch 2 \(the batch of q\), got 1", tvmflash.attention, q, k[:1], v[:1])
+
+
+def test_k_v_shapes_differ(qkv):
+    q, k, v = qkv
+    check(ValueError, r"v: expected the shape of k \(2, 12, 2, 64\), got \(2, 11, 2, 64\)", tvmflash.attention,
+          q, k, v[:, :11])
+
+
+def test_head_dim_mismatch(qkv, rng):
+    q, _, _ = qkv
+    _, k, v = make_qkv(rng, 2, 10, 12, 4, 2, 32, "float16")
+    check(ValueError, r"k: expected head_dim 64 \(the head_dim of q\), got 32", tvmflash.attention, q, k, v)
+
+
+def test_unsupported_head_dim(rng):
+    q, k, v = make_qkv(rng, 1, 4, 4, 2, 2, 48, "float16")
+    check(NotImplementedError, r"q: expected head_dim in \(32, 64, 96, 128, 256\), got 48", tvmflash.attention,
+          q, k, v)
+    check(NotImplementedError, r"head_dim: expected one of", KernelSpec, 48)
+
+
+def test_kernel_head_dim_not_compiled(rng):
+    q, k, v = make_qkv(rng, 1, 4, 4, 2, 2, 128, "float16")
+    check(NotImplementedError, r"q: expected head_dim 64 \(the kernel's\), got 128", get_kernel(KernelSpec(64)),
+          q, k, v)
+
+
+def test_heads_not_divisible(rng):
+    q, k, v = make_qkv(rng, 1, 4, 4, 6, 4, 64, "float16")
+    check(ValueError, r"k: expected heads_kv dividing the query heads 6, got heads_kv 4", tvmflash.attention,
+          q, k, v)
+
+
+def test_kernel_gqa_group_mismatch(qkv):
+    q, k, v = qkv  # 4 heads over 2 kv heads: group 2
+    check(ValueError, r"k: expected heads_kv = heads / 4 = 1 \(the kernel's GQA group 4\), got 2",
+          get_kernel(KernelSpec(64, group=4)), q, k, v)
+
+
+def test_non_contiguous_last_dim(qkv):
+    q, k, v = qkv
+    wide = np.zeros(q.shape[:-1] + (128,), q.dtype)
+    check(ValueError, r"q: expected a contiguous last dimension \(stride 1\), got stride 2", tvmflash.attention,
+          wide[..., ::2], k, v)
+
+
+def test_mixed_array_kinds(qkv):
+    torch = pytest.importorskip("torch")
+    q, k, v = qkv
+    check(TypeError, r"k: expected the same kind of array as q \(numpy\), got torch", tvmflash.attention,
+          q, torch.from_numpy(k), v)
+
+
+def test_not_an_array(qkv):
+    q, k, v = qkv
+    check(TypeError, r"q: expected a torch.Tensor, numpy.ndarray or tvm Tensor, got builtins.list",
+          tvmflash.attention, q.tolist(), k, v)
+
+
+def test_bad_out_and_lse(qkv):
+    q, k, v = qkv
+    kernel = get_kernel(KernelSpec(64, group=2))
+    check(ValueError, r"out: expected shape \(2, 10, 4, 64\), got \(2, 10, 4, 32\)", kernel, q, k, v,
+          out=np.empty((2, 10, 4, 32), np.float16))
+    check(TypeError, r"out: expected dtype float16, got float32", kernel, q, k, v,
+          out=np.empty(q.shape, np.float32))
+    check(ValueError, r"lse: expected shape \(2, 4, 10\), got \(2, 10, 4\)", kernel, q, k, v,
+          lse=np.empty((2, 10, 4), np.float32))
+    check(TypeError, r"lse: expected dtype float32, got float16", kernel, q, k, v,
+          lse=np.empty((2, 4, 10), np.float16))
+
+
+def test_bad_softmax_scale_and_causal(qkv):
+    q, k, v = qkv
+    check(ValueError, r"softmax_scale: expected a finite float, got nan", tvmflash.attention, q, k, v,
+          softmax_scale=float("nan"))
+    check(TypeError, r"softmax_scale: expected a float or None, got str", tvmflash.attention, q, k, v,
+          softmax_scale="0.1")
+    check(TypeError, r"causal: expected a bool, got int", tvmflash.attention, q, k, v, causal=1)
+
+
+def test_kernel_refuses_arrays_on_another_device(qkv):
+    # a CUDA kernel given CPU arrays must say so, not crash
+    q, k, v = qkv
+    from tvmflash.kernel import Kernel
+
+    class FakeModule:
+        def __getitem__(self, name):
+            raise AssertionError("must not be called")
+
+    manifest = {"spec": KernelSpec(64, group=2, target="nvidia/nvidia-a100").to_dict(), "functions": []}
+    check(ValueError, r"q: expected a cuda array for kernel fwd_f16_d64_g2_sm80, got one on cpu",
+          Kernel(FakeModule(), manifest), q, k, v)
+
+
+def test_spec_errors():
+    check(ValueError, r"algorithm: expected one of \('fused', 'standard'\), got 'flash'", KernelSpec, 64,
+          algorithm="flash")
+    check(TypeError, r"dtype: expected one of \('float16', 'bfloat16'\), got 'float32'", KernelSpec, 64, "float32")
+    check(ValueError, r"group: expected a positive int", KernelSpec, 64, group=0)
+    check(ValueError, r"target: expected 'cpu', a TVM tag", KernelSpec(64, target="nvidia/no-such-gpu").__getattribute__,
+          "key")
+
+
+def test_load_missing_file(tmp_path):
+    check(FileNotFoundError, r"path: expected a built kernel's module at .*nothing.so", tvmflash.load,
+          tmp_path / "nothing.so")

@@ -1,0 +1,42 @@
+"""The public entry point: ``attention(q, k, v, causal=..., softmax_scale=..., return_lse=...)``."""
+
+from __future__ import annotations
+
+from . import validate as V
+from .cache import get_kernel
+from .spec import KernelSpec
+
+
+def _target_for(device: str) -> str:
+    """The target of the GPU holding the inputs (tag where TVM has one), or 'cpu'."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(int(device.split(":")[1]))
+    tags = {(8, 0): "nvidia/nvidia-a100", (9, 0): "nvidia/nvidia-h100"}
+    if (major, minor) in tags:
+        return tags[(major, minor)]
+    return '{"kind": "cuda", "arch": "sm_%d%d"}' % (major, minor)
+
+
+def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None, return_lse: bool = False,
+              algorithm: str = "fused"):
+    """softmax(q k^T * softmax_scale) v, FlashAttention's layout and semantics.
+
+    q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim] with
+    heads a multiple of heads_kv (GQA/MQA). float16 or bfloat16; accumulation in float32.
+    causal: mask aligned to the bottom-right corner (FlashAttention >= 2.1).
+    softmax_scale: default 1/sqrt(head_dim).
+    Runs on the inputs' device: numpy arrays and CPU torch tensors on the CPU kernel, CUDA torch
+    tensors on the GPU kernel; the kernel is built once per spec and cached (``TVMFLASH_CACHE``).
+    Returns the same kind of array, and with ``return_lse`` also lse [batch, heads, seqlen_q]
+    (float32, natural log; -inf for rows that see no key).
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    _, device, dtype, (_, _, h, _, hk, d) = V.check_qkv(q, k, v)
+    V.check_scale(softmax_scale, d)
+    spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
+                      target=_target_for(device))
+    return get_kernel(spec)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)

@@ -1,0 +1,94 @@
+"""``tvmflash bench``: TFLOP/s of tvmflash fused / standard and PyTorch SDPA, side by side.
+
+Prints a table; asserts nothing about speed. FLOPs = 4 * batch * heads * seq^2 * head_dim,
+halved for causal (FlashAttention's convention). batch * seq = ``--tokens`` (default 16k).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def _time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _sdpa(backend):
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
+
+    return run
+
+
+def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True), heads: int = 16,
+          tokens: int = 16384, dtype: str = "float16", methods=None, reps: int = 10):
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from .api import attention
+
+    all_methods = {
+        "tvmflash fused": lambda q, k, v, c: attention(q, k, v, causal=c),
+        "tvmflash standard": lambda q, k, v, c: attention(q, k, v, causal=c, algorithm="standard"),
+        "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+    methods = list(methods or all_methods)
+    rows = []
+    dt = getattr(torch, dtype)
+    for d in head_dims:
+        for n in seqlens:
+            for causal in causals:
+                b = max(1, tokens // n)
+                q, k, v = (torch.randn(b, n, heads, d, device="cuda", dtype=dt) for _ in range(3))
+                flops = 4 * b * heads * n * n * d / (2 if causal else 1)
+                row = {"head_dim": d, "seqlen": n, "batch": b, "causal": causal}
+                for name in methods:
+                    try:
+                        ms = _time_ms(lambda: all_methods[name](q, k, v, causal), reps=reps)
+                        row[name] = (ms, flops / ms / 1e9)
+                    except Exception as err:  # out of memory, unsupported backend: say so, go on
+                        row[name] = (None, type(err).__name__)
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(_format_row(row, methods), flush=True)
+    return rows, methods
+
+
+def _format_row(row, methods) -> str:
+    cells = [f"d={row['head_dim']:<4}N={row['seqlen']:<6}B={row['batch']:<3}{'causal' if row['causal'] else '      '}"]
+    for name in methods:
+        ms, val = row[name]
+        cells.append(f"{name}: " + (f"{val:7.1f} TF/s {ms:8.3f} ms" if ms is not None else f"{val:>20}"))
+    return " | ".join(cells)
+
+
+def print_table(rows, methods) -> None:
+    head = "| head_dim | seqlen | batch | causal | " + " | ".join(f"{m} TFLOP/s (ms)" for m in methods) + " |"
+    print(head)
+    print("|" + "---|" * (4 + len(methods)))
+    for r in rows:
+        cells = []
+        for m in methods:
+            ms, val = r[m]
+            cells.append(f"{val:.1f} ({ms:.3f})" if ms is not None else str(val))
+        print(f"| {r['head_dim']} | {r['seqlen']} | {r['batch']} | {r['causal']} | " + " | ".join(cells) + " |")

@@ -1,0 +1,212 @@
+"""The ``tvmflash`` command: demo, build, inspect, env."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _spec_from_args(args, target: str):
+    from .spec import KernelSpec
+
+    return KernelSpec(
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        causal=args.causal,
+        group=args.gqa,
+        algorithm=args.algorithm,
+        target=target,
+    )
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
+    p.add_argument("--algorithm", choices=("fused", "standard"), default="fused")
+
+
+def cmd_build(args) -> int:
+    from .build import build
+
+    spec = _spec_from_args(args, args.target)
+    t0 = time.perf_counter()
+    so_path, json_path = build(spec, args.output)
+    print(f"built {spec.key} for {spec.target} in {time.perf_counter() - t0:.1f} s")
+    print(f"  module:   {so_path}")
+    print(f"  manifest: {json_path}")
+    cu = os.path.splitext(so_path)[0] + ".cu"
+    if os.path.exists(cu):
+        print(f"  cuda:     {cu}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on an embedded default: build the fused kernel for the A100 target and the
+    CPU, run the CPU kernel on random inputs against the float64 reference."""
+    import numpy as np
+
+    from .build import build
+    from .kernel import _numpy_dtype, load
+    from .reference import attention_reference
+    from .spec import KernelSpec
+
+    out_dir = args.output
+    print(f"tvmflash demo: fused attention, head_dim {args.head_dim}, {args.dtype}, causal={args.causal}")
+    paths = {}
+    for target in ("nvidia/nvidia-a100", "cpu"):
+        spec = KernelSpec(head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, target=target)
+        t0 = time.perf_counter()
+        paths[target] = build(spec, out_dir)
+        print(f"  built {spec.key:<32} ({target}) in {time.perf_counter() - t0:5.1f} s -> {paths[target][0]}")
+    cu = os.path.splitext(paths["nvidia/nvidia-a100"][0])[0] + ".cu"
+    print(f"  CUDA source: {cu}")
+    print(f"  inspect it:  tvmflash inspect {paths['nvidia/nvidia-a100'][0]} --cuda   (or --tir, --tir-before)")
+
+    kernel = load(paths["cpu"][0])
+    rng = np.random.default_rng(args.seed)
+    b, sq, sk, h = 2, 257, 300, 4
+    np_dtype = _numpy_dtype(args.dtype)
+    q = rng.standard_normal((b, sq, h, args.head_dim)).astype(np_dtype)
+    k = rng.standard_normal((b, sk, h, args.head_dim)).astype(np_dtype)
+    v = rng.standard_normal((b, sk, h, args.head_dim)).astype(np_dtype)
+    t0 = time.perf_counter()
+    out, lse = kernel(q, k, v, return_lse=True)
+    dt = time.perf_counter() - t0
+    ref, ref_lse = attention_reference(q, k, v, causal=args.causal)
+    err = float(np.abs(out.astype(np.float64) - ref).max())
+    finite = np.isfinite(ref_lse)
+    lse_err = float(np.abs(lse[finite] - ref_lse[finite]).max())
+    tol = 2e-2 if args.dtype == "bfloat16" else 4e-3
+    ok = err <= tol and lse_err <= 1e-4
+    print(f"  CPU kernel on q {q.shape}, k/v {k.shape}: {dt * 1e3:.1f} ms, max |out - ref| = {err:.2e} "
+          f"(tolerance {tol:.0e}), max |lse - ref| = {lse_err:.2e} -> {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def _resolve_artifact(ref: str) -> str:
+    """A .so/.json path, a path without extension, or a key in the cache directory."""
+    from .cache import cache_dir
+
+    base = ref
+    for ext in (".so", ".json", ".cu"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    if os.path.exists(base + ".json"):
+        return base
+    cached = os.path.join(cache_dir(), os.path.basename(base))
+    if os.path.exists(cached + ".json"):
+        return cached
+    raise FileNotFoundError(f"PATH: expected a built kernel (.so/.json) or a key in {cache_dir()}, got {ref!r}")
+
+
+def cmd_inspect(args) -> int:
+    base = _resolve_artifact(args.path)
+    with open(base + ".json") as fh:
+        manifest = json.load(fh)
+    if args.cuda:
+        print(manifest.get("source", ""))
+    elif args.tir:
+        print(manifest["tir"]["after"])
+    elif args.tir_before:
+        print(manifest["tir"]["before"])
+    else:
+        shown = {k: v for k, v in manifest.items() if k not in ("tir", "source")}
+        print(json.dumps(shown, indent=1))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, print_table
+
+    rows, methods = bench(
+        head_dims=args.head_dims, seqlens=args.seqlens, causals=(False, True) if args.causal == "both"
+        else (args.causal == "on",), heads=args.heads, tokens=args.tokens, dtype=args.dtype,
+        methods=args.methods, reps=args.reps,
+    )
+    print()
+    print_table(rows, methods)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from . import _compat
+
+    print(f"tvmflash   {__import__('tvmflash').__version__}")
+    print(f"python     {sys.version.split()[0]}")
+    print(f"tvm        {_compat.TVM_VERSION}")
+    print(f"tvm-ffi    {_compat.TVM_FFI_VERSION}")
+    from .cache import cache_dir
+
+    print(f"cache      {cache_dir()}")
+    try:
+        import torch
+
+        print(f"torch      {torch.__version__}")
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                cc = torch.cuda.get_device_capability(i)
+                print(f"gpu {i}      {torch.cuda.get_device_name(i)} (sm_{cc[0]}{cc[1]}), CUDA {torch.version.cuda}")
+        else:
+            print("gpu        none visible to torch")
+    except ImportError:
+        print("torch      not installed")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tvmflash", description="FlashAttention built the TVM way.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build for the A100 target and the CPU, check the CPU kernel (no GPU needed)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="tvmflash-out", help="output directory (default ./tvmflash-out)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("build", help="compile one kernel to DIR/<key>.so + DIR/<key>.json")
+    p.add_argument("--target", default="nvidia/nvidia-a100",
+                   help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100)")
+    _add_spec_flags(p)
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", help="print a built kernel's CUDA, TensorIR or manifest")
+    p.add_argument("path", help="a built .so/.json, or a key in the cache directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cuda", action="store_true", help="the generated CUDA C (LLVM IR for a CPU kernel)")
+    g.add_argument("--tir", action="store_true", help="the TensorIR after scheduling")
+    g.add_argument("--tir-before", action="store_true", help="the TensorIR before scheduling")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="TFLOP/s of tvmflash and PyTorch SDPA on the GPU (prints a table)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--causal", choices=("off", "on", "both"), default="both")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
+    p.add_argument("--reps", type=int, default=10)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("env", help="versions, GPU, cache directory")
+    p.set_defaults(func=cmd_env)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+        print(f"tvmflash {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

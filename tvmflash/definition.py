@@ -1,0 +1,402 @@
+"""Attention in TensorIR: the fused FlashAttention forward and the standard three-kernel baseline.
+
+Fused (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023), one program per query tile:
+
+    for each K/V tile j:                      # online softmax (Milakov & Gimelshein 2018)
+        S      = Q_tile K_tile^T * scale          (mask: key padding, causal)
+        m_new  = max(m_i, rowmax(S))
+        P      = exp(S - m_new)
+        alpha  = exp(m_i - m_new)
+        l_i    = alpha * l_i + rowsum(P)
+        acc_o  = alpha * acc_o + P V_tile
+        m_i    = m_new
+    O = acc_o / l_i,   lse = m_i + log(l_i)
+
+Exponentials are base 2 with log2(e) folded into the scale, as FlashAttention does. The two
+rescaled updates (l_i and acc_o) are reduction blocks whose ``init`` is the rescale, so every
+block of the tile is a spatial or reduction block that schedule primitives accept. Tiles
+(``Q_tile``, ``K_tile``, ``V_tile``, ``acc_s``, ``acc_o``, ``m_i``, ``l_i``) are buffers of the
+"tile" block: S and P never exist outside it. Schedules choose where they live (registers,
+shared memory, tensor-core fragments) and how the loops map to hardware.
+
+Standard ("Algorithm 0"): three functions, ``qk`` writes S = Q K^T (float32) to global memory,
+``softmax`` reads S, applies the scale and the mask, and writes P (input dtype) and the
+log-sum-exp, ``pv`` reads P and writes O = P V. It is the honest baseline: each step a separate kernel over global memory.
+
+Layout, as FlashAttention: q, o  [batch, seqlen_q, heads, head_dim];
+k, v [batch, seqlen_k, heads_kv, head_dim] with heads = heads_kv * group; lse [batch, heads,
+seqlen_q] in float32, natural log. Rows with no visible key (causal with seqlen_q > seqlen_k)
+give O = 0 and lse = -inf.
+"""
+
+from __future__ import annotations
+
+from ._compat import T, tirx, tvm
+from .spec import KernelSpec
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
+LN2 = 0.6931471805599453  # ln(2): log(x) == log2(x) * ln(2)
+
+# TIR block names are API: schedules and tests look blocks up by these names.
+TILE = "tile"
+Q_LOAD = "Q_load"
+K_LOAD = "K_load"
+V_LOAD = "V_load"
+INIT_M = "init_m"
+INIT_L = "init_l"
+INIT_O = "init_o"
+S_GEMM = "S_gemm"
+S_MASK = "S_mask"
+ROW_MAX = "row_max"
+ALPHA = "alpha"
+P_EXP = "P_exp"
+P_CAST = "P_cast"
+L_UPDATE = "l_update"
+M_UPDATE = "m_update"
+O_GEMM = "O_gemm"
+O_STORE = "O_store"
+LSE_STORE = "lse_store"
+
+# Blocks of the standard algorithm's three functions.
+STD_QK = "qk"
+STD_SOFTMAX = "softmax"
+STD_PV = "pv"
+STD_ROW_MAX = "row_max"
+STD_ROW_SUM = "row_sum"
+STD_P = "P"
+STD_LSE = "lse"
+STD_O_CAST = "O_cast"
+
+NEG_INF = float("-inf")
+
+
+def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFunc:
+    """The FlashAttention forward as one TensorIR function, tiled block_m x block_n.
+
+    Arguments of the function: q, k, v, o, lse (buffers, see the module docstring) and
+    ``sm_scale`` (float32, the softmax scale applied to Q K^T).
+    """
+    D = spec.head_dim
+    dtype = spec.dtype
+    G = spec.group
+    causal = spec.causal
+    BM = block_m
+    BN = block_n
+    neg_inf = tirx.const(NEG_INF, "float32")
+    zero_f = tirx.const(0.0, "float32")
+
+    @T.prim_func(s_tir=True)
+    def main(
+        q_h: T.handle,  # [batch, seq_q, heads, head_dim]
+        k_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
+        v_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
+        o_h: T.handle,  # [batch, seq_q, heads, head_dim]
+        lse_h: T.handle,  # [batch, heads, seq_q], float32, natural log
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+
+        for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
+            with T.sblock(TILE):
+                vb, vh, vqb = T.axis.remap("SSS", [b, h, qb])
+                T.reads(
+                    Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
+                    K[vb, 0:seq_k, vh // G, 0:D],
+                    V[vb, 0:seq_k, vh // G, 0:D],
+                )
+                T.writes(O[vb, vqb * BM : vqb * BM + BM, vh, 0:D], LSE[vb, vh, vqb * BM : vqb * BM + BM])
+                Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
+                K_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                V_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                acc_s = T.sblock_alloc_buffer((BM, BN), "float32")
+                S_log2 = T.sblock_alloc_buffer((BM, BN), "float32")
+                P_f32 = T.sblock_alloc_buffer((BM, BN), "float32")
+                P_tile = T.sblock_alloc_buffer((BM, BN), dtype)
+                acc_o = T.sblock_alloc_buffer((BM, D), "float32")
+                m_i = T.sblock_alloc_buffer((BM,), "float32")
+                m_new = T.sblock_alloc_buffer((BM,), "float32")
+                l_i = T.sblock_alloc_buffer((BM,), "float32")
+                alpha = T.sblock_alloc_buffer((BM,), "float32")
+
+                # -- load the query tile (rows past seq_q read as zero) --
+                for i, d in T.grid(BM, D):
+                    with T.sblock(Q_LOAD):
+                        vi, vd = T.axis.remap("SS", [i, d])
+                        Q_tile[vi, vd] = T.if_then_else(
+                            vqb * BM + vi < seq_q, Q[vb, vqb * BM + vi, vh, vd], T.Cast(dtype, 0)
+                        )
+                # -- running state --
+                for i in range(BM):
+                    with T.sblock(INIT_M):
+                        vi = T.axis.remap("S", [i])
+                        m_i[vi] = neg_inf
+                for i in range(BM):
+                    with T.sblock(INIT_L):
+                        vi = T.axis.remap("S", [i])
+                        l_i[vi] = zero_f
+                for i, d in T.grid(BM, D):
+                    with T.sblock(INIT_O):
+                        vi, vd = T.axis.remap("SS", [i, d])
+                        acc_o[vi, vd] = zero_f
+
+                # Causal: K/V tiles wholly above the diagonal are never visited.
+                for kb in T.serial(_num_kv_tiles(vqb, seq_q, seq_k, BM, BN, causal)):
+                    kv0: T.let[T.int32] = kb * BN  # first key of this tile
+                    # -- load K and V tiles (keys past seq_k read as zero, masked below) --
+                    for j, d in T.grid(BN, D):
+                        with T.sblock(K_LOAD):
+                            vj, vd = T.axis.remap("SS", [j, d])
+                            K_tile[vj, vd] = T.if_then_else(
+                                kv0 + vj < seq_k,
+                                K[vb, kv0 + vj, vh // G, vd],
+                                T.Cast(dtype, 0),
+                            )
+                    for j, d in T.grid(BN, D):
+                        with T.sblock(V_LOAD):
+                            vj, vd = T.axis.remap("SS", [j, d])
+                            V_tile[vj, vd] = T.if_then_else(
+                                kv0 + vj < seq_k,
+                                V[vb, kv0 + vj, vh // G, vd],
+                                T.Cast(dtype, 0),
+                            )
+                    # -- S = Q K^T --
+                    for i, j, d in T.grid(BM, BN, D):
+                        with T.sblock(S_GEMM):
+                            vi, vj, vd = T.axis.remap("SSR", [i, j, d])
+                            with T.init():
+                                acc_s[vi, vj] = zero_f
+                            acc_s[vi, vj] = acc_s[vi, vj] + T.Cast("float32", Q_tile[vi, vd]) * T.Cast(
+                                "float32", K_tile[vj, vd]
+                            )
+                    # -- scale into log2 units and mask --
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(S_MASK):
+                            vi, vj = T.axis.remap("SS", [i, j])
+                            S_log2[vi, vj] = T.Select(
+                                _visible(vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal),
+                                acc_s[vi, vj] * (sm_scale * T.float32(LOG2E)),
+                                neg_inf,
+                            )
+                    # -- online softmax: new row max, rescale factor, probabilities, row sum --
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(ROW_MAX):
+                            vi, vj = T.axis.remap("SR", [i, j])
+                            with T.init():
+                                m_new[vi] = m_i[vi]
+                            m_new[vi] = T.max(m_new[vi], S_log2[vi, vj])
+                    for i in range(BM):
+                        with T.sblock(ALPHA):
+                            vi = T.axis.remap("S", [i])
+                            alpha[vi] = T.exp2(m_i[vi] - _finite(m_new[vi]))
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(P_EXP):
+                            vi, vj = T.axis.remap("SS", [i, j])
+                            P_f32[vi, vj] = T.exp2(S_log2[vi, vj] - _finite(m_new[vi]))
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(P_CAST):
+                            vi, vj = T.axis.remap("SS", [i, j])
+                            P_tile[vi, vj] = T.Cast(dtype, P_f32[vi, vj])
+                    # l_i = alpha * l_i + rowsum(P): a reduction whose init is the rescale
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(L_UPDATE):
+                            vi, vj = T.axis.remap("SR", [i, j])
+                            with T.init():
+                                l_i[vi] = l_i[vi] * alpha[vi]
+                            l_i[vi] = l_i[vi] + P_f32[vi, vj]
+                    # acc_o = alpha * acc_o + P V: likewise
+                    for i, d, j in T.grid(BM, D, BN):
+                        with T.sblock(O_GEMM):
+                            vi, vd, vj = T.axis.remap("SSR", [i, d, j])
+                            with T.init():
+                                acc_o[vi, vd] = acc_o[vi, vd] * alpha[vi]
+                            acc_o[vi, vd] = acc_o[vi, vd] + T.Cast("float32", P_tile[vi, vj]) * T.Cast(
+                                "float32", V_tile[vj, vd]
+                            )
+                    for i in range(BM):
+                        with T.sblock(M_UPDATE):
+                            vi = T.axis.remap("S", [i])
+                            m_i[vi] = m_new[vi]
+
+                # -- epilogue: normalise, write O and lse (rows with no visible key: 0, -inf) --
+                for i, d in T.grid(BM, D):
+                    with T.sblock(O_STORE):
+                        vi, vd = T.axis.remap("SS", [i, d])
+                        if vqb * BM + vi < seq_q:
+                            O[vb, vqb * BM + vi, vh, vd] = T.Cast(
+                                dtype,
+                                T.Select(l_i[vi] > zero_f, acc_o[vi, vd] / l_i[vi], zero_f),
+                            )
+                for i in range(BM):
+                    with T.sblock(LSE_STORE):
+                        vi = T.axis.remap("S", [i])
+                        if vqb * BM + vi < seq_q:
+                            LSE[vb, vh, vqb * BM + vi] = T.Select(
+                                l_i[vi] > zero_f,
+                                (m_i[vi] + T.log2(l_i[vi])) * T.float32(LN2),
+                                neg_inf,
+                            )
+
+    return main
+
+
+def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
+    """K/V tiles query tile ``qb`` must visit. Causal (bottom-right): row r sees keys
+    c <= r + seq_k - seq_q, so the tile's last row bounds the keys it needs."""
+    if not causal:
+        return tirx.ceildiv(seq_k, BN)
+    last_key = tirx.min(seq_k, (qb + 1) * BM + seq_k - seq_q)
+    return tirx.max(tirx.ceildiv(last_key, BN), 0)
+
+
+def _visible(row, col, seq_q, seq_k, causal: bool):
+    """Whether query ``row`` attends to key ``col``."""
+    inside = col < seq_k
+    if not causal:
+        return inside
+    return tirx.all(inside, col <= row + seq_k - seq_q)
+
+
+def _finite(m):
+    """The row max to subtract: 0 for a row that has seen no key yet (max = -inf), so that
+    exp2(-inf - (-inf)) never produces NaN (FlashAttention's ``Check_inf``)."""
+    return tirx.Select(m == tirx.const(NEG_INF, "float32"), tirx.const(0.0, "float32"), m)
+
+
+# ---------------------------------------------------------------------------------------------
+# The standard algorithm: S and P written to global memory, three functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def standard_attention(spec: KernelSpec) -> tvm.IRModule:
+    """Three TensorIR functions: ``qk``, ``softmax`` and ``pv`` (see the module docstring)."""
+    D = spec.head_dim
+    dtype = spec.dtype
+    G = spec.group
+    causal = spec.causal
+    neg_inf = tirx.const(NEG_INF, "float32")
+    zero_f = tirx.const(0.0, "float32")
+
+    @T.prim_func(s_tir=True)
+    def qk(
+        q_h: T.handle,  # [batch, seq_q, heads, head_dim]
+        k_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
+        s_h: T.handle,  # [batch, heads, seq_q, seq_k], float32: Q K^T, unscaled
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+        S = T.match_buffer(s_h, (batch, heads, seq_q, seq_k), "float32")
+        for b, h, i, j, d in T.grid(batch, heads, seq_q, seq_k, D):
+            with T.sblock(STD_QK):
+                vb, vh, vi, vj, vd = T.axis.remap("SSSSR", [b, h, i, j, d])
+                with T.init():
+                    S[vb, vh, vi, vj] = zero_f
+                S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", Q[vb, vi, vh, vd]) * T.Cast(
+                    "float32", K[vb, vj, vh // G, vd]
+                )
+
+    def scaled(S, sm_scale, b, h, i, j):
+        """S in log2 units, masked: read by each softmax stage (no extra pass over S)."""
+        seq_q, seq_k = S.shape[2], S.shape[3]
+        return tirx.Select(
+            _visible(i, j, seq_q, seq_k, causal),
+            S[b, h, i, j] * (sm_scale * tirx.const(LOG2E, "float32")),
+            neg_inf,
+        )
+
+    @T.prim_func(s_tir=True)
+    def softmax(
+        s_h: T.handle,  # [batch, heads, seq_q, seq_k], float32: Q K^T, unscaled
+        p_h: T.handle,  # [batch, heads, seq_q, seq_k], dtype
+        lse_h: T.handle,  # [batch, heads, seq_q], float32, natural log
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        S = T.match_buffer(s_h, (batch, heads, seq_q, seq_k), "float32")
+        P = T.match_buffer(p_h, (batch, heads, seq_q, seq_k), dtype)
+        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+        row_max = T.alloc_buffer((batch, heads, seq_q), "float32")
+        row_sum = T.alloc_buffer((batch, heads, seq_q), "float32")
+        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+            with T.sblock(STD_ROW_MAX):
+                vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
+                with T.init():
+                    row_max[vb, vh, vi] = neg_inf
+                row_max[vb, vh, vi] = T.max(row_max[vb, vh, vi], scaled(S, sm_scale, vb, vh, vi, vj))
+        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+            with T.sblock(STD_ROW_SUM):
+                vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
+                with T.init():
+                    row_sum[vb, vh, vi] = zero_f
+                row_sum[vb, vh, vi] = row_sum[vb, vh, vi] + T.exp2(
+                    scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])
+                )
+        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+            with T.sblock(STD_P):
+                vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
+                P[vb, vh, vi, vj] = T.Cast(
+                    dtype,
+                    T.Select(
+                        row_sum[vb, vh, vi] > zero_f,
+                        T.exp2(scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])) / row_sum[vb, vh, vi],
+                        zero_f,
+                    ),
+                )
+        for b, h, i in T.grid(batch, heads, seq_q):
+            with T.sblock(STD_LSE):
+                vb, vh, vi = T.axis.remap("SSS", [b, h, i])
+                LSE[vb, vh, vi] = T.Select(
+                    row_sum[vb, vh, vi] > zero_f,
+                    (row_max[vb, vh, vi] + T.log2(row_sum[vb, vh, vi])) * T.float32(LN2),
+                    neg_inf,
+                )
+
+    @T.prim_func(s_tir=True)
+    def pv(
+        p_h: T.handle,  # [batch, heads, seq_q, seq_k], dtype
+        v_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
+        o_h: T.handle,  # [batch, seq_q, heads, head_dim]
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        P = T.match_buffer(p_h, (batch, heads, seq_q, seq_k), dtype)
+        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+        acc = T.alloc_buffer((batch, heads, seq_q, D), "float32")
+        for b, h, i, d, j in T.grid(batch, heads, seq_q, D, seq_k):
+            with T.sblock(STD_PV):
+                vb, vh, vi, vd, vj = T.axis.remap("SSSSR", [b, h, i, d, j])
+                with T.init():
+                    acc[vb, vh, vi, vd] = zero_f
+                acc[vb, vh, vi, vd] = acc[vb, vh, vi, vd] + T.Cast("float32", P[vb, vh, vi, vj]) * T.Cast(
+                    "float32", V[vb, vj, vh // G, vd]
+                )
+        for b, i, h, d in T.grid(batch, seq_q, heads, D):
+            with T.sblock(STD_O_CAST):
+                vb, vi, vh, vd = T.axis.remap("SSSS", [b, i, h, d])
+                O[vb, vi, vh, vd] = T.Cast(dtype, acc[vb, vh, vi, vd])
+
+    return tvm.IRModule({STD_QK: qk, STD_SOFTMAX: softmax, STD_PV: pv})

@@ -1,0 +1,156 @@
+"""Load a built kernel (``<key>.so`` + ``<key>.json``) and call it on arrays.
+
+``Kernel`` takes numpy arrays (CPU kernels), PyTorch tensors (CPU or CUDA, passed to TVM
+zero-copy through DLPack) and TVM tensors, checks them against the manifest before launching,
+and returns the same kind of array it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import _compat
+from . import validate as V
+from ._compat import tvm
+from .spec import KernelSpec
+
+
+class Kernel:
+    """A loaded attention kernel. Call it as ``kernel(q, k, v)``; see ``__call__``."""
+
+    def __init__(self, module, manifest: dict, path: str | None = None):
+        self.module = module
+        self.manifest = manifest
+        self.path = path
+        self.spec = KernelSpec.from_dict(manifest["spec"])
+        self._functions = [module[name] for name in manifest["functions"]]
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.key}, schedule={self.manifest['schedule']['source']!r}, path={self.path!r})"
+
+    # -- inspection --
+    def cuda_source(self) -> str:
+        """The generated CUDA C (LLVM IR for a CPU kernel)."""
+        return self.manifest.get("source", "")
+
+    def tir(self, before: bool = False) -> str:
+        """The TensorIR after scheduling (``before=True``: as defined, before scheduling)."""
+        return self.manifest["tir"]["before" if before else "after"]
+
+    # -- calling --
+    def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False):
+        """Attention of q [batch, seq_q, heads, d] over k, v [batch, seq_k, heads_kv, d].
+
+        ``out`` / ``lse`` are optional buffers to write into (shapes [batch, seq_q, heads, d] and
+        [batch, heads, seq_q], float32). Returns ``out``, or ``(out, lse)`` with ``return_lse``.
+        lse is the natural-log log-sum-exp of the scaled scores.
+        """
+        spec = self.spec
+        kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
+            q, k, v, head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group
+        )
+        want = "cuda" if spec.is_cuda else "cpu"
+        if device.split(":")[0] != want:
+            raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
+        scale = V.check_scale(softmax_scale, d)
+        o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
+        if out is not None:
+            V.check_out(out, "out", kind, device, o_shape, dtype)
+        if lse is not None:
+            V.check_out(lse, "lse", kind, device, lse_shape, "float32")
+        arrays = _Arrays(kind, device)
+        out = arrays.empty(o_shape, dtype) if out is None else out
+        lse = arrays.empty(lse_shape, "float32") if lse is None else lse
+        if b * sq * h > 0:
+            qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
+            ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
+            if spec.algorithm == "fused":
+                self._functions[0](qt, kt, vt, ot, lt, scale)
+            else:
+                self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
+            arrays.finish(ot, out)
+            arrays.finish(lt, lse)
+        return (out, lse) if return_lse else out
+
+    def _run_standard(self, arrays, qt, kt, vt, ot, lt, scale, shape):
+        """The three kernels of the standard algorithm, S and P in device memory."""
+        qk, softmax, pv = self._functions
+        s = arrays.to_tvm(arrays.empty(shape, "float32"), output=True)
+        p = arrays.to_tvm(arrays.empty(shape, self.spec.dtype), output=True)
+        qk(qt, kt, s)
+        softmax(s, p, lt, scale)
+        pv(p, vt, ot)
+
+
+class _Arrays:
+    """Allocation and conversion for one kind of array (numpy, torch or tvm)."""
+
+    def __init__(self, kind: str, device: str):
+        self.kind = kind
+        self.device = device
+
+    def empty(self, shape, dtype: str):
+        if self.kind == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+        if self.kind == "numpy":
+            import numpy as np
+
+            return np.empty(shape, dtype=_numpy_dtype(dtype))
+        return tvm.runtime.empty(shape, dtype, _tvm_device(self.device))
+
+    def to_tvm(self, x, output: bool = False):
+        if self.kind == "torch":
+            return x if x.is_contiguous() else x.contiguous()
+        if self.kind == "numpy":
+            import numpy as np
+
+            return tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu())
+        return x
+
+    def finish(self, t, dst) -> None:
+        """Copy a result back where the kernel wrote a staging copy (numpy)."""
+        if self.kind == "numpy":
+            dst[...] = t.numpy()
+
+
+def _numpy_dtype(dtype: str):
+    import numpy as np
+
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _tvm_device(device: str):
+    if device == "cpu":
+        return tvm.cpu()
+    return tvm.cuda(int(device.split(":")[1]))
+
+
+def load(path: str | os.PathLike) -> Kernel:
+    """Load ``<key>.so`` (and the ``<key>.json`` manifest beside it). ``path`` may name either
+    file or the key without an extension. A CUDA module compiles its embedded CUDA source with
+    NVRTC when it is loaded (about 2 s), for the GPU present."""
+    base = os.fspath(path)
+    for ext in (".so", ".json"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    so_path, json_path = base + ".so", base + ".json"
+    for p, what in ((so_path, "module"), (json_path, "manifest")):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"path: expected a built kernel's {what} at {p}, found none")
+    with open(json_path) as fh:
+        manifest = json.load(fh)
+    if KernelSpec.from_dict(manifest["spec"]).is_cuda:
+        _compat.ensure_cuda_headers()
+    module = tvm.runtime.load_module(so_path)
+    return Kernel(module, manifest, so_path)

@@ -1,0 +1,39 @@
+"""Float64 reference attention (numpy), the ground truth every kernel is checked against."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+    """softmax(Q K^T * scale) V in float64, FlashAttention layout and semantics.
+
+    q: [batch, seq_q, heads, d]; k, v: [batch, seq_k, heads_kv, d] (heads % heads_kv == 0).
+    Causal is aligned bottom-right: row i sees keys j <= i + seq_k - seq_q.
+    Returns (out [batch, seq_q, heads, d], lse [batch, heads, seq_q], natural log); rows that see
+    no key give out = 0 and lse = -inf.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    if causal:
+        rows = np.arange(sq)[:, None]
+        cols = np.arange(sk)[None, :]
+        s = np.where(cols <= rows + sk - sq, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m_safe)
+    l = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.einsum("bhij,bjhd->bihd", np.where(l > 0, p / np.where(l > 0, l, 1.0), 0.0), v)
+        lse = np.where(l[..., 0] > 0, m_safe[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)), -np.inf)
+    return out, lse

@@ -1,0 +1,96 @@
+"""CPU (llvm) schedule of the fused TensorIR: parallel over tiles, vectorised inner loops.
+
+A real schedule, not the default lowering: it lets users without a GPU run tvmflash and lets CI
+prove the algorithm's numerics on the same TensorIR the GPU schedule transforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import definition as D
+from ._compat import Schedule, tirx
+
+
+@dataclass(frozen=True)
+class CpuConfig:
+    """Tile sizes of the CPU schedule. ``vec``: lanes of the innermost vectorised loops."""
+
+    block_m: int = 32
+    block_n: int = 64
+    vec: int = 16
+
+
+def default_cpu_config(head_dim: int) -> CpuConfig:
+    return CpuConfig(block_m=32, block_n=64 if head_dim <= 128 else 32)
+
+
+def _vectorize_inner(sch: Schedule, block, lanes: int) -> None:
+    """Split the innermost loop of ``block`` (a name or handle) by ``lanes`` (when it divides)
+    and vectorise it."""
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
+        _, loop = sch.split(loop, factors=[None, lanes])
+    sch.vectorize(loop)
+
+
+def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
+    sch = Schedule(func)
+
+    # Step 1. One parallel task per (batch, head, query tile).
+    b, h, qb = sch.get_loops(D.TILE)
+    sch.parallel(sch.fuse(b, h, qb))
+
+    # Step 2. (The scale/mask stage stays a separate pass over the tile: the K/V loop carries
+    # m_i and l_i, so the tile is not a stage pipeline and compute_inline refuses it.)
+
+    # Step 3. S = Q K^T: store K_tile transposed ([head_dim, block_n]) so the key loop is
+    # contiguous, then accumulate over head_dim with the key loop innermost and vectorised.
+    sch.transform_layout(D.K_LOAD, ("write", 0), lambda j, d: (d, j))
+    s_gemm = sch.get_sblock(D.S_GEMM)
+    i, j, d = sch.get_loops(s_gemm)[-3:]
+    sch.reorder(i, d, j)
+    _vectorize_inner(sch, s_gemm, config.vec)  # before decompose: vectorize wants a reduction block
+    sch.decompose_reduction(s_gemm, d)
+
+    # Step 4. acc_o = alpha * acc_o + P V: key loop outside, head_dim loop innermost, vectorised.
+    o_gemm = sch.get_sblock(D.O_GEMM)
+    i, d, j = sch.get_loops(o_gemm)[-3:]
+    sch.reorder(i, j, d)
+    _vectorize_inner(sch, o_gemm, config.vec)
+    # (No decompose_reduction: init_o also writes acc_o, so the tile holds two writers of it and
+    # the primitive refuses; the rescale stays behind `if j == 0`, hoisted by LLVM.)
+
+    # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
+    for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STORE, D.S_MASK, D.P_EXP, D.P_CAST):
+        _vectorize_inner(sch, name, config.vec)
+    return sch
+
+
+def schedule_standard_cpu(mod, config: CpuConfig):
+    """Schedule the three functions of the standard algorithm: parallel outer loops,
+    vectorised inner loops. Returns the scheduled IRModule."""
+    out = {}
+    for gv, func in mod.functions.items():
+        name = gv.name_hint
+        sch = Schedule(func)
+        if name == D.STD_QK:
+            b, h, i, j, d = sch.get_loops(D.STD_QK)
+            sch.parallel(sch.fuse(b, h))
+            sch.decompose_reduction(D.STD_QK, d)
+        elif name == D.STD_SOFTMAX:
+            for blk in (D.STD_ROW_MAX, D.STD_ROW_SUM, D.STD_P, D.STD_LSE):
+                b, h = sch.get_loops(blk)[:2]
+                sch.parallel(sch.fuse(b, h))
+        else:
+            pv = sch.get_sblock(D.STD_PV)
+            b, i, h, d, j = sch.get_loops(pv)
+            sch.reorder(b, i, h, j, d)
+            sch.parallel(sch.fuse(b, i))
+            _vectorize_inner(sch, pv, config.vec)
+            sch.decompose_reduction(pv, j)
+            b, i, h, d = sch.get_loops(D.STD_O_CAST)
+            sch.parallel(sch.fuse(b, i))
+        out[name] = sch.mod["main"]
+    return type(mod)(out)

@@ -1,0 +1,68 @@
+"""A plain CUDA schedule of the fused TensorIR: one thread per query row, no tensor cores.
+
+It is the portable fallback (any CUDA target, any head dim) and the reference point for the
+tensor-core schedule in ``schedule_cuda``: the same TensorIR, only the mapping differs.
+Thread block = one query tile of ``block_m`` rows; K/V tiles are staged in shared memory by
+all threads together; the running state (m_i, l_i, acc_o) lives in each thread's registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import definition as D
+from ._compat import Schedule, tirx
+
+
+@dataclass(frozen=True)
+class SimpleCudaConfig:
+    block_m: int = 64  # threads per block, one query row each
+    block_n: int = 32
+
+
+def default_simple_config(head_dim: int) -> SimpleCudaConfig:
+    return SimpleCudaConfig(block_m=64, block_n=32 if head_dim <= 128 else 16)
+
+
+def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) -> Schedule:
+    sch = Schedule(func)
+    BM = config.block_m
+
+    # Step 1. One thread block per (batch, head, query tile).
+    b, h, qb = sch.get_loops(D.TILE)
+    sch.bind(sch.fuse(b, h, qb), "blockIdx.x")
+
+    # Step 2. K/V tiles in shared memory, loaded cooperatively; everything per-row in registers.
+    for block, buffer_index, scope in (
+        (D.K_LOAD, 0, "shared"),
+        (D.V_LOAD, 0, "shared"),
+        (D.Q_LOAD, 0, "local"),
+        (D.S_GEMM, 0, "local"),
+        (D.S_MASK, 0, "local"),
+        (D.P_EXP, 0, "local"),
+        (D.INIT_O, 0, "local"),
+        (D.INIT_M, 0, "local"),
+        (D.INIT_L, 0, "local"),
+        (D.ROW_MAX, 0, "local"),
+        (D.P_CAST, 0, "local"),
+        (D.ALPHA, 0, "local"),
+    ):
+        sch.set_scope(block, buffer_index, scope)
+    for name in (D.K_LOAD, D.V_LOAD):
+        j, d = sch.get_loops(name)[-2:]
+        _, tx = sch.split(sch.fuse(j, d), factors=[None, BM])
+        sch.bind(tx, "threadIdx.x")
+
+    # Step 3. Every row-wise stage: its row loop is the thread index.
+    for name in (
+        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_MASK, D.ROW_MAX, D.ALPHA, D.P_EXP,
+        D.P_CAST, D.L_UPDATE, D.O_GEMM, D.M_UPDATE, D.O_STORE, D.LSE_STORE,
+    ):
+        loops = sch.get_loops(name)
+        row = loops[0] if name in _BEFORE_KV_LOOP else loops[1]
+        sch.bind(row, "threadIdx.x")
+    return sch
+
+
+# Loops inside the tile block: (row, ...) outside the K/V loop, (kb, row, ...) inside it.
+_BEFORE_KV_LOOP = {D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.O_STORE, D.LSE_STORE}

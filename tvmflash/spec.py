@@ -1,0 +1,107 @@
+"""What a kernel is: a frozen ``KernelSpec`` whose ``key`` names every artifact built from it.
+
+Describe -> build -> load are separate steps (as FlashInfer's JitSpec): the spec holds only
+compile-time choices. Batch, both sequence lengths, the number of heads and ``softmax_scale``
+are runtime values, so one built kernel serves all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import _compat
+
+ALGORITHMS = ("fused", "standard")
+DTYPES = ("float16", "bfloat16")
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+_DTYPE_SHORT = {"float16": "f16", "bfloat16": "bf16"}
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "bf16": "bfloat16"}
+
+
+def canonical_dtype(dtype) -> str:
+    """'float16' / 'bfloat16' from a string, numpy/ml_dtypes dtype or torch dtype."""
+    name = str(dtype)
+    name = name.replace("torch.", "")
+    name = _DTYPE_ALIASES.get(name, name)
+    return name
+
+
+def target_id(target) -> str:
+    """The short target part of a key: ``sm80`` / ``sm90a`` for CUDA, ``cpu_<mcpu>`` for llvm."""
+    t = _compat.make_target(target)
+    if _compat.is_cuda(t):
+        return _compat.cuda_arch(t).replace("_", "")
+    if t.kind.name == "llvm":
+        mcpu = t.attrs.get("mcpu", None)
+        return f"cpu_{mcpu}" if mcpu else "cpu"
+    return t.kind.name
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Compile-time description of one attention kernel.
+
+    head_dim:  size of the last dimension of q, k, v.
+    dtype:     'float16' or 'bfloat16' for q, k, v and the output; accumulation is float32.
+    causal:    causal mask aligned to the bottom-right corner (FlashAttention >= 2.1), so query
+               row i sees keys j <= i + seqlen_k - seqlen_q.
+    group:     GQA/MQA group size: query heads per key/value head (1 = multi-head attention).
+    algorithm: 'fused' (FlashAttention, one kernel) or 'standard' (S and P through memory).
+    target:    'cpu', a TVM tag such as 'nvidia/nvidia-a100', or a target JSON string.
+    """
+
+    head_dim: int
+    dtype: str = "float16"
+    causal: bool = False
+    group: int = 1
+    algorithm: str = "fused"
+    target: str = "cpu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.dtype not in DTYPES:
+            raise TypeError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int):
+            raise TypeError(f"head_dim: expected an int, got {type(self.head_dim).__name__}")
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise NotImplementedError(
+                f"head_dim: expected one of {SUPPORTED_HEAD_DIMS}, got {self.head_dim}"
+            )
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"group: expected a positive int (query heads per kv head), got {self.group!r}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(self.causal).__name__}")
+        if not isinstance(self.target, str):
+            raise TypeError(f"target: expected a str, got {type(self.target).__name__}")
+
+    @property
+    def tvm_target(self):
+        return _compat.make_target(self.target)
+
+    @property
+    def is_cuda(self) -> bool:
+        return _compat.is_cuda(self.tvm_target)
+
+    @property
+    def key(self) -> str:
+        """Readable, unique name, e.g. ``fwd_f16_d128_causal_g4_sm80``."""
+        parts = ["fwd" if self.algorithm == "fused" else "std", _DTYPE_SHORT[self.dtype], f"d{self.head_dim}"]
+        if self.causal:
+            parts.append("causal")
+        parts.append(f"g{self.group}")
+        parts.append(target_id(self.target))
+        return "_".join(parts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def replace(self, **changes) -> "KernelSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,152 @@
+"""Input checks shared by ``Kernel.__call__`` and ``tvmflash.attention``.
+
+Every error names the argument, what was expected and what was given (as FlashInfer's
+``check_shape_dtype_device``): TypeError for kinds and dtypes, ValueError for shapes, devices
+and values, NotImplementedError for what no kernel of this package supports.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .spec import DTYPES, SUPPORTED_HEAD_DIMS, canonical_dtype
+
+INT32_MAX = 2**31 - 1
+
+
+def array_kind(x, name: str) -> str:
+    """'torch', 'numpy' or 'tvm'."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return "torch"
+    if mod.startswith("numpy"):
+        return "numpy"
+    if mod.startswith("tvm"):
+        return "tvm"
+    raise TypeError(
+        f"{name}: expected a torch.Tensor, numpy.ndarray or tvm Tensor, got {type(x).__module__}.{type(x).__name__}"
+    )
+
+
+def dtype_of(x) -> str:
+    return canonical_dtype(x.dtype)
+
+
+def device_of(x, kind: str) -> str:
+    """'cpu' or 'cuda:N'."""
+    if kind == "torch":
+        return "cpu" if x.device.type == "cpu" else f"{x.device.type}:{x.device.index or 0}"
+    if kind == "numpy":
+        return "cpu"
+    dev = x.device
+    name = {1: "cpu", 2: "cuda"}.get(dev.dlpack_device_type(), str(dev))
+    return "cpu" if name == "cpu" else f"{name}:{dev.index}"
+
+
+def last_dim_contiguous(x, kind: str) -> bool:
+    if kind == "torch":
+        return x.shape[-1] <= 1 or x.stride(-1) == 1
+    if kind == "numpy":
+        return x.shape[-1] <= 1 or x.strides[-1] == x.itemsize
+    return True  # tvm Tensors are compact
+
+
+def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None, group: int | None = None):
+    """Check q, k, v against each other (and against a built kernel's spec where given).
+
+    Returns (kind, device, dtype, (batch, seq_q, heads, seq_k, heads_kv, head_dim)).
+    """
+    kinds = {name: array_kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    kind = kinds["q"]
+    for name in ("k", "v"):
+        if kinds[name] != kind:
+            raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {kinds[name]}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(
+                f"{name}: expected rank 4 [batch, seqlen, heads, head_dim], got rank {len(x.shape)} "
+                f"with shape {tuple(x.shape)}"
+            )
+    dt = dtype_of(q)
+    for name, x in (("k", k), ("v", v)):
+        if dtype_of(x) != dt:
+            raise TypeError(f"{name}: expected dtype {dt} (the dtype of q), got {dtype_of(x)}")
+    if dt not in DTYPES:
+        raise TypeError(f"q: expected dtype float16 or bfloat16, got {dt}")
+    if dtype is not None and dt != dtype:
+        raise TypeError(f"q: expected dtype {dtype} (the kernel's), got {dt}")
+    dev = device_of(q, kind)
+    for name, x in (("k", k), ("v", v)):
+        if device_of(x, kind) != dev:
+            raise ValueError(f"{name}: expected device {dev} (the device of q), got {device_of(x, kind)}")
+    b, sq, h, d = (int(s) for s in q.shape)
+    bk, sk, hk, dk = (int(s) for s in k.shape)
+    if tuple(int(s) for s in v.shape) != (bk, sk, hk, dk):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if bk != b:
+        raise ValueError(f"k: expected batch {b} (the batch of q), got {bk}")
+    if dk != d:
+        raise ValueError(f"k: expected head_dim {d} (the head_dim of q), got {dk}")
+    if head_dim is not None and d != head_dim:
+        raise NotImplementedError(f"q: expected head_dim {head_dim} (the kernel's), got {d}")
+    if head_dim is None and d not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(f"q: expected head_dim in {SUPPORTED_HEAD_DIMS}, got {d}")
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"k: expected heads_kv dividing the query heads {h}, got heads_kv {hk}")
+    if group is not None and h // hk != group:
+        raise ValueError(
+            f"k: expected heads_kv = heads / {group} = {h / group:g} (the kernel's GQA group {group}), got {hk}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if math.prod(int(s) for s in x.shape) > 0 and not last_dim_contiguous(x, kind):
+            raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got stride {_stride(x, kind)}")
+        if math.prod(int(s) for s in x.shape) > INT32_MAX:
+            raise NotImplementedError(
+                f"{name}: expected at most {INT32_MAX} elements (32-bit indexing), got {math.prod(x.shape)}"
+            )
+    return kind, dev, dt, (b, sq, h, sk, hk, d)
+
+
+def _stride(x, kind):
+    return x.stride(-1) if kind == "torch" else x.strides[-1] // x.itemsize
+
+
+def check_out(out, name: str, kind: str, device: str, shape: tuple, dtype: str):
+    """Check a caller-given output buffer (``out`` or ``lse``)."""
+    if array_kind(out, name) != kind:
+        raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {array_kind(out, name)}")
+    if tuple(int(s) for s in out.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if dtype_of(out) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {dtype_of(out)}")
+    if device_of(out, kind) != device:
+        raise ValueError(f"{name}: expected device {device}, got {device_of(out, kind)}")
+    contiguous = out.is_contiguous() if kind == "torch" else (kind != "numpy" or out.flags["C_CONTIGUOUS"])
+    if not contiguous:
+        raise ValueError(f"{name}: expected a contiguous buffer to write into, got strides {_strides(out, kind)}")
+    if kind == "numpy" and not out.flags["WRITEABLE"]:
+        raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+
+
+def _strides(x, kind):
+    return tuple(x.stride()) if kind == "torch" else tuple(s // x.itemsize for s in x.strides)
+
+
+def check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(softmax_scale, np.generic):
+                softmax_scale = float(softmax_scale)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(
+                f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}"
+            ) from None
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
+    return float(softmax_scale)
