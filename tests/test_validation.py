@@ -122,7 +122,7 @@ def test_bad_out_and_lse(qkv):
 
 def test_bad_softmax_scale_and_causal(qkv):
     q, k, v = qkv
-    check(ValueError, r"softmax_scale: expected a finite float, got nan", tvmflash.attention, q, k, v,
+    check(ValueError, r"softmax_scale: expected a finite float > 0, got nan", tvmflash.attention, q, k, v,
           softmax_scale=float("nan"))
     check(TypeError, r"softmax_scale: expected a float or None, got str", tvmflash.attention, q, k, v,
           softmax_scale="0.1")
@@ -155,3 +155,9 @@ def test_spec_errors():
 def test_load_missing_file(tmp_path):
     check(FileNotFoundError, r"path: expected a built kernel's module at .*nothing.so", tvmflash.load,
           tmp_path / "nothing.so")
+
+
+def test_softmax_scale_must_be_positive(qkv):
+    q, k, v = qkv
+    check(ValueError, r"softmax_scale: expected a finite float > 0, got -0.5", tvmflash.attention, q, k, v,
+          softmax_scale=-0.5)

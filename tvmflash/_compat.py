@@ -90,6 +90,35 @@ def cuda_arch(target: tvm.target.Target) -> str:
     return str(target.attrs["arch"])
 
 
+def _register_pipeline() -> str:
+    """TVM's s_tir pipeline with LowerWarpMemory run until every warp-scope buffer is lowered.
+
+    TVM 0.27's LowerWarpMemory rewrites one warp-scope allocation of a nest and leaves the ones
+    inside it 32x oversized, so an mma fragment written through a pointer offset by the lane
+    (ldmatrix, mma) and read back without it (mma fill/store) disagree. Each extra run lowers
+    the next allocation; a kernel here holds fewer than eight.
+    """
+    from tvm.s_tir import pipeline as s_pipeline
+    from tvm.tirx import compilation_pipeline
+
+    def factory():
+        pipeline, finalize_host, _ = s_pipeline.default_s_tir_pipeline()
+
+        def finalize_device():
+            return tvm.ir.transform.Sequential(
+                [tirx.transform.LowerWarpMemory()] * 8 + [tirx.transform.StmtSimplify(), tirx.transform.LowerIntrin()]
+            )
+
+        return pipeline, finalize_host, finalize_device
+
+    compilation_pipeline.PIPELINE_MAP["tvmflash"] = factory
+    return "tvmflash"
+
+
+#: The tirx pipeline name for kernels with several mma fragment buffers.
+TIR_PIPELINE = _register_pipeline()
+
+
 def ensure_cuda_headers() -> None:
     """NVRTC needs the CUDA headers; TVM finds them through CUDA_PATH. When nvcc is a symlink
     (``/usr/local/bin/nvcc``) TVM's own search misses them, so point CUDA_PATH at the toolkit."""

@@ -35,6 +35,7 @@ class Lowered:
     schedule: str  # which schedule function
     config: dict = field(default_factory=dict)
     entry: tuple = ("main",)  # the module's functions, in call order
+    pass_config: dict = field(default_factory=dict)  # PassContext options the schedule needs
 
 
 def lower(spec: KernelSpec) -> Lowered:
@@ -42,6 +43,15 @@ def lower(spec: KernelSpec) -> Lowered:
     target = spec.tvm_target
     if spec.algorithm == "fused":
         if _compat.is_cuda(target):
+            from . import schedule_cuda
+
+            if schedule_cuda.supports(spec):
+                cfg = schedule_cuda.default_config(target, spec.head_dim)
+                func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
+                sch = schedule_cuda.schedule_fused_cuda(func, cfg, spec.dtype)
+                before = tvm.IRModule({"main": func})
+                return Lowered(spec, sch.mod, before, "schedule_cuda.schedule_fused_cuda", dataclasses.asdict(cfg),
+                               ("main",), dict(schedule_cuda.PASS_CONFIG))
             from .schedule_cuda_simple import default_simple_config, schedule_fused_cuda_simple
 
             cfg = default_simple_config(spec.head_dim)
@@ -102,7 +112,8 @@ def _schedule_standard_dlight(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, 
 def compile_lowered(lowered: Lowered):
     """``tvm.compile`` the scheduled module for the spec's target. No GPU is needed for CUDA:
     the CUDA source is generated here and compiled (NVRTC) when the module is loaded."""
-    return tvm.compile(lowered.mod, target=lowered.spec.tvm_target)
+    with tvm.transform.PassContext(config=lowered.pass_config):
+        return tvm.compile(lowered.mod, target=lowered.spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
 
 
 def manifest(lowered: Lowered, build_seconds: float) -> dict:

@@ -3,16 +3,17 @@
 Fused (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023), one program per query tile:
 
     for each K/V tile j:                      # online softmax (Milakov & Gimelshein 2018)
-        S      = Q_tile K_tile^T * scale          (mask: key padding, causal)
+        S      = Q_tile K_tile^T                  (mask: key padding, causal)
         m_new  = max(m_i, rowmax(S))
-        P      = exp(S - m_new)
-        alpha  = exp(m_i - m_new)
+        P      = exp((S - m_new) * scale)
+        alpha  = exp((m_i - m_new) * scale)
         l_i    = alpha * l_i + rowsum(P)
         acc_o  = alpha * acc_o + P V_tile
         m_i    = m_new
-    O = acc_o / l_i,   lse = m_i + log(l_i)
+    O = acc_o / l_i,   lse = m_i * scale + log(l_i)
 
-Exponentials are base 2 with log2(e) folded into the scale, as FlashAttention does. The two
+The running max is kept on raw scores and the scale applied inside the exponential (valid for
+scale > 0, as FlashAttention-2 does); exponentials are base 2 with log2(e) folded into the scale. The two
 rescaled updates (l_i and acc_o) are reduction blocks whose ``init`` is the rescale, so every
 block of the tile is a spatial or reduction block that schedule primitives accept. Tiles
 (``Q_tile``, ``K_tile``, ``V_tile``, ``acc_s``, ``acc_o``, ``m_i``, ``l_i``) are buffers of the
@@ -45,8 +46,11 @@ V_LOAD = "V_load"
 INIT_M = "init_m"
 INIT_L = "init_l"
 INIT_O = "init_o"
+S_GEMM_TILE = "S_gemm_tile"  # scope blocks: each GEMM and the epilogue in a block of its own
+O_GEMM_TILE = "O_gemm_tile"
+EPILOGUE = "epilogue"
 S_GEMM = "S_gemm"
-S_MASK = "S_mask"
+S_STORE = "S_store"
 ROW_MAX = "row_max"
 ALPHA = "alpha"
 P_EXP = "P_exp"
@@ -54,6 +58,7 @@ P_CAST = "P_cast"
 L_UPDATE = "l_update"
 M_UPDATE = "m_update"
 O_GEMM = "O_gemm"
+O_STAGE = "O_stage"
 O_STORE = "O_store"
 LSE_STORE = "lse_store"
 
@@ -119,10 +124,11 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                 K_tile = T.sblock_alloc_buffer((BN, D), dtype)
                 V_tile = T.sblock_alloc_buffer((BN, D), dtype)
                 acc_s = T.sblock_alloc_buffer((BM, BN), "float32")
-                S_log2 = T.sblock_alloc_buffer((BM, BN), "float32")
+                S_tile = T.sblock_alloc_buffer((BM, BN), "float32")
                 P_f32 = T.sblock_alloc_buffer((BM, BN), "float32")
                 P_tile = T.sblock_alloc_buffer((BM, BN), dtype)
                 acc_o = T.sblock_alloc_buffer((BM, D), "float32")
+                O_tile = T.sblock_alloc_buffer((BM, D), "float32")
                 m_i = T.sblock_alloc_buffer((BM,), "float32")
                 m_new = T.sblock_alloc_buffer((BM,), "float32")
                 l_i = T.sblock_alloc_buffer((BM,), "float32")
@@ -169,39 +175,40 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                                 V[vb, kv0 + vj, vh // G, vd],
                                 T.Cast(dtype, 0),
                             )
-                    # -- S = Q K^T --
-                    for i, j, d in T.grid(BM, BN, D):
-                        with T.sblock(S_GEMM):
-                            vi, vj, vd = T.axis.remap("SSR", [i, j, d])
-                            with T.init():
-                                acc_s[vi, vj] = zero_f
-                            acc_s[vi, vj] = acc_s[vi, vj] + T.Cast("float32", Q_tile[vi, vd]) * T.Cast(
-                                "float32", K_tile[vj, vd]
-                            )
-                    # -- scale into log2 units and mask --
+                    # -- S = Q K^T (in a block of its own: a clean GEMM scope for schedules) --
+                    with T.sblock(S_GEMM_TILE):
+                        for i, j, d in T.grid(BM, BN, D):
+                            with T.sblock(S_GEMM):
+                                vi, vj, vd = T.axis.remap("SSR", [i, j, d])
+                                with T.init():
+                                    acc_s[vi, vj] = zero_f
+                                acc_s[vi, vj] = acc_s[vi, vj] + T.Cast("float32", Q_tile[vi, vd]) * T.Cast(
+                                    "float32", K_tile[vj, vd]
+                                )
+                    # -- S leaves the GEMM's accumulators (on GPUs: fragments -> shared memory) --
                     for i, j in T.grid(BM, BN):
-                        with T.sblock(S_MASK):
+                        with T.sblock(S_STORE):
                             vi, vj = T.axis.remap("SS", [i, j])
-                            S_log2[vi, vj] = T.Select(
-                                _visible(vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal),
-                                acc_s[vi, vj] * (sm_scale * T.float32(LOG2E)),
-                                neg_inf,
-                            )
-                    # -- online softmax: new row max, rescale factor, probabilities, row sum --
+                            S_tile[vi, vj] = acc_s[vi, vj]
+                    # -- online softmax on raw scores; the scale is applied inside exp2, as in
+                    #    FlashAttention-2 (max(s * c) == c * max(s) for c > 0) --
                     for i, j in T.grid(BM, BN):
                         with T.sblock(ROW_MAX):
                             vi, vj = T.axis.remap("SR", [i, j])
                             with T.init():
                                 m_new[vi] = m_i[vi]
-                            m_new[vi] = T.max(m_new[vi], S_log2[vi, vj])
+                            m_new[vi] = T.max(m_new[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal))
                     for i in range(BM):
                         with T.sblock(ALPHA):
                             vi = T.axis.remap("S", [i])
-                            alpha[vi] = T.exp2(m_i[vi] - _finite(m_new[vi]))
+                            alpha[vi] = T.exp2((m_i[vi] - _finite(m_new[vi])) * (sm_scale * T.float32(LOG2E)))
                     for i, j in T.grid(BM, BN):
                         with T.sblock(P_EXP):
                             vi, vj = T.axis.remap("SS", [i, j])
-                            P_f32[vi, vj] = T.exp2(S_log2[vi, vj] - _finite(m_new[vi]))
+                            P_f32[vi, vj] = T.exp2(
+                                (_masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal) - _finite(m_new[vi]))
+                                * (sm_scale * T.float32(LOG2E))
+                            )
                     for i, j in T.grid(BM, BN):
                         with T.sblock(P_CAST):
                             vi, vj = T.axis.remap("SS", [i, j])
@@ -213,38 +220,44 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                             with T.init():
                                 l_i[vi] = l_i[vi] * alpha[vi]
                             l_i[vi] = l_i[vi] + P_f32[vi, vj]
-                    # acc_o = alpha * acc_o + P V: likewise
-                    for i, d, j in T.grid(BM, D, BN):
-                        with T.sblock(O_GEMM):
-                            vi, vd, vj = T.axis.remap("SSR", [i, d, j])
-                            with T.init():
-                                acc_o[vi, vd] = acc_o[vi, vd] * alpha[vi]
-                            acc_o[vi, vd] = acc_o[vi, vd] + T.Cast("float32", P_tile[vi, vj]) * T.Cast(
-                                "float32", V_tile[vj, vd]
-                            )
+                    # acc_o = alpha * acc_o + P V: likewise, in a GEMM scope of its own
+                    with T.sblock(O_GEMM_TILE):
+                        for i, d, j in T.grid(BM, D, BN):
+                            with T.sblock(O_GEMM):
+                                vi, vd, vj = T.axis.remap("SSR", [i, d, j])
+                                with T.init():
+                                    acc_o[vi, vd] = acc_o[vi, vd] * alpha[vi]
+                                acc_o[vi, vd] = acc_o[vi, vd] + T.Cast("float32", P_tile[vi, vj]) * T.Cast(
+                                    "float32", V_tile[vj, vd]
+                                )
                     for i in range(BM):
                         with T.sblock(M_UPDATE):
                             vi = T.axis.remap("S", [i])
                             m_i[vi] = m_new[vi]
 
                 # -- epilogue: normalise, write O and lse (rows with no visible key: 0, -inf) --
-                for i, d in T.grid(BM, D):
-                    with T.sblock(O_STORE):
-                        vi, vd = T.axis.remap("SS", [i, d])
-                        if vqb * BM + vi < seq_q:
-                            O[vb, vqb * BM + vi, vh, vd] = T.Cast(
-                                dtype,
-                                T.Select(l_i[vi] > zero_f, acc_o[vi, vd] / l_i[vi], zero_f),
-                            )
-                for i in range(BM):
-                    with T.sblock(LSE_STORE):
-                        vi = T.axis.remap("S", [i])
-                        if vqb * BM + vi < seq_q:
-                            LSE[vb, vh, vqb * BM + vi] = T.Select(
-                                l_i[vi] > zero_f,
-                                (m_i[vi] + T.log2(l_i[vi])) * T.float32(LN2),
-                                neg_inf,
-                            )
+                with T.sblock(EPILOGUE):
+                    for i, d in T.grid(BM, D):  # the accumulator leaves its registers
+                        with T.sblock(O_STAGE):
+                            vi, vd = T.axis.remap("SS", [i, d])
+                            O_tile[vi, vd] = acc_o[vi, vd]
+                    for i, d in T.grid(BM, D):
+                        with T.sblock(O_STORE):
+                            vi, vd = T.axis.remap("SS", [i, d])
+                            if vqb * BM + vi < seq_q:
+                                O[vb, vqb * BM + vi, vh, vd] = T.Cast(
+                                    dtype,
+                                    T.Select(l_i[vi] > zero_f, O_tile[vi, vd] / l_i[vi], zero_f),
+                                )
+                    for i in range(BM):
+                        with T.sblock(LSE_STORE):
+                            vi = T.axis.remap("S", [i])
+                            if vqb * BM + vi < seq_q:
+                                LSE[vb, vh, vqb * BM + vi] = T.Select(
+                                    l_i[vi] > zero_f,
+                                    (m_i[vi] * (sm_scale * T.float32(LOG2E)) + T.log2(l_i[vi])) * T.float32(LN2),
+                                    neg_inf,
+                                )
 
     return main
 
@@ -264,6 +277,11 @@ def _visible(row, col, seq_q, seq_k, causal: bool):
     if not causal:
         return inside
     return tirx.all(inside, col <= row + seq_k - seq_q)
+
+
+def _masked(s, row, col, seq_q, seq_k, causal: bool):
+    """Score ``s`` of (row, col), or -inf where the query does not see the key."""
+    return tirx.Select(_visible(row, col, seq_q, seq_k, causal), s, tirx.const(NEG_INF, "float32"))
 
 
 def _finite(m):

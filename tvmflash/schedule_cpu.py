@@ -42,8 +42,8 @@ def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
     b, h, qb = sch.get_loops(D.TILE)
     sch.parallel(sch.fuse(b, h, qb))
 
-    # Step 2. (The scale/mask stage stays a separate pass over the tile: the K/V loop carries
-    # m_i and l_i, so the tile is not a stage pipeline and compute_inline refuses it.)
+    # Step 2. (S_store stays a separate copy: the K/V loop carries m_i and l_i, so the tile is
+    # not a stage pipeline and compute_inline refuses to inline it.)
 
     # Step 3. S = Q K^T: store K_tile transposed ([head_dim, block_n]) so the key loop is
     # contiguous, then accumulate over head_dim with the key loop innermost and vectorised.
@@ -63,7 +63,7 @@ def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
     # the primitive refuses; the rescale stays behind `if j == 0`, hoisted by LLVM.)
 
     # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
-    for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STORE, D.S_MASK, D.P_EXP, D.P_CAST):
+    for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, D.O_STORE, D.S_STORE, D.P_EXP, D.P_CAST):
         _vectorize_inner(sch, name, config.vec)
     return sch
 

@@ -38,13 +38,14 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
         (D.V_LOAD, 0, "shared"),
         (D.Q_LOAD, 0, "local"),
         (D.S_GEMM, 0, "local"),
-        (D.S_MASK, 0, "local"),
+        (D.S_STORE, 0, "local"),
         (D.P_EXP, 0, "local"),
         (D.INIT_O, 0, "local"),
         (D.INIT_M, 0, "local"),
         (D.INIT_L, 0, "local"),
         (D.ROW_MAX, 0, "local"),
         (D.P_CAST, 0, "local"),
+        (D.O_STAGE, 0, "local"),
         (D.ALPHA, 0, "local"),
     ):
         sch.set_scope(block, buffer_index, scope)
@@ -55,14 +56,15 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
 
     # Step 3. Every row-wise stage: its row loop is the thread index.
     for name in (
-        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_MASK, D.ROW_MAX, D.ALPHA, D.P_EXP,
-        D.P_CAST, D.L_UPDATE, D.O_GEMM, D.M_UPDATE, D.O_STORE, D.LSE_STORE,
+        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_STORE, D.ROW_MAX, D.ALPHA, D.P_EXP,
+        D.P_CAST, D.L_UPDATE, D.O_GEMM, D.M_UPDATE, D.O_STAGE, D.O_STORE, D.LSE_STORE,
     ):
         loops = sch.get_loops(name)
-        row = loops[0] if name in _BEFORE_KV_LOOP else loops[1]
+        row = loops[0] if name in _OWN_SCOPE else loops[1]
         sch.bind(row, "threadIdx.x")
     return sch
 
 
-# Loops inside the tile block: (row, ...) outside the K/V loop, (kb, row, ...) inside it.
-_BEFORE_KV_LOOP = {D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.O_STORE, D.LSE_STORE}
+# get_loops stops at the nearest enclosing block: (row, ...) for stages outside the K/V loop or
+# in a scope block of their own, (kb, row, ...) for the others.
+_OWN_SCOPE = {D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.O_STAGE, D.O_STORE, D.LSE_STORE, D.S_GEMM, D.O_GEMM}

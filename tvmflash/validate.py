@@ -147,6 +147,6 @@ def check_scale(softmax_scale, head_dim: int) -> float:
             raise TypeError(
                 f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}"
             ) from None
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale: expected a finite float, got {softmax_scale}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale}")
     return float(softmax_scale)

@@ -1,0 +1,210 @@
+"""The FlashAttention CUDA schedule (sm_80+): tensor cores, shared-memory tiles, one kernel.
+
+Schedule primitives applied to the fused TensorIR of ``definition.fused_attention``:
+
+- one thread block per (batch, head, query tile); ``num_warps`` warps split the query rows
+  (FlashAttention-2: each warp owns ``block_m / num_warps`` rows, no inter-warp reduction);
+- Q, K, V tiles, S and P staged in dynamic shared memory, loaded with cooperative vector loads;
+- S = Q K^T and acc_o += P V tensorized with ldmatrix + mma.sync (m16n8k16, fp32 accumulate);
+  the accumulators (``acc_s``, ``acc_o``) live in mma fragments (warp scope) for the whole loop;
+- the online softmax runs one query row per thread on S in shared memory; the rescale of acc_o
+  by alpha is a custom TensorIntrin that works on the fragment layout directly;
+- the epilogue stores acc_o through shared memory, normalised by l_i, to global memory.
+
+Each GEMM's loop nest is first ``blockize``d into a block of its own: inside that block the GEMM is
+a clean stage pipeline, so ``cache_read`` / ``compute_at`` / ``decompose_reduction`` apply even
+though the K/V loop around it carries the softmax state (which makes the tile block itself no
+stage pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import definition as D
+from . import intrinsics as I
+from ._compat import Schedule, tirx
+
+#: PassContext options the schedule needs at compile time. CSE would hide threadIdx.x inside
+#: let-bound indices of the fragment rescale, which LowerWarpMemory then cannot lower.
+PASS_CONFIG = {"tirx.disable_cse_tir": True}
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Tile sizes and mapping of the tensor-core schedule.
+
+    block_m:   query rows per thread block (= num_warps * 32: one softmax row per thread).
+    block_n:   keys per K/V tile.
+    num_warps: warps per thread block; each owns block_m / num_warps query rows.
+    vec:       elements per vectorised global load / store (8 halves = 16 bytes).
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    vec: int = 8
+
+    def __post_init__(self):
+        if self.block_m != self.num_warps * 32:
+            raise ValueError(f"block_m: expected num_warps * 32 = {self.num_warps * 32}, got {self.block_m}")
+        if self.block_n % 16:
+            raise ValueError(f"block_n: expected a multiple of 16, got {self.block_n}")
+
+
+def default_config(target, head_dim: int) -> FlashConfig:
+    """Hand-chosen tiles (FlashAttention-2's for sm_80/sm_90 forward)."""
+    if head_dim <= 64:
+        return FlashConfig(block_m=128, block_n=64, num_warps=4)
+    if head_dim <= 128:
+        return FlashConfig(block_m=128, block_n=64, num_warps=4)
+    return FlashConfig(block_m=64, block_n=32, num_warps=2)
+
+
+def supports(spec) -> bool:
+    """Whether this schedule serves ``spec`` (else the plain CUDA schedule does). Head dim 64
+    fails in TVM's StorageRewrite (an f16 and an f32 shared buffer of one size get aliased:
+    "tvm_access_ptr element type must match the source buffer"); bfloat16 needs its own
+    ldmatrix/mma intrinsics. Both are open work."""
+    return spec.dtype in I.MMA_DTYPES and spec.head_dim == 128
+
+
+def _bind_rows(sch: Schedule, loop, config: FlashConfig):
+    """One query row per thread: row = ty * 32 + tx."""
+    ty, tx = sch.split(loop, factors=[config.num_warps, 32])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _cooperative(sch: Schedule, block, config: FlashConfig, vectorize: bool = True):
+    """All threads of the block copy a 2-D tile together, ``vec`` elements per access."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops[-2:])
+    _, ty, tx, vec = sch.split(fused, factors=[None, config.num_warps, 32, config.vec])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    if vectorize:
+        sch.vectorize(vec)
+
+
+def _tile16(sch: Schedule, block, ndim: int):
+    """Split the last ``ndim`` loops of ``block`` by 16 and move the 16s innermost."""
+    loops = sch.get_loops(block)[-ndim:]
+    outer, inner = [], []
+    for loop in loops:
+        o, i = sch.split(loop, factors=[None, 16])
+        outer.append(o)
+        inner.append(i)
+    sch.reorder(*outer, *inner)
+    return outer, inner
+
+
+def _read_index(sch: Schedule, block, prefix: str) -> int:
+    """Index in ``block``'s read regions of the buffer whose name starts with ``prefix``
+    (set_scope renames buffers, e.g. ``Q_tile`` -> ``Q_tile_shared_dyn``)."""
+    for idx, region in enumerate(sch.get(block).reads):
+        src = region.source
+        name = getattr(src, "name", None) or src.buffer.name
+        if name.startswith(prefix):
+            return idx
+    raise KeyError(f"{prefix} is not read by block {sch.get(block).name_hint}")
+
+
+def _fragment_map(i, j):
+    """[rows, cols] -> [rows/16, cols/16, thread, local]: 16x16 tiles in mma fragment layout."""
+    thread, local = I.fragment_layout(i % 16, j % 16)
+    return (i // 16, j // 16, thread, local)
+
+
+def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str, mma: str,
+              config: FlashConfig):
+    """Tensorize the GEMM block ``name`` (loops m, n, k; in a scope block of its own): warps over
+    m, A and B fragments ldmatrix'ed from shared memory per 16-wide k step, mma.sync into the
+    accumulator fragments. Returns the init block left by decompose_reduction."""
+    warp_rows = config.block_m // config.num_warps // 16
+    gemm = sch.get_sblock(name)
+    (mo, no, ko), (mi, _, _) = _tile16(sch, gemm, 3)
+    unit = sch.blockize(mi)  # one 16x16x16 mma per instance
+    ty, mw = sch.split(mo, factors=[config.num_warps, warp_rows])
+    sch.reorder(ty, ko, mw, no)
+    sch.bind(ty, "threadIdx.y")
+    frag_a = sch.cache_read(unit, _read_index(sch, unit, a), "warp")
+    frag_b = sch.cache_read(unit, _read_index(sch, unit, b), "warp")
+    for frag, intrin in ((frag_a, load_a), (frag_b, load_b)):
+        sch.compute_at(frag, ko)
+        r, c = sch.get_loops(frag)[-2:]
+        ro, ri = sch.split(r, factors=[None, 16])
+        co, ci = sch.split(c, factors=[None, 16])
+        sch.reorder(ro, co, ri, ci)
+        sch.transform_layout(frag, ("write", 0), _fragment_map)
+        sch.tensorize(ri, intrin)
+    sch.decompose_reduction(unit, ko)
+    inner = sch.get_sblock(name)
+    return inner, sch.get_sblock(name + "_init")
+
+
+def _store_fragments(sch: Schedule, name: str, intrin: str, config: FlashConfig):
+    """Copy accumulator fragments to shared memory, 16x16 at a time, each warp its rows."""
+    warp_rows = config.block_m // config.num_warps // 16
+    block = sch.get_sblock(name)
+    (mo, _), (mi, _) = _tile16(sch, block, 2)
+    ty, _ = sch.split(mo, factors=[config.num_warps, warp_rows])
+    sch.bind(ty, "threadIdx.y")
+    sch.tensorize(mi, intrin)
+
+
+def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "float16") -> Schedule:
+    sch = Schedule(func)
+    intrin = I.intrinsics(dtype)
+
+    # Step 1. One thread block per (batch, head, query tile).
+    b, h, qb = sch.get_loops(D.TILE)
+    sch.bind(sch.fuse(b, h, qb), "blockIdx.x")
+
+    # Step 2. Where each tile lives: operands, S, P and the softmax state in shared memory,
+    # the probabilities of a row in its thread's registers.
+    for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.S_STORE, D.P_CAST, D.INIT_M, D.INIT_L, D.ROW_MAX,
+                  D.ALPHA, D.O_STAGE):
+        sch.set_scope(block, 0, "shared.dyn")
+    sch.set_scope(D.P_EXP, 0, "local")
+
+    # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
+    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+        _cooperative(sch, name, config)
+
+    # Step 4. S = Q K^T on tensor cores; acc_s in mma fragments, then to shared memory.
+    _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], intrin["mma_trans_b"],
+              config)
+    sch.set_scope(D.S_GEMM, 0, "warp")
+    sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
+    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
+    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
+    _store_fragments(sch, D.S_STORE, intrin["store_shared"], config)
+
+    # Step 5. The online softmax: one query row per thread.
+    for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.ROW_MAX, 1), (D.ALPHA, 1), (D.P_EXP, 1), (D.P_CAST, 1),
+                      (D.L_UPDATE, 1), (D.M_UPDATE, 1), (D.LSE_STORE, 0)):
+        _bind_rows(sch, sch.get_loops(name)[row], config)
+
+    # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
+    # alpha in place (its thread/register layout made explicit), then acc_o += P V.
+    sch.set_scope(D.INIT_O, 0, "warp")
+    sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
+    (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
+    ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
+    sch.bind(ty, "threadIdx.y")
+    sch.tensorize(mi, intrin["fill"])
+    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", intrin["load_a"], intrin["load_b"],
+                               intrin["mma"], config)
+    # the update does not read alpha (only the init does): drop it so the mma pattern matches
+    sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
+    sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
+    sch.transform_block_layout(o_init, lambda i, j: I.fragment_layout(i, j))
+    tx, local = sch.get_loops(o_init)[-2:]
+    sch.bind(tx, "threadIdx.x")
+    sch.unroll(local)
+
+    # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
+    _store_fragments(sch, D.O_STAGE, intrin["store_shared"], config)
+    _cooperative(sch, D.O_STORE, config, vectorize=False)
+    return sch
