@@ -168,6 +168,13 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
         sch.set_scope(block, 0, "shared.dyn")
     sch.set_scope(D.P_EXP, 0, "local")
 
+    # Pad rows against shared-memory bank conflicts: S is read one row per thread (row stride
+    # 65 words); the ldmatrix operands Q, K, V get 16 bytes per row. (Padding P as well makes
+    # StorageRewrite alias an f16 and an f32 buffer: "tvm_access_ptr element type must match".)
+    sch.storage_align(D.S_STORE, 0, axis=0, factor=32, offset=1)
+    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+        sch.storage_align(name, 0, axis=0, factor=64, offset=8)
+
     # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
     for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
         _cooperative(sch, name, config)
