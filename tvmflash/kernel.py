@@ -68,7 +68,7 @@ class Kernel:
         lse = arrays.empty(lse_shape, "float32") if lse is None else lse
         if b * sq * h > 0:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
-            ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
+            ot, lt = arrays.to_tvm(out), arrays.to_tvm(lse)
             if spec.algorithm == "fused":
                 self._functions[0](qt, kt, vt, ot, lt, scale)
             else:
@@ -80,8 +80,8 @@ class Kernel:
     def _run_standard(self, arrays, qt, kt, vt, ot, lt, scale, shape):
         """The three kernels of the standard algorithm, S and P in device memory."""
         qk, softmax, pv = self._functions
-        s = arrays.to_tvm(arrays.empty(shape, "float32"), output=True)
-        p = arrays.to_tvm(arrays.empty(shape, self.spec.dtype), output=True)
+        s = arrays.to_tvm(arrays.empty(shape, "float32"))
+        p = arrays.to_tvm(arrays.empty(shape, self.spec.dtype))
         qk(qt, kt, s)
         softmax(s, p, lt, scale)
         pv(p, vt, ot)
@@ -105,7 +105,7 @@ class _Arrays:
             return np.empty(shape, dtype=_numpy_dtype(dtype))
         return tvm.runtime.empty(shape, dtype, _tvm_device(self.device))
 
-    def to_tvm(self, x, output: bool = False):
+    def to_tvm(self, x):
         if self.kind == "torch":
             return x if x.is_contiguous() else x.contiguous()
         if self.kind == "numpy":

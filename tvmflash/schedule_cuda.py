@@ -8,7 +8,8 @@ Schedule primitives applied to the fused TensorIR of ``definition.fused_attentio
 - S = Q K^T and acc_o += P V tensorized with ldmatrix + mma.sync (m16n8k16, fp32 accumulate);
   the accumulators (``acc_s``, ``acc_o``) live in mma fragments (warp scope) for the whole loop;
 - the online softmax runs one query row per thread on S in shared memory; the rescale of acc_o
-  by alpha is a custom TensorIntrin that works on the fragment layout directly;
+  by alpha runs on the fragments in place (``transform_block_layout`` makes the thread/register
+  layout of the fragment the block's iteration space);
 - the epilogue stores acc_o through shared memory, normalised by l_i, to global memory.
 
 Each GEMM's loop nest is first ``blockize``d into a block of its own: inside that block the GEMM is
@@ -54,8 +55,6 @@ class FlashConfig:
 
 def default_config(target, head_dim: int) -> FlashConfig:
     """Hand-chosen tiles (FlashAttention-2's for sm_80/sm_90 forward)."""
-    if head_dim <= 64:
-        return FlashConfig(block_m=128, block_n=64, num_warps=4)
     if head_dim <= 128:
         return FlashConfig(block_m=128, block_n=64, num_warps=4)
     return FlashConfig(block_m=64, block_n=32, num_warps=2)
@@ -116,11 +115,11 @@ def _fragment_map(i, j):
     return (i // 16, j // 16, thread, local)
 
 
-def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str, mma: str,
-              config: FlashConfig):
-    """Tensorize the GEMM block ``name`` (loops m, n, k; in a scope block of its own): warps over
-    m, A and B fragments ldmatrix'ed from shared memory per 16-wide k step, mma.sync into the
-    accumulator fragments. Returns the init block left by decompose_reduction."""
+def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str, config: FlashConfig):
+    """Tile the GEMM block ``name`` (loops m, n, k; in a scope block of its own) for mma: warps
+    over m, A and B fragments ldmatrix'ed from shared memory per 16-wide k step, reduction
+    decomposed. Returns (update block, init block); the caller tensorizes both once the
+    accumulator's scope and layout are set."""
     warp_rows = config.block_m // config.num_warps // 16
     gemm = sch.get_sblock(name)
     (mo, no, ko), (mi, _, _) = _tile16(sch, gemm, 3)
@@ -180,8 +179,7 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
         _cooperative(sch, name, config)
 
     # Step 4. S = Q K^T on tensor cores; acc_s in mma fragments, then to shared memory.
-    _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], intrin["mma_trans_b"],
-              config)
+    _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
     sch.set_scope(D.S_GEMM, 0, "warp")
     sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
     sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
@@ -201,8 +199,7 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
     ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
     sch.bind(ty, "threadIdx.y")
     sch.tensorize(mi, intrin["fill"])
-    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", intrin["load_a"], intrin["load_b"],
-                               intrin["mma"], config)
+    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", intrin["load_a"], intrin["load_b"], config)
     # the update does not read alpha (only the init does): drop it so the mma pattern matches
     sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
     sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
