@@ -62,9 +62,9 @@ def default_config(target, head_dim: int) -> FlashConfig:
 
 def supports(spec) -> bool:
     """Whether this schedule serves ``spec`` (else the plain CUDA schedule does). Head dim 64
-    fails in TVM's StorageRewrite (an f16 and an f32 shared buffer of one size get aliased:
-    "tvm_access_ptr element type must match the source buffer"); bfloat16 needs its own
-    ldmatrix/mma intrinsics. Both are open work."""
+    fails in TVM's StorageRewrite, which aliases an f16 and an f32 shared.dyn buffer ("tvm_access_ptr
+    element type must match the source buffer"); bfloat16 needs its own ldmatrix/mma
+    intrinsics. Both are open work (NOTES.md)."""
     return spec.dtype in I.MMA_DTYPES and spec.head_dim == 128
 
 
