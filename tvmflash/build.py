@@ -42,31 +42,11 @@ def lower(spec: KernelSpec) -> Lowered:
     """The scheduled TensorIR for ``spec``."""
     target = spec.tvm_target
     if spec.algorithm == "fused":
-        if _compat.is_cuda(target):
-            from . import schedule_cuda
-
-            if schedule_cuda.supports(spec):
-                cfg = schedule_cuda.default_config(target, spec.head_dim)
-                func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
-                sch = schedule_cuda.schedule_fused_cuda(func, cfg, spec.dtype)
-                before = tvm.IRModule({"main": func})
-                return Lowered(spec, sch.mod, before, "schedule_cuda.schedule_fused_cuda", dataclasses.asdict(cfg),
-                               ("main",), dict(schedule_cuda.PASS_CONFIG))
-            from .schedule_cuda_simple import default_simple_config, schedule_fused_cuda_simple
-
-            cfg = default_simple_config(spec.head_dim)
-            func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
-            sch = schedule_fused_cuda_simple(func, cfg)
-            name = "schedule_cuda_simple.schedule_fused_cuda_simple"
-        else:
-            from .schedule_cpu import default_cpu_config, schedule_fused_cpu
-
-            cfg = default_cpu_config(spec.head_dim)
-            func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
-            sch = schedule_fused_cpu(func, cfg)
-            name = "schedule_cpu.schedule_fused_cpu"
-        before = tvm.IRModule({"main": func})
-        return Lowered(spec, sch.mod, before, name, dataclasses.asdict(cfg), ("main",))
+        cfg, apply, name, pass_config = _fused_schedule(spec, target)
+        func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
+        sch = apply(func, cfg)
+        return Lowered(spec, sch.mod, tvm.IRModule({"main": func}), name, dataclasses.asdict(cfg), ("main",),
+                       pass_config)
 
     before = D.standard_attention(spec)
     entry = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
@@ -78,6 +58,25 @@ def lower(spec: KernelSpec) -> Lowered:
     cfg = default_cpu_config(spec.head_dim)
     mod = schedule_standard_cpu(before, cfg)
     return Lowered(spec, mod, before, "schedule_cpu.schedule_standard_cpu", dataclasses.asdict(cfg), entry)
+
+
+def _fused_schedule(spec: KernelSpec, target):
+    """(config, apply(func, config) -> Schedule, name, PassContext options) for a fused spec."""
+    if not _compat.is_cuda(target):
+        from . import schedule_cpu
+
+        return (schedule_cpu.default_cpu_config(spec.head_dim), schedule_cpu.schedule_fused_cpu,
+                "schedule_cpu.schedule_fused_cpu", {})
+    from . import schedule_cuda
+
+    if schedule_cuda.supports(spec):
+        return (schedule_cuda.default_config(target, spec.head_dim),
+                lambda func, cfg: schedule_cuda.schedule_fused_cuda(func, cfg, spec.dtype),
+                "schedule_cuda.schedule_fused_cuda", dict(schedule_cuda.PASS_CONFIG))
+    from . import schedule_cuda_simple
+
+    return (schedule_cuda_simple.default_simple_config(spec.head_dim), schedule_cuda_simple.schedule_fused_cuda_simple,
+            "schedule_cuda_simple.schedule_fused_cuda_simple", {})
 
 
 def _schedule_standard_dlight(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, dict]:
