@@ -14,33 +14,57 @@ from ._compat import Schedule, tirx
 
 @dataclass(frozen=True)
 class CpuConfig:
-    """Tile sizes of the CPU schedule. ``vec``: lanes of the innermost vectorised loops."""
+    """Tile sizes and knobs of the CPU schedule.
+
+    block_m, block_n: the query / key tile (baked into the TensorIR definition).
+    vec:    lanes of the innermost vectorised loops.
+    unroll: ``pragma_auto_unroll_max_step`` of each parallel task (0: leave unrolling to LLVM).
+    grain:  consecutive query tiles per parallel task (neighbours share K/V in cache).
+
+    The knobs (vec, unroll, grain) may also be random variables of ``sch.sample_categorical``
+    (MetaSchedule tuning, ``tvmflash.space``): they only ever reach schedule primitives as
+    arguments, so a tuning trace replays them.
+    """
 
     block_m: int = 32
     block_n: int = 64
     vec: int = 16
+    unroll: int = 0
+    grain: int = 1
 
 
 def default_cpu_config(head_dim: int) -> CpuConfig:
     return CpuConfig(block_m=32, block_n=64 if head_dim <= 128 else 32)
 
 
-def _vectorize_inner(sch: Schedule, block, lanes: int) -> None:
+def _vectorize_inner(sch: Schedule, block, lanes) -> None:
     """Split the innermost loop of ``block`` (a name or handle) by ``lanes`` (when it divides)
-    and vectorise it."""
+    and vectorise it. ``lanes`` may be a sampled random variable: the design space offers only
+    lane counts that divide every vectorised extent, so both take the same steps."""
     loop = sch.get_loops(block)[-1]
-    extent = sch.get(loop).extent
-    if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
-        _, loop = sch.split(loop, factors=[None, lanes])
+    if isinstance(lanes, int):
+        extent = sch.get(loop).extent
+        if not (isinstance(extent, tirx.IntImm) and extent.value % lanes == 0):
+            sch.vectorize(loop)
+            return
+    _, loop = sch.split(loop, factors=[None, lanes])
     sch.vectorize(loop)
 
 
 def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
     sch = Schedule(func)
+    apply_fused_cpu(sch, config)
+    return sch
 
-    # Step 1. One parallel task per (batch, head, query tile).
+
+def apply_fused_cpu(sch: Schedule, config: CpuConfig) -> None:
+    """The fused CPU schedule, applied in place to ``sch`` (a Schedule of
+    ``definition.fused_attention(spec, config.block_m, config.block_n)``)."""
+    # Step 1. Parallel tasks of ``grain`` consecutive (batch, head, query tile)s.
     b, h, qb = sch.get_loops(D.TILE)
-    sch.parallel(sch.fuse(b, h, qb))
+    task, _ = sch.split(sch.fuse(b, h, qb), factors=[None, config.grain])
+    sch.parallel(task)
+    sch.annotate(task, "pragma_auto_unroll_max_step", config.unroll)
 
     # Step 2. (S_store stays a separate copy: the K/V loop carries m_i and l_i, so the tile is
     # not a stage pipeline and compute_inline refuses to inline it.)
@@ -65,7 +89,6 @@ def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
     # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
     for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, D.O_STORE, D.S_STORE, D.P_EXP, D.P_CAST):
         _vectorize_inner(sch, name, config.vec)
-    return sch
 
 
 def schedule_standard_cpu(mod, config: CpuConfig):
