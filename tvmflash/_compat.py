@@ -14,10 +14,15 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
+from tvm_ffi import structural_equal, structural_hash
 
 __all__ = [
     "T",
     "Schedule",
+    "ms",
+    "structural_equal",
+    "structural_hash",
     "s_tir",
     "tirx",
     "tvm",
@@ -133,3 +138,21 @@ def ensure_cuda_headers() -> None:
         root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         if os.path.isdir(os.path.join(root, "include")):
             os.environ["CUDA_PATH"] = root
+
+
+def tune_context(mod, target, space_generator, search_strategy, task_name: str, rand_state: int,
+                 num_threads: int, logger) -> "ms.TuneContext":
+    """``ms.TuneContext(...)`` without the import it starts with: TVM 0.27's constructor first
+    imports ``tvm.s_tir.tensor_intrin``, registering the tensor intrinsics of every target
+    (about a minute, once per process), which a CPU design space never uses. A design space
+    that tensorizes registers its own intrinsics (``intrinsics.py``)."""
+    from tvm.s_tir.meta_schedule import _ffi_api as ms_api
+    from tvm.s_tir.meta_schedule.logging import get_logging_func
+
+    ctx = ms.TuneContext.__new__(ms.TuneContext)
+    ctx.__init_handle_by_constructor__(
+        ms_api.TuneContext, mod, target, space_generator, search_strategy, task_name, num_threads, rand_state,
+        get_logging_func(logger),
+    )
+    ms_api.TuneContextInitialize(ctx)
+    return ctx
