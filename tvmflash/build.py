@@ -2,9 +2,13 @@
 
 Which schedule serves a spec:
   fused, cpu       -> ``schedule_cpu.schedule_fused_cpu``
-  fused, cuda      -> ``schedule_cuda_simple.schedule_fused_cuda_simple``
+  fused, cuda      -> ``schedule_cuda.schedule_fused_cuda`` (head dim 128, float16), else
+                      ``schedule_cuda_simple.schedule_fused_cuda_simple``
   standard, cpu    -> ``schedule_cpu.schedule_standard_cpu``
   standard, cuda   -> TVM's stock GPU rules (``s_tir.dlight``), per function
+
+A fused spec with a tuning record in ``tuning_logs/`` (``tvmflash tune``) replays the record's
+trace of that schedule function instead of applying its hand config (``records``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import _compat
+from . import _compat, records
 from . import definition as D
 from ._compat import tvm
 from .spec import KernelSpec
@@ -36,6 +40,7 @@ class Lowered:
     config: dict = field(default_factory=dict)
     entry: tuple = ("main",)  # the module's functions, in call order
     pass_config: dict = field(default_factory=dict)  # PassContext options the schedule needs
+    tuning: dict = field(default_factory=dict)  # tuned record used, or why none (manifest)
 
 
 def lower(spec: KernelSpec) -> Lowered:
@@ -43,10 +48,15 @@ def lower(spec: KernelSpec) -> Lowered:
     target = spec.tvm_target
     if spec.algorithm == "fused":
         cfg, apply, name, pass_config = _fused_schedule(spec, target)
-        func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
-        sch = apply(func, cfg)
-        return Lowered(spec, sch.mod, tvm.IRModule({"main": func}), name, dataclasses.asdict(cfg), ("main",),
-                       pass_config)
+        func, sch, tuning = records.schedule_from_log(spec, name)
+        if sch is not None:
+            config = tuning.pop("config")
+        else:
+            tuning = {"source": "hand config", **tuning}
+            func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
+            sch = apply(func, cfg)
+            config = dataclasses.asdict(cfg)
+        return Lowered(spec, sch.mod, tvm.IRModule({"main": func}), name, config, ("main",), pass_config, tuning)
 
     before = D.standard_attention(spec)
     entry = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
@@ -124,7 +134,8 @@ def manifest(lowered: Lowered, build_seconds: float) -> dict:
         "target": json.loads(str(spec.tvm_target)) if str(spec.tvm_target).startswith("{") else str(spec.tvm_target),
         "functions": list(lowered.entry),
         "arguments": _argument_layout(spec),
-        "schedule": {"source": "hand config", "function": lowered.schedule, "config": lowered.config},
+        "schedule": {"source": "hand config", "function": lowered.schedule, "config": lowered.config,
+                     **lowered.tuning},
         "tvm_version": _compat.TVM_VERSION,
         "tvm_ffi_version": _compat.TVM_FFI_VERSION,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""The ``tvmflash`` command: demo, build, inspect, env."""
+"""The ``tvmflash`` command: demo, build, tune, inspect, bench, env."""
 
 from __future__ import annotations
 
@@ -42,6 +42,61 @@ def cmd_build(args) -> int:
     cu = os.path.splitext(so_path)[0] + ".cu"
     if os.path.exists(cu):
         print(f"  cuda:     {cu}")
+    with open(json_path) as fh:
+        schedule = json.load(fh)["schedule"]
+    if schedule.get("source") == "tuned record":
+        print(f"  schedule: tuned record ({schedule['database']}, {schedule['run_ms']:.4g} ms when measured)")
+    elif "tuning" in schedule:
+        print(f"  schedule: hand config ({schedule['tuning']})")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """MetaSchedule tuning of one fused kernel; the best record per tile goes to the logs."""
+    from . import records
+    from .space import default_shape, parse_tiles
+    from .tune import tune
+
+    spec = _spec_from_args(args, args.target)
+    for flag, value in (("--trials", args.trials), ("--seqlen", args.seqlen), ("--batch", args.batch),
+                        ("--heads", args.heads), ("--trials-per-iter", args.trials_per_iter)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive int, got {value}")
+    shape = default_shape(spec, args.seqlen, args.batch, args.heads)
+    tiles = parse_tiles(args.tiles) if args.tiles else None
+    logs = records.logs_root() if args.logs_dir is None else args.logs_dir
+    if logs is None:
+        logs = "tuning_logs"
+    schedules = records.schedules_root() if args.schedules_dir is None else args.schedules_dir
+    if schedules is None:
+        schedules = "schedules"
+    work_dir = args.work_dir or os.path.join("tvmflash-tune", spec.key)
+    print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
+          f"{shape.heads}/{shape.heads_kv} heads, {args.trials} trials, work dir {work_dir}")
+    t0 = time.perf_counter()
+    res = tune(spec, trials=args.trials, work_dir=work_dir, shape=shape, tiles=tiles, seed=args.seed,
+               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, logs_dir=logs,
+               schedules_dir=schedules, trials_per_iter=args.trials_per_iter,
+               build_timeout=args.build_timeout, run_timeout=args.run_timeout, progress=not args.no_progress)
+    flops = shape.flops(spec)
+    print(f"tuned {spec.key} in {time.perf_counter() - t0:.0f} s: {res.trials} trials in the work dir "
+          f"({res.measured_now} new, {res.failed_now} of them failed)")
+    best = res.best
+    for t in sorted(res.tiles, key=lambda t: t.run_secs):
+        if t.config is None and t.record is None:
+            print(f"  tile {t.tile[0]}x{t.tile[1]}: no successful candidate")
+            continue
+        cfg = ", ".join(f"{k}={v}" for k, v in (t.config or {}).items() if k not in ("block_m", "block_n"))
+        mark = "   <- best" if t is best else ""
+        print(f"  tile {t.tile[0]}x{t.tile[1]}: {t.run_secs * 1e3:8.4f} ms  {flops / t.run_secs / 1e12:8.4f} TFLOP/s  "
+              f"{cfg}{mark}")
+    for tile, why in res.skipped_tiles.items():
+        print(f"  tile {tile[0]}x{tile[1]}: skipped ({why})")
+    if best is None:
+        print("no candidate ran successfully: nothing exported (see failures.log in the work dir)")
+        return 1
+    print(f"  log:      {res.log_dir}")
+    print(f"  schedule: {res.schedule_py}")
     return 0
 
 
@@ -176,6 +231,37 @@ def main(argv=None) -> int:
     _add_spec_flags(p)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("tune", help="MetaSchedule auto-tuning of one fused kernel (logs used by build)")
+    p.add_argument("--target", default="nvidia/nvidia-a100",
+                   help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="measured sequence length (default 4096 on GPUs, 256 on the CPU)")
+    p.add_argument("--batch", type=int, default=None, help="measured batch (default 16384 tokens / seqlen on GPUs, "
+                   "1024 / seqlen on the CPU)")
+    p.add_argument("--heads", type=int, default=None, help="measured query heads (default 16 on GPUs, 4 on the CPU)")
+    p.add_argument("--trials", type=int, default=64, help="measured candidates in total, earlier runs in the work "
+                   "dir included (default 64)")
+    p.add_argument("--trials-per-iter", type=int, default=None, help="candidates per measurement batch")
+    p.add_argument("--tiles", default=None, help="BLOCK_MxBLOCK_N[,...]: tune only these tiles (default: all "
+                   "candidates of the schedule)")
+    p.add_argument("--work-dir", default=None, help="MetaSchedule work dir: JSON database and logs; a rerun "
+                   "resumes from it (default tvmflash-tune/<key>)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on a device of this RPC tracker")
+    p.add_argument("--rpc-key", default=None, help="the RPC tracker's device key")
+    p.add_argument("--logs-dir", default=None, help="where the pruned database goes (default the checkout's "
+                   "tuning_logs/, or $TVMFLASH_TUNING_LOGS)")
+    p.add_argument("--schedules-dir", default=None, help="where the best schedule goes as Python (default the "
+                   "checkout's schedules/)")
+    p.add_argument("--build-timeout", type=float, default=120.0, help="seconds per candidate build (default 120)")
+    p.add_argument("--run-timeout", type=float, default=30.0, help="seconds per candidate run (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune, algorithm="fused")
 
     p = sub.add_parser("inspect", help="print a built kernel's CUDA, TensorIR or manifest")
     p.add_argument("path", help="a built .so/.json, or a key in the cache directory")

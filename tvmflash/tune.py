@@ -1,0 +1,646 @@
+"""MetaSchedule auto-tuning of the fused kernel (``tvmflash tune``).
+
+Per kernel variant: one task per candidate tile shape (``space``: the tile is part of the
+TensorIR definition), each task the fused function specialised to the measured shape, searched
+by MetaSchedule's evolutionary search with an XGBoost cost model over the schedule's other knobs.
+Candidates are compiled the way ``build`` compiles (pass options, tvmflash's tirx pipeline) and
+run on this machine or on an RPC tracker's device.
+
+Faults: a candidate that fails to build, to run or runs past the timeout is logged to
+``<work_dir>/failures.log`` and skipped; a tile whose design space cannot be generated is
+skipped; the cost model cannot abort the run (``GuardedCostModel``). Every measured candidate is
+appended to the JSON database in ``work_dir`` as soon as its batch finishes, so a run killed at
+any point resumes from the records it committed (``repair_database`` drops a line cut short by
+the kill) and measures only the trials still missing.
+
+At the end the best record of each tile goes to ``tuning_logs/<target>/<key>/`` (with
+``tuning.json``) and the best schedule as Python to ``schedules/<target>/<key>.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from . import _compat, records
+from ._compat import ms, tvm
+from .space import Shape, Space, default_shape, softmax_scale, space_for, workload
+from .spec import KernelSpec
+
+#: Test hook, faults separated by ";": ``raise:PATTERN`` fails the build of every candidate whose
+#: scheduled TensorIR contains PATTERN, ``hang:PATTERN`` makes its run sleep past the runner's
+#: timeout, ``space:BMxBN`` makes the design space of that tile raise.
+FAULT_ENV = "TVMFLASH_TUNE_FAULT"
+_HANG_MARKER = "tvmflash_fault_hang"
+
+
+def _faults() -> list[tuple[str, str]]:
+    out = []
+    for item in os.environ.get(FAULT_ENV, "").split(";"):
+        action, _, pattern = item.strip().partition(":")
+        if action in ("raise", "hang", "space") and pattern:
+            out.append((action, pattern))
+    return out
+
+
+# -- measurement: build, arguments, run (these run in MetaSchedule's worker processes) --
+
+
+def _fault(mod) -> str | None:
+    faults = [(a, p) for a, p in _faults() if a in ("raise", "hang")]
+    if not faults:
+        return None
+    script = mod.script()
+    for action, pattern in faults:
+        if pattern in script:
+            return action
+    return None
+
+
+def build_candidate(mod, target, _params=None, pass_config=None):
+    """``LocalBuilder``'s f_build: compile as ``build.compile_lowered`` does."""
+    fault = _fault(mod)
+    if fault == "raise":
+        raise RuntimeError(f"{FAULT_ENV}: injected build failure")
+    if fault == "hang":  # a marker function the runner looks for
+        marker = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)).with_attr("global_symbol", _HANG_MARKER)
+        mod = tvm.IRModule({**{gv.name_hint: f for gv, f in mod.functions.items()}, _HANG_MARKER: marker})
+    with tvm.transform.PassContext(config=pass_config or {}):
+        return tvm.compile(mod, target=target, tir_pipeline=_compat.TIR_PIPELINE).mod
+
+
+def _arrays(args_info, alloc_repeat: int, make):
+    """Normal random q, k, v (and outputs), reproducibly: no inf/NaN/denormal in the timing."""
+    from .kernel import _numpy_dtype
+
+    rng = np.random.default_rng(0)
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for kind, dtype, shape in args_info:
+            if kind != "TENSOR":
+                raise NotImplementedError(f"argument: expected a tensor, got {kind}")
+            args.append(make(rng.standard_normal(shape).astype(_numpy_dtype(dtype))))
+        repeated.append(args)
+    return repeated
+
+
+def alloc_arguments(device, args_info, alloc_repeat):
+    return _arrays(args_info, alloc_repeat, lambda a: tvm.runtime.tensor(a, device))
+
+
+def alloc_arguments_rpc(session, device, args_info, alloc_repeat):
+    return _arrays(args_info, alloc_repeat, lambda a: tvm.runtime.tensor(a, device))
+
+
+def run_evaluator(rt_mod, device, evaluator_config, repeated_args):
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    if rt_mod.implements_function(_HANG_MARKER, query_imports=True):
+        time.sleep(3600)
+    return run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+
+
+def run_evaluator_rpc(session, rt_mod, device, evaluator_config, repeated_args):
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+
+    return run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+
+
+# -- search --------------------------------------------------------------------------------
+
+
+@tvm.ir.utils.derived_object
+class MutateCategorical(ms.mutator.PyMutator):
+    """Change one ``sample_categorical`` decision of a trace. (MetaSchedule 0.27 has no mutator
+    for these in general: MutateUnroll takes only those that feed unroll annotations.)"""
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self._rng = random.Random(seed)
+
+    def _initialize_with_tune_context(self, context) -> None:
+        pass
+
+    def apply(self, trace, _):
+        insts = [i for i in trace.insts if i.kind.name == "SampleCategorical" and len(i.attrs[0]) > 1]
+        if not insts:
+            return None
+        inst = self._rng.choice(insts)
+        old = int(trace.decisions[inst])
+        new = self._rng.choice([d for d in range(len(inst.attrs[0])) if d != old])
+        return trace.with_decision(inst, new, remove_postproc=True)
+
+    def clone(self):
+        return MutateCategorical(self._rng.randrange(2**31))
+
+
+@tvm.ir.utils.derived_object
+class SkipMeasured(ms.search_strategy.PySearchStrategy):
+    """A search strategy minus the candidates the database already holds, within a trial budget
+    shared by all tasks of a run.
+
+    MetaSchedule 0.27's evolutionary search remembers only what it measured in this session: run
+    again in the same work dir it measures earlier candidates again. This wrapper drops them
+    (by the structural hash of the scheduled module) and tells the inner strategy they are
+    done; the inner one gets extra trial budget for them, so they never count as trials.
+    ``budget`` (a one-element list, shared) caps the candidates handed out, so a run measures
+    exactly the trials asked for (the task scheduler alone can overshoot by a partial batch).
+    """
+
+    def __init__(self, inner, measured=(), budget=None, max_rounds: int = 16):
+        self.inner = inner
+        self.measured = set(measured)
+        self.budget = budget if budget is not None else [1 << 30]
+        self.max_rounds = max_rounds
+        self.skipped = 0
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+        self.inner.pre_tuning(max_trials + len(self.measured), num_trials_per_iter, design_spaces, database,
+                              cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self):
+        if self.budget[0] <= 0:
+            return None
+        for _ in range(self.max_rounds):
+            candidates = self.inner.generate_measure_candidates()
+            if candidates is None:
+                return None
+            fresh, old = [], []
+            for cand in candidates:
+                (old if _compat.structural_hash(cand.sch.mod) in self.measured else fresh).append(cand)
+            if old:
+                self.skipped += len(old)
+                self.inner.notify_runner_results(
+                    old, [ms.runner.RunnerResult(None, "measured in an earlier session") for _ in old])
+            if fresh or not candidates:
+                fresh = fresh[: self.budget[0]]
+                self.budget[0] -= len(fresh)
+                return fresh
+        return None
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        for cand in measure_candidates:
+            self.measured.add(_compat.structural_hash(cand.sch.mod))
+        self.inner.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return SkipMeasured(self.inner.clone(), self.measured, self.budget, self.max_rounds)
+
+
+def scheduled_hash(record) -> int:
+    """Structural hash of the module a record measured (its trace replayed on its workload)."""
+    sch = _compat.Schedule(record.workload.mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    return _compat.structural_hash(sch.mod)
+
+
+@tvm.ir.utils.derived_object
+class GuardedCostModel(ms.cost_model.PyCostModel):
+    """A cost model whose failures never end tuning. MetaSchedule 0.27's feature extractor
+    raises on some candidates that built and ran fine (TVM-0.27-NOTES.md), and an exception
+    there aborts the whole run: here such candidates are left out of training and ranked last."""
+
+    def __init__(self, inner, log=None):
+        self.inner = inner
+        self.log = log or (lambda msg: None)
+
+    def load(self, path: str) -> None:
+        self.inner.load(path)
+
+    def save(self, path: str) -> None:
+        self.inner.save(path)
+
+    def update(self, context, candidates, results) -> None:
+        try:
+            self.inner.update(context, candidates, results)
+            return
+        except Exception as err:  # noqa: BLE001 - any failure: retry without the bad ones
+            self.log(f"cost model update failed ({_first_line(err)}); retrying without unfit candidates")
+        good = [i for i, c in enumerate(candidates) if self._extracts(context, c)]
+        if good:
+            try:
+                self.inner.update(context, [candidates[i] for i in good], [results[i] for i in good])
+            except Exception as err:  # noqa: BLE001
+                self.log(f"cost model update failed again, skipped: {_first_line(err)}")
+
+    def predict(self, context, candidates):
+        try:
+            return self.inner.predict(context, candidates)
+        except Exception as err:  # noqa: BLE001
+            self.log(f"cost model prediction failed ({_first_line(err)}); ranking unfit candidates last")
+        scores = np.zeros(len(candidates), dtype="float64")
+        for i, cand in enumerate(candidates):
+            try:
+                scores[i] = float(self.inner.predict(context, [cand])[0])
+            except Exception:  # noqa: BLE001
+                scores[i] = -1.0
+        return scores
+
+    def _extracts(self, context, candidate) -> bool:
+        try:
+            self.inner.extractor.extract_from(context, [candidate])
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+@tvm.ir.utils.derived_object
+class Progress(ms.measure_callback.PyMeasureCallback):
+    """Feeds a tqdm bar (trials, best TFLOP/s, ETA) and logs every failed candidate."""
+
+    def __init__(self, bar, tiles, flops: float, failures: Path, best_secs: float = math.inf, best_tile=None):
+        self.bar = bar
+        self.tiles = tiles
+        self.flops = flops
+        self.failures = failures
+        self.best_secs = best_secs
+        self.best_tile = best_tile
+        self.measured = 0
+        self.failed = 0
+        self._show()
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        try:
+            tile = self.tiles[task_id]
+            for build, run in zip(builder_results, runner_results):
+                error = build.error_msg or run.error_msg
+                if error:
+                    self._failed(tile, error)
+                    continue
+                secs = [float(s) for s in run.run_secs]
+                mean = sum(secs) / len(secs)
+                if mean < self.best_secs:
+                    self.best_secs, self.best_tile = mean, tile
+            self.measured += len(measure_candidates)
+            self.bar.update(len(measure_candidates))
+            self._show()
+        except Exception as err:  # noqa: BLE001 - progress reporting must not end tuning
+            self.bar.write(f"progress callback: {_first_line(err)}")
+
+    def _failed(self, tile, error: str) -> None:
+        self.failed += 1
+        with open(self.failures, "a") as fh:
+            fh.write(f"--- {records.now()} tile {tile[0]}x{tile[1]}\n{error.rstrip()}\n")
+        self.bar.write(f"  skipped a candidate of tile {tile[0]}x{tile[1]}: {_first_line(error)}")
+
+    def _show(self) -> None:
+        if self.best_tile is None:
+            self.bar.set_postfix_str("best -")
+        else:
+            tflops = self.flops / self.best_secs / 1e12
+            self.bar.set_postfix_str(f"best {tflops:.3g} TFLOP/s ({self.best_tile[0]}x{self.best_tile[1]})")
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # TVM errors end with the message; Python tracebacks too
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+# -- the work directory --------------------------------------------------------------------
+
+
+def repair_database(work_dir: str | os.PathLike) -> int:
+    """Drop lines of the JSON database that a killed run cut short (they would stop the whole
+    database from loading). Returns the number of lines dropped."""
+    dropped = 0
+    workloads = Path(work_dir) / records.WORKLOADS
+    n_workloads = None
+    for path in (workloads, Path(work_dir) / records.RECORDS):
+        if not path.exists():
+            continue
+        raw = path.read_text()
+        keep = []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if path.name == records.RECORDS and (not isinstance(obj, list) or not isinstance(obj[0], int)
+                                                 or n_workloads is None or obj[0] >= n_workloads):
+                dropped += 1
+                continue
+            keep.append(line)
+        if path == workloads:
+            n_workloads = len(keep)
+        text = "".join(line + "\n" for line in keep)
+        if text != raw:
+            tmp = path.with_suffix(".repair")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    return dropped
+
+
+def _measured(db, mods) -> list[list]:
+    """The records of each workload in ``mods`` (failed ones included)."""
+    hashes = {records.workload_hash(m): i for i, m in enumerate(mods)}
+    out: list[list] = [[] for _ in mods]
+    for rec in db.get_all_tuning_records():
+        i = hashes.get(records.workload_hash(rec.workload.mod))
+        if i is not None and _compat.structural_equal(rec.workload.mod, mods[i]):
+            out[i].append(rec)
+    return out
+
+
+# -- tuning ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TileResult:
+    tile: tuple[int, int]
+    config: dict | None
+    run_secs: float
+    record: object = None
+
+
+@dataclass
+class TuneResult:
+    spec: KernelSpec
+    shape: Shape
+    work_dir: str
+    trials: int  # measured in the work dir for these tasks, all sessions
+    measured_now: int
+    failed_now: int
+    tiles: list[TileResult] = field(default_factory=list)
+    skipped_tiles: dict = field(default_factory=dict)  # tile -> why
+    log_dir: str | None = None
+    schedule_py: str | None = None
+    repaired: int = 0
+
+    @property
+    def best(self) -> TileResult | None:
+        ok = [t for t in self.tiles if t.run_secs < records.FAILED_RUN]
+        return min(ok, key=lambda t: t.run_secs) if ok else None
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"rpc_tracker: expected HOST:PORT such as 127.0.0.1:9190, got {text!r}")
+    return host, int(port)
+
+
+def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: Shape | None = None,
+         tiles=None, seed: int | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None,
+         logs_dir: str | os.PathLike | None = None, schedules_dir: str | os.PathLike | None = None,
+         trials_per_iter: int | None = None, build_timeout: float = 120.0, run_timeout: float = 30.0,
+         progress: bool = True, log=print) -> TuneResult:
+    """Tune ``spec`` for ``trials`` measured candidates in total (those already in ``work_dir``
+    count), then export the best record of each tile (``logs_dir=None``: no export)."""
+    from tqdm import tqdm
+
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials: expected a positive int, got {trials!r}")
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise ValueError(f"rpc_key: expected --rpc-tracker and --rpc-key together, got tracker={rpc_tracker!r}, "
+                         f"key={rpc_key!r}")
+    space = space_for(spec)
+    tiles = [tuple(t) for t in (tiles or space.tiles)]
+    unknown = [t for t in tiles if t not in space.tiles]
+    if unknown:
+        raise ValueError(f"tiles: expected a subset of {list(space.tiles)} ({space.name}), got {unknown}")
+    shape = shape or default_shape(spec)
+    if shape.heads != shape.heads_kv * spec.group:
+        raise ValueError(f"shape: expected heads = heads_kv * {spec.group} (GQA group), got {shape.heads} / "
+                         f"{shape.heads_kv}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    repaired = repair_database(work_dir)
+    if repaired:
+        log(f"work dir: dropped {repaired} damaged database line(s) left by an interrupted run")
+
+    build_target = spec.tvm_target
+    target = space.target(build_target)
+    space.prepare()
+    db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+
+    # -- one task per tile; a tile whose design space fails is skipped, never fatal --
+    _quiet_console()
+    loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), [f"tile_{bm}x{bn}" for bm, bn in tiles])
+    seeds = ms.utils.fork_seed(seed, n=len(tiles))
+    tasks, task_tiles, mods, skipped = [], [], [], {}
+    budget = [trials]  # shared by the tasks' search strategies; set to what is left below
+    for tile, logger, task_seed in zip(tiles, loggers, seeds):
+        mod = workload(spec, tile, shape)
+        earlier = _measured(db, [mod])[0]
+        mutators = {MutateCategorical(task_seed): 1.0} if space.apply is not None else {}
+        ctx = _compat.tune_context(
+            mod=mod,
+            target=target,
+            space_generator=ms.space_generator.ScheduleFn(_faulty(space.sch_fn(tile), tile), sch_rules=[],
+                                                         postprocs=space.postprocs(), mutator_probs=mutators),
+            search_strategy=SkipMeasured(
+                ms.search_strategy.EvolutionarySearch(
+                    population_size=64, init_min_unmeasured=min(16, space.size(tile)), init_measured_ratio=0.25,
+                    genetic_num_iters=3, max_fail_count=8),
+                measured={scheduled_hash(rec) for rec in earlier}, budget=budget),
+            task_name=f"tile_{tile[0]}x{tile[1]}",
+            rand_state=task_seed,
+            num_threads=os.cpu_count() or 1,
+            logger=logger,
+        )
+        try:
+            if not ctx.generate_design_space():
+                raise ValueError("no design space")
+        except Exception as err:  # noqa: BLE001
+            skipped[tile] = _first_line(err)
+            log(f"tile {tile[0]}x{tile[1]}: skipped, its design space fails: {skipped[tile]}")
+            continue
+        tasks.append(ctx)
+        task_tiles.append(tile)
+        mods.append(mod)
+    if not tasks:
+        raise ValueError(f"tiles: no tile of {tiles} has a valid design space ({skipped})")
+
+    done = _measured(db, mods)
+    before = sum(len(r) for r in done)
+    remaining = trials - before
+    budget[0] = remaining
+    flops = shape.flops(spec)
+    measured_now = failed_now = 0
+    if remaining > 0:
+        best_secs, best_tile = math.inf, None
+        for tile, recs in zip(task_tiles, done):
+            for rec in recs:
+                secs = records.mean_run_secs(rec)
+                if secs < min(best_secs, records.FAILED_RUN):
+                    best_secs, best_tile = secs, tile
+        if before:
+            log(f"resuming: {before} trial(s) already in {work_dir}, {remaining} to go")
+        per_iter = trials_per_iter or max(1, min(16, math.ceil(remaining / len(tasks))))
+        bar = tqdm(total=remaining, desc=spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
+        callback = Progress(bar, task_tiles, flops, work_dir / "failures.log", best_secs, best_tile)
+        cores = max(1, (os.cpu_count() or 1))
+        try:
+            ms.tune_tasks(
+                tasks=tasks,
+                task_weights=[1.0] * len(tasks),
+                work_dir=str(work_dir),
+                max_trials_global=remaining,
+                num_trials_per_iter=per_iter,
+                builder=ms.builder.LocalBuilder(
+                    max_workers=cores, timeout_sec=build_timeout,
+                    f_build=partial(build_candidate, pass_config=_pass_config(spec))),
+                runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
+                database=db,
+                cost_model=GuardedCostModel(ms.cost_model.XGBModel(num_tuning_cores=cores, adaptive_training=True),
+                                            log=bar.write),
+                measure_callbacks=[
+                    ms.measure_callback.AddToDatabase(),
+                    ms.measure_callback.RemoveBuildArtifact(),
+                    ms.measure_callback.UpdateCostModel(),
+                    callback,
+                ],
+                task_scheduler="gradient",
+            )
+        finally:
+            bar.close()
+        measured_now, failed_now = callback.measured, callback.failed
+        if measured_now < remaining:
+            log(f"search space exhausted after {measured_now} new trial(s) (every distinct candidate measured)")
+
+    result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
+                        repaired=repaired)
+    done = _measured(db, mods)
+    result.trials = sum(len(r) for r in done)
+    for tile, recs in zip(task_tiles, done):
+        ok = [r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN]
+        if not ok:
+            result.tiles.append(TileResult(tile, None, math.inf))
+            continue
+        best = min(ok, key=records.mean_run_secs)
+        result.tiles.append(TileResult(tile, identify_config(space, tile, best, mods[task_tiles.index(tile)]),
+                                       records.mean_run_secs(best), best))
+    if logs_dir is not None and result.best is not None:
+        _export(result, space, target, Path(logs_dir), schedules_dir, rpc_tracker, flops)
+    return result
+
+
+def _quiet_console() -> None:
+    """MetaSchedule logs every iteration to stdout at DEBUG level unless its logger has a level:
+    keep the console to warnings (the progress bar says the rest); the work dir's logs/ keep all."""
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.WARNING)
+
+
+def _faulty(sch_fn, tile):
+    """``sch_fn``, raising for a tile named by a ``space:`` fault (test hook)."""
+    if ("space", f"{tile[0]}x{tile[1]}") not in _faults():
+        return sch_fn
+
+    def broken(sch):
+        raise RuntimeError(f"{FAULT_ENV}: injected design-space failure for tile {tile[0]}x{tile[1]}")
+
+    return broken
+
+
+def _pass_config(spec: KernelSpec) -> dict:
+    from .build import _fused_schedule
+
+    return dict(_fused_schedule(spec, spec.tvm_target)[3])
+
+
+def _runner(spec: KernelSpec, rpc_tracker: str | None, rpc_key: str | None, timeout: float):
+    evaluator = ms.runner.EvaluatorConfig(
+        number=3 if spec.is_cuda else 2, repeat=3 if spec.is_cuda else 2,
+        min_repeat_ms=100 if spec.is_cuda else 20, enable_cpu_cache_flush=False)
+    if rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator,
+                                     f_alloc_argument=alloc_arguments, f_run_evaluator=run_evaluator)
+    host, port = parse_tracker(rpc_tracker)
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc_key,
+                                       session_timeout_sec=int(math.ceil(timeout))),
+        evaluator_config=evaluator, f_alloc_argument=alloc_arguments_rpc, f_run_evaluator=run_evaluator_rpc)
+
+
+def identify_config(space: Space, tile, record, mod) -> dict | None:
+    """The schedule config a record's trace amounts to: the knob values for which the hand
+    schedule function builds the same TensorIR. (None: no config does, which would mean the
+    trace left the schedule function's path.)"""
+    import itertools
+
+    sch = _compat.Schedule(mod)
+    record.trace.apply_to_schedule(sch, remove_postproc=False)
+    func = mod["main"]
+    knobs = space.knobs(*tile)
+    names = list(knobs)
+    for values in itertools.product(*(knobs[n] for n in names)):
+        config = space.config(*tile, **dict(zip(names, values)))
+        if _compat.structural_equal(space.schedule(func, config).mod, sch.mod):
+            return records.config_dict(config)
+    return None
+
+
+def device_description(spec: KernelSpec, rpc_tracker: str | None) -> str:
+    """What the candidates ran on: the GPU name and compute capability, or the CPU model."""
+    if spec.is_cuda and rpc_tracker is None:
+        dev = tvm.cuda(0)
+        if dev.exist:
+            return f"{dev.device_name} (sm_{dev.compute_version.replace('.', '')})"
+        return "unknown CUDA device"
+    if rpc_tracker is not None:
+        return f"RPC device via tracker {rpc_tracker}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mcpu = spec.tvm_target.attrs.get("mcpu", "")
+    return f"{model} ({mcpu}, {os.cpu_count()} cores)"
+
+
+def _export(result: TuneResult, space: Space, target, logs_dir: Path, schedules_dir, rpc_tracker, flops):
+    spec = result.spec
+    tiles = sorted((t for t in result.tiles if t.record is not None), key=lambda t: t.run_secs)
+    meta = {
+        "key": spec.key,
+        "spec": spec.to_dict(),
+        "schedule": space.name,
+        "target": json.loads(str(target)) if str(target).startswith("{") else str(target),
+        "shape": result.shape.to_dict(),
+        "softmax_scale": softmax_scale(spec),
+        "trials": result.trials,
+        "device": device_description(spec, rpc_tracker),
+        "tvm_version": _compat.TVM_VERSION,
+        "tvm_ffi_version": _compat.TVM_FFI_VERSION,
+        "date": records.now(),
+        "tiles": [
+            {"config": t.config or {"block_m": t.tile[0], "block_n": t.tile[1]},
+             "run_ms": round(t.run_secs * 1e3, 6), "tflops": round(flops / t.run_secs / 1e12, 6)}
+            for t in tiles
+        ],
+    }
+    result.log_dir = str(records.write_variant(logs_dir, spec, meta, [t.record for t in tiles]))
+    if schedules_dir is not None:
+        path = Path(schedules_dir) / records.target_id(spec.target) / f"{spec.key}.py"
+        best = tiles[0]
+        records.write_schedule_py(path, spec, space.name, meta["tiles"][0], meta, best.record.trace)
+        result.schedule_py = str(path)
