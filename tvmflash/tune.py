@@ -19,7 +19,9 @@ At the end the best record of each tile goes to ``tuning_logs/<target>/<key>/`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -407,13 +409,14 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
          progress: bool = True, log=print) -> TuneResult:
     """Tune ``spec`` for ``trials`` measured candidates in total (those already in ``work_dir``
     count), then export the best record of each tile (``logs_dir=None``: no export)."""
-    from tqdm import tqdm
-
+    # Step 1. Check the arguments before anything slow.
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials: expected a positive int, got {trials!r}")
     if (rpc_tracker is None) != (rpc_key is None):
         raise ValueError(f"rpc_key: expected --rpc-tracker and --rpc-key together, got tracker={rpc_tracker!r}, "
                          f"key={rpc_key!r}")
+    if rpc_tracker is not None:
+        parse_tracker(rpc_tracker)
     space = space_for(spec)
     tiles = [tuple(t) for t in (tiles or space.tiles)]
     unknown = [t for t in tiles if t not in space.tiles]
@@ -423,24 +426,61 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     if shape.heads != shape.heads_kv * spec.group:
         raise ValueError(f"shape: expected heads = heads_kv * {spec.group} (GQA group), got {shape.heads} / "
                          f"{shape.heads_kv}")
+
+    # Step 2. The work dir's database, repaired if a killed run cut a line short.
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     repaired = repair_database(work_dir)
     if repaired:
         log(f"work dir: dropped {repaired} damaged database line(s) left by an interrupted run")
-
-    build_target = spec.tvm_target
-    target = space.target(build_target)
-    space.prepare()
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+    space.prepare()
+    target = space.target(spec.tvm_target)
 
-    # -- one task per tile; a tile whose design space fails is skipped, never fatal --
-    _quiet_console()
-    loggers = ms.logging.get_loggers_from_work_dir(str(work_dir), [f"tile_{bm}x{bn}" for bm, bn in tiles])
-    seeds = ms.utils.fork_seed(seed, n=len(tiles))
-    tasks, task_tiles, mods, skipped = [], [], [], {}
-    budget = [trials]  # shared by the tasks' search strategies; set to what is left below
-    for tile, logger, task_seed in zip(tiles, loggers, seeds):
+    with _logs(work_dir / "logs"):
+        # Step 3. One task per tile; a tile whose design space fails is skipped, never fatal.
+        budget = [0]  # trials left, shared by the tasks' search strategies
+        tasks, skipped = _tasks(spec, space, target, tiles, shape, seed, db, budget, log)
+
+        # Step 4. Measure what is missing.
+        done = sum(len(recs) for recs in _measured(db, [t.mod for t in tasks]))
+        budget[0] = trials - done
+        measured_now = failed_now = 0
+        if budget[0] > 0:
+            if done:
+                log(f"resuming: {done} trial(s) already in {work_dir}, {budget[0]} to go")
+            measured_now, failed_now = _search(spec, tasks, db, budget[0], work_dir, shape, rpc_tracker, rpc_key,
+                                               trials_per_iter, build_timeout, run_timeout, progress)
+            if measured_now < trials - done:
+                log(f"search space exhausted after {measured_now} new trial(s) (every distinct candidate measured)")
+
+    # Step 5. The best record of each tile; exported.
+    result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
+                        repaired=repaired)
+    for task, recs in zip(tasks, _measured(db, [t.mod for t in tasks])):
+        result.trials += len(recs)
+        ok = [r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN]
+        if not ok:
+            result.tiles.append(TileResult(task.tile, None, math.inf))
+            continue
+        best = min(ok, key=records.mean_run_secs)
+        result.tiles.append(TileResult(task.tile, identify_config(space, task.tile, best, task.mod),
+                                       records.mean_run_secs(best), best))
+    if logs_dir is not None and result.best is not None:
+        _export(result, space, target, Path(logs_dir), schedules_dir, rpc_tracker, shape.flops(spec))
+    return result
+
+
+@dataclass
+class _Task:
+    tile: tuple[int, int]
+    mod: tvm.IRModule
+    ctx: ms.TuneContext
+
+
+def _tasks(spec, space: Space, target, tiles, shape: Shape, seed, db, budget: list, log) -> tuple[list, dict]:
+    tasks, skipped = [], {}
+    for tile, task_seed in zip(tiles, ms.utils.fork_seed(seed, n=len(tiles))):
         mod = workload(spec, tile, shape)
         earlier = _measured(db, [mod])[0]
         mutators = {MutateCategorical(task_seed): 1.0} if space.apply is not None else {}
@@ -457,7 +497,7 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
             task_name=f"tile_{tile[0]}x{tile[1]}",
             rand_state=task_seed,
             num_threads=os.cpu_count() or 1,
-            logger=logger,
+            logger=logging.getLogger(f"{_MS_LOGGER}.tvmflash.tile_{tile[0]}x{tile[1]}"),
         )
         try:
             if not ctx.generate_design_space():
@@ -466,84 +506,78 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
             skipped[tile] = _first_line(err)
             log(f"tile {tile[0]}x{tile[1]}: skipped, its design space fails: {skipped[tile]}")
             continue
-        tasks.append(ctx)
-        task_tiles.append(tile)
-        mods.append(mod)
+        tasks.append(_Task(tile, mod, ctx))
     if not tasks:
         raise ValueError(f"tiles: no tile of {tiles} has a valid design space ({skipped})")
-
-    done = _measured(db, mods)
-    before = sum(len(r) for r in done)
-    remaining = trials - before
-    budget[0] = remaining
-    flops = shape.flops(spec)
-    measured_now = failed_now = 0
-    if remaining > 0:
-        best_secs, best_tile = math.inf, None
-        for tile, recs in zip(task_tiles, done):
-            for rec in recs:
-                secs = records.mean_run_secs(rec)
-                if secs < min(best_secs, records.FAILED_RUN):
-                    best_secs, best_tile = secs, tile
-        if before:
-            log(f"resuming: {before} trial(s) already in {work_dir}, {remaining} to go")
-        per_iter = trials_per_iter or max(1, min(16, math.ceil(remaining / len(tasks))))
-        bar = tqdm(total=remaining, desc=spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
-        callback = Progress(bar, task_tiles, flops, work_dir / "failures.log", best_secs, best_tile)
-        cores = max(1, (os.cpu_count() or 1))
-        try:
-            ms.tune_tasks(
-                tasks=tasks,
-                task_weights=[1.0] * len(tasks),
-                work_dir=str(work_dir),
-                max_trials_global=remaining,
-                num_trials_per_iter=per_iter,
-                builder=ms.builder.LocalBuilder(
-                    max_workers=cores, timeout_sec=build_timeout,
-                    f_build=partial(build_candidate, pass_config=_pass_config(spec))),
-                runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
-                database=db,
-                cost_model=GuardedCostModel(ms.cost_model.XGBModel(num_tuning_cores=cores, adaptive_training=True),
-                                            log=bar.write),
-                measure_callbacks=[
-                    ms.measure_callback.AddToDatabase(),
-                    ms.measure_callback.RemoveBuildArtifact(),
-                    ms.measure_callback.UpdateCostModel(),
-                    callback,
-                ],
-                task_scheduler="gradient",
-            )
-        finally:
-            bar.close()
-        measured_now, failed_now = callback.measured, callback.failed
-        if measured_now < remaining:
-            log(f"search space exhausted after {measured_now} new trial(s) (every distinct candidate measured)")
-
-    result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
-                        repaired=repaired)
-    done = _measured(db, mods)
-    result.trials = sum(len(r) for r in done)
-    for tile, recs in zip(task_tiles, done):
-        ok = [r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN]
-        if not ok:
-            result.tiles.append(TileResult(tile, None, math.inf))
-            continue
-        best = min(ok, key=records.mean_run_secs)
-        result.tiles.append(TileResult(tile, identify_config(space, tile, best, mods[task_tiles.index(tile)]),
-                                       records.mean_run_secs(best), best))
-    if logs_dir is not None and result.best is not None:
-        _export(result, space, target, Path(logs_dir), schedules_dir, rpc_tracker, flops)
-    return result
+    return tasks, skipped
 
 
-def _quiet_console() -> None:
-    """MetaSchedule logs every iteration to stdout at DEBUG level unless its logger has a level:
-    keep the console to warnings (the progress bar says the rest); the work dir's logs/ keep all."""
-    import logging
+def _search(spec, tasks: list, db, remaining: int, work_dir: Path, shape: Shape, rpc_tracker, rpc_key,
+            trials_per_iter, build_timeout: float, run_timeout: float, progress: bool) -> tuple[int, int]:
+    """MetaSchedule's gradient task scheduler over the tasks; returns (measured, failed)."""
+    from tqdm import tqdm
 
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level == logging.NOTSET:
-        ms_logger.setLevel(logging.WARNING)
+    tiles = [t.tile for t in tasks]
+    best_secs, best_tile = math.inf, None
+    for tile, recs in zip(tiles, _measured(db, [t.mod for t in tasks])):
+        for rec in recs:
+            secs = records.mean_run_secs(rec)
+            if secs < min(best_secs, records.FAILED_RUN):
+                best_secs, best_tile = secs, tile
+    per_iter = trials_per_iter or max(1, min(16, math.ceil(remaining / len(tasks))))
+    cores = max(1, os.cpu_count() or 1)
+    bar = tqdm(total=remaining, desc=spec.key, unit="trial", disable=not progress, dynamic_ncols=True)
+    callback = Progress(bar, tiles, shape.flops(spec), work_dir / "failures.log", best_secs, best_tile)
+    try:
+        ms.tune_tasks(
+            tasks=[t.ctx for t in tasks],
+            task_weights=[1.0] * len(tasks),
+            work_dir=str(work_dir),
+            max_trials_global=remaining,
+            num_trials_per_iter=per_iter,
+            builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=build_timeout,
+                                            f_build=partial(build_candidate, pass_config=_pass_config(spec))),
+            runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
+            database=db,
+            cost_model=GuardedCostModel(ms.cost_model.XGBModel(num_tuning_cores=cores, adaptive_training=True),
+                                        log=bar.write),
+            measure_callbacks=[
+                ms.measure_callback.AddToDatabase(),
+                ms.measure_callback.RemoveBuildArtifact(),
+                ms.measure_callback.UpdateCostModel(),
+                callback,
+            ],
+            task_scheduler="gradient",
+        )
+    finally:
+        bar.close()
+    return callback.measured, callback.failed
+
+
+_MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def _logs(directory: Path):
+    """MetaSchedule's log (task tables, per-task search logs) to ``directory/tuning.log``, only
+    warnings to the console (the progress bar says the rest). Restored afterwards. (MetaSchedule's
+    own ``get_loggers_from_work_dir`` prints every iteration to stdout and fails on a second call
+    in a process under pytest's log capture.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    ms_logger = logging.getLogger(_MS_LOGGER)
+    saved = (ms_logger.level, ms_logger.propagate, list(ms_logger.handlers))
+    file_handler = logging.FileHandler(directory / "tuning.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    ms_logger.handlers = [file_handler, console]
+    ms_logger.setLevel(logging.DEBUG)
+    ms_logger.propagate = False
+    try:
+        yield
+    finally:
+        file_handler.close()
+        ms_logger.level, ms_logger.propagate, ms_logger.handlers = saved[0], saved[1], saved[2]
 
 
 def _faulty(sch_fn, tile):

@@ -1,0 +1,470 @@
+"""MetaSchedule tuning without a GPU: the design spaces, trace replay on the dynamic-shape
+function, real tuning runs on the CPU (llvm) end to end (CLI, killed and resumed, faulty
+candidates, through an RPC tracker), build from the logs, and the logs committed to the repository.
+One test (marker ``gpu``) tunes a tiny CUDA run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tvmflash import KernelSpec, build, load, lower
+from tvmflash import _compat, records
+from tvmflash import definition as D
+from tvmflash import space as SP
+from tvmflash import tune as TU
+from tvmflash._compat import Schedule, ms, structural_equal, tvm
+from tvmflash.build import _fused_schedule
+from tvmflash.cli import main
+from tvmflash.reference import attention_reference
+
+from helpers import assert_close_to_reference, make_qkv
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = SP.Shape(1, 128, 128, 2, 2)  # small enough for a shared 2-core CI machine
+
+
+def _run(mod, spec: KernelSpec, q, k, v):
+    """Compile a scheduled fused module for this CPU and run it (default softmax scale)."""
+    ex = tvm.compile(mod, target=_compat.host_cpu_target(), tir_pipeline=_compat.TIR_PIPELINE)
+    b, sq, h, d = q.shape
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
+    args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((b, h, sq), "float32"))]
+    ex["main"](*args, d ** -0.5)
+    return args[3].numpy(), args[4].numpy()
+
+
+def _check_numerics(mod, spec: KernelSpec, rng, seq_q=113, seq_k=77, heads=4):
+    """The module on lengths that are no tile multiples (the dynamic function), against float64."""
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, heads, heads // spec.group, spec.head_dim, spec.dtype)
+    out, lse = _run(mod, spec, q, k, v)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=spec.causal), spec.dtype)
+
+
+def _sampled(spec, tile, seed, shape=SHAPE):
+    """A point of the design space of ``tile``: the schedule function with sampled knobs."""
+    sch = Schedule(SP.workload(spec, tile, shape), seed=seed)
+    assert SP.space_for(spec).sch_fn(tile)(sch) is None  # traced: applied in place
+    return sch
+
+
+def _replay(trace, spec, tile):
+    sch = Schedule(D.fused_attention(spec, *tile))
+    trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch
+
+
+# -- the design space ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [
+    KernelSpec(32), KernelSpec(64, causal=True), KernelSpec(128, group=4), KernelSpec(256, dtype="bfloat16"),
+    KernelSpec(128, target="nvidia/nvidia-a100"), KernelSpec(128, target="nvidia/nvidia-h100", causal=True),
+    KernelSpec(64, target="nvidia/nvidia-a100"), KernelSpec(256, target="nvidia/nvidia-a100", dtype="bfloat16"),
+], ids=lambda s: s.key)
+def test_hand_config_is_a_point_of_the_space(spec):
+    """Tuned and hand-config builds share one schedule function; the space holds the hand config."""
+    cfg, _, name, _ = _fused_schedule(spec, spec.tvm_target)
+    space = SP.space_for(spec)
+    assert space.name == name
+    tile = (cfg.block_m, cfg.block_n)
+    assert tile in space.tiles, f"hand tile {tile} not among {space.tiles}"
+    for knob, candidates in space.knobs(*tile).items():
+        assert getattr(cfg, knob) in candidates, f"{knob}={getattr(cfg, knob)} not among {candidates}"
+
+
+def test_workload_is_static_the_built_function_is_not():
+    """MetaSchedule allocates arguments from concrete buffer shapes and passes no scalar: the
+    dynamic function cannot be measured (TVM 0.27), its specialisation can."""
+    spec = KernelSpec(64, group=2)
+    mod = SP.workload(spec, (32, 64), SP.Shape(3, 200, 300, 4, 2))
+    infos = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(mod["main"])]
+    assert infos == [
+        ["TENSOR", "float16", [3, 200, 4, 64]], ["TENSOR", "float16", [3, 300, 2, 64]],
+        ["TENSOR", "float16", [3, 300, 2, 64]], ["TENSOR", "float16", [3, 200, 4, 64]],
+        ["TENSOR", "float32", [3, 4, 200]],
+    ]
+    with pytest.raises(Exception):
+        ms.arg_info.ArgInfo.from_prim_func(D.fused_attention(spec, 32, 64))
+
+
+@pytest.mark.parametrize("spec", [KernelSpec(64, causal=True, group=2), KernelSpec(32, dtype="bfloat16")],
+                         ids=lambda s: s.key)
+def test_sampled_trace_replays_on_the_dynamic_function(spec, rng):
+    """A trace found on the workload (static shapes) is a schedule of the dynamic function:
+    compiled, it is correct on other lengths, batch and heads than those measured."""
+    tile = (32, 64)
+    shape = SP.Shape(1, 128, 128, 2, 2 // spec.group)
+    for seed in (1, 2):
+        sch = _sampled(spec, tile, seed, shape)
+        _check_numerics(_replay(sch.trace, spec, tile).mod, spec, rng)
+
+
+def test_mutated_decision_changes_the_schedule_and_names_its_config():
+    spec = KernelSpec(64)
+    tile = (32, 64)
+    space = SP.space_for(spec)
+    mod = SP.workload(spec, tile, SHAPE)
+    sch = _sampled(spec, tile, seed=3)
+    mutated = TU.MutateCategorical(seed=0).apply(sch.trace)
+    assert mutated is not None
+    before = TU.identify_config(space, tile, types.SimpleNamespace(trace=sch.trace), mod)
+    after = TU.identify_config(space, tile, types.SimpleNamespace(trace=mutated), mod)
+    assert before is not None and after is not None and before != after
+    # the config is the sampled decisions, in the order the knobs are sampled
+    decided = [inst.attrs[0][int(sch.trace.decisions[inst])] for inst in sch.trace.insts
+               if inst.kind.name == "SampleCategorical"]
+    assert [before[k] for k in space.knobs(*tile)] == [int(x) for x in decided]
+    # and the hand schedule with that config is that very schedule
+    hand = space.schedule(mod["main"], space.config(*tile, **{k: before[k] for k in space.knobs(*tile)}))
+    assert structural_equal(hand.mod, sch.mod)
+
+
+def test_enumerated_space_is_one_design_space_per_config():
+    """Schedule functions that build their own Schedule (the CUDA ones) get a design space per
+    config value; each replays on the dynamic function and compiles for CUDA (no GPU needed)."""
+    spec = KernelSpec(64, target="nvidia/nvidia-a100")
+    space = SP.space_for(spec)
+    assert space.name == "schedule_cuda_simple.schedule_fused_cuda_simple" and space.apply is None
+    tile = space.tiles[0]
+    spaces = space.sch_fn(tile)(Schedule(SP.workload(spec, tile, SHAPE)))
+    assert len(spaces) == space.size(tile) >= 1
+    ex = tvm.compile(_replay(spaces[0].trace, spec, tile).mod, target=spec.tvm_target)
+    assert any(m.kind == "cuda" for m in ex.mod.imports)
+
+
+def test_verify_gpu_code_needs_the_opt_in_shared_memory_limit():
+    """TVM's tags give the 48 KB static shared-memory limit; the tensor-core space checks its
+    candidates against the arch's opt-in limit instead."""
+    spec = KernelSpec(128, target="nvidia/nvidia-a100")
+    target = SP.space_for(spec).target(spec.tvm_target)
+    assert int(spec.tvm_target.attrs["max_shared_memory_per_block"]) == 49152
+    assert int(target.attrs["max_shared_memory_per_block"]) == SP.SHARED_MEMORY_OPT_IN["sm_80"]
+    assert str(target.attrs["arch"]) == "sm_80"
+
+
+@pytest.mark.slow
+def test_cuda_tensor_core_space_compiles():
+    """Every design space of the tensor-core schedule (each tile, each knob value) replays on the
+    dynamic function, passes VerifyGPUCode and compiles to mma.sync CUDA: what `tvmflash tune
+    --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU. (~1 min: TVM's CUDA intrinsics.)"""
+    spec = KernelSpec(128, target="nvidia/nvidia-a100")
+    space = SP.space_for(spec)
+    space.prepare()
+    target = space.target(spec.tvm_target)
+    for tile in space.tiles:
+        mod = SP.workload(spec, tile, SP.Shape(4, 4096, 4096, 16, 16))
+        schedules = space.sch_fn(tile)(Schedule(mod))
+        assert len(schedules) == space.size(tile)
+        for sch in schedules:
+            ctx = _compat.tune_context(mod, target, ms.space_generator.ScheduleFn(lambda s: None, sch_rules=[],
+                                       postprocs=[], mutator_probs={}), None, "t", 0, 1, None)
+            verify = ms.postproc.VerifyGPUCode()
+            verify._initialize_with_tune_context(ctx)
+            assert verify.apply(sch), f"VerifyGPUCode rejects tile {tile}"
+            dyn = _replay(sch.trace, spec, tile)
+            with tvm.transform.PassContext(config=dict(_fused_schedule(spec, spec.tvm_target)[3])):
+                ex = tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+            cuda = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
+            assert "mma.sync.aligned.m16n8k16" in cuda
+
+
+# -- the work dir and the logs, without measuring ------------------------------------------
+
+
+def _fake_records(db, spec, tile, n, shape=SHAPE, secs=1e-3):
+    """Commit ``n`` records of sampled schedules of ``tile`` as if measured (no build, no run)."""
+    mod = SP.workload(spec, tile, shape)
+    workload = db.commit_workload(mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    for i in range(n):
+        trace = _sampled(spec, tile, seed=10 + i, shape=shape).trace
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs * (1 + i)], spec.tvm_target, args))
+    return mod
+
+
+def test_repair_database_drops_a_line_cut_by_a_kill(tmp_path):
+    spec = KernelSpec(32)
+    db = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    _fake_records(db, spec, (32, 64), 2)
+    path = tmp_path / records.RECORDS
+    text = path.read_text()
+    path.write_text(text + text.splitlines()[0][:40])  # a record cut short
+    with pytest.raises(Exception):
+        ms.database.JSONDatabase(work_dir=str(tmp_path), allow_missing=False)
+    assert TU.repair_database(tmp_path) == 1
+    assert path.read_text() == text
+    assert len(ms.database.JSONDatabase(work_dir=str(tmp_path), allow_missing=False)) == 2
+    assert TU.repair_database(tmp_path) == 0
+
+
+def _write_log(root, spec, tile=(32, 64), n=3, shape=SHAPE, schedule="schedule_cpu.schedule_fused_cpu"):
+    """A log as `tvmflash tune` writes it, from fake records."""
+    db = ms.database.MemoryDatabase()
+    mod = _fake_records(db, spec, tile, n, shape)
+    best = db.get_top_k(db.commit_workload(mod), 1)[0]
+    config = TU.identify_config(SP.space_for(spec), tile, best, mod)
+    meta = {"key": spec.key, "spec": spec.to_dict(), "schedule": schedule, "shape": shape.to_dict(),
+            "softmax_scale": SP.softmax_scale(spec), "trials": n, "device": "test", "tvm_version": "x",
+            "tvm_ffi_version": "x", "date": records.now(),
+            "tiles": [{"config": config, "run_ms": 1.0, "tflops": 1.0}]}
+    return records.write_variant(root, spec, meta, [best]), config
+
+
+def test_build_uses_the_log_else_says_why(tmp_path, monkeypatch, rng):
+    spec = KernelSpec(32, causal=True, group=2)
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "none"))
+    lowered = lower(spec)
+    assert lowered.tuning == {"source": "hand config",
+                              "tuning": f"no tuning log for {spec.key} in {tmp_path / 'none' / records.target_id('cpu')}"}
+
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", "off")
+    assert "tuned records are off" in lower(spec).tuning["tuning"]
+
+    root = tmp_path / "logs"
+    vdir, config = _write_log(root, spec, shape=SP.Shape(1, 128, 128, 4, 2))
+    assert sorted(p.name for p in vdir.iterdir()) == sorted([records.WORKLOADS, records.RECORDS, records.METADATA])
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(root))
+    so, manifest = build(spec, tmp_path / "out")
+    schedule = json.loads(Path(manifest).read_text())["schedule"]
+    assert schedule["source"] == "tuned record" and schedule["config"] == config
+    assert schedule["function"] == "schedule_cpu.schedule_fused_cpu" and schedule["database"] == str(vdir)
+    q, k, v = make_qkv(rng, 2, 113, 77, 4, 2, 32, "float16")
+    out, lse = load(so)(q, k, v, return_lse=True)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=True), "float16")
+
+    # a log of another schedule function, or whose workload no longer matches the definition
+    meta_path = vdir / records.METADATA
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "schedule": "schedule_cpu.other"}))
+    assert "this build uses schedule_cpu.schedule_fused_cpu" in lower(spec).tuning["tuning"]
+    meta_path.write_text(json.dumps({**meta, "shape": {**meta["shape"], "seq_q": 129}}))
+    assert "matches the current TensorIR definition" in lower(spec).tuning["tuning"]
+    (vdir / records.WORKLOADS).write_text("not json\n")
+    meta_path.write_text(json.dumps(meta))
+    assert "could not be read" in lower(spec).tuning["tuning"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "--trials: expected a positive int, got 0"),
+    (["--tiles", "7x7"], "tiles: expected a subset of"),
+    (["--tiles", "32by64"], "tiles: expected BLOCK_MxBLOCK_N"),
+    (["--rpc-tracker", "127.0.0.1:9190"], "rpc_key: expected --rpc-tracker and --rpc-key together"),
+    (["--rpc-tracker", "nohost", "--rpc-key", "k"], "rpc_tracker: expected HOST:PORT"),
+    (["--heads", "3", "--gqa", "2"], "heads: expected a multiple of the GQA group 2, got 3"),
+])
+def test_tune_errors_name_the_argument(tmp_path, args, message, capsys):
+    assert main(["tune", "--target", "cpu", "--head-dim", "32", "--work-dir", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+# -- real tuning runs on the CPU ---------------------------------------------------------------
+
+
+def _tune_cmd(work, logs, sched, trials, *extra):
+    return [sys.executable, "-m", "tvmflash.cli", "tune", "--target", "cpu", "--head-dim", "32",
+            "--seqlen", "128", "--heads", "2", "--tiles", "32x64", "--trials", str(trials), "--trials-per-iter", "2",
+            "--work-dir", str(work), "--logs-dir", str(logs), "--schedules-dir", str(sched), "--seed", "0", *extra]
+
+
+def _record_lines(work):
+    path = Path(work) / records.RECORDS
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
+    """`tvmflash tune` end to end: SIGKILL mid-run, resume (no committed record lost, a record
+    cut by the kill dropped, nothing measured twice, exactly --trials in all), export, build from
+    the log, correct on lengths never measured."""
+    work, logs, sched = tmp_path / "work", tmp_path / "logs", tmp_path / "schedules"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(_tune_cmd(work, logs, sched, 6), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while len(_record_lines(work)) < 2:
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.time() < deadline, "no record committed in 10 minutes"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its build/run workers
+            proc.wait()
+    committed = _record_lines(work)
+    assert 2 <= len(committed) < 6
+    with open(work / records.RECORDS, "a") as fh:  # as if killed in the middle of a write
+        fh.write(committed[-1][: len(committed[-1]) // 2])
+
+    res = subprocess.run(_tune_cmd(work, logs, sched, 6), capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "dropped 1 damaged database line" in res.stdout
+    assert f"resuming: {len(committed)} trial(s) already" in res.stdout
+    assert f"6 trials in the work dir ({6 - len(committed)} new, 0 of them failed)" in res.stdout
+    assert "TFLOP/s" in res.stderr and "trial" in res.stderr  # the progress bar
+    lines = _record_lines(work)
+    assert lines[: len(committed)] == committed and len(lines) == 6
+    db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
+    hashes = [TU.scheduled_hash(rec) for rec in db.get_all_tuning_records()]
+    assert len(set(hashes)) == 6, "a candidate was measured twice"
+
+    spec = KernelSpec(32)
+    vdir = records.variant_dir(logs, spec)
+    meta = json.loads((vdir / records.METADATA).read_text())
+    assert meta["trials"] == 6 and meta["shape"] == {"batch": 8, "seq_q": 128, "seq_k": 128, "heads": 2,
+                                                      "heads_kv": 2}
+    assert meta["tvm_version"] == _compat.TVM_VERSION and meta["tvm_ffi_version"] == _compat.TVM_FFI_VERSION
+    assert len(ms.database.JSONDatabase(work_dir=str(vdir), allow_missing=False)) == 1  # pruned: best per tile
+    best_secs = min(records.mean_run_secs(r) for r in db.get_all_tuning_records())
+    assert meta["tiles"][0]["run_ms"] == pytest.approx(best_secs * 1e3, rel=1e-5)
+
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(logs))
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "tuned record" and lowered.config == meta["tiles"][0]["config"]
+    _check_numerics(lowered.mod, spec, rng, seq_q=300, seq_k=41, heads=3)
+    # the readable schedule is the same schedule
+    scope: dict = {}
+    exec((sched / records.target_id("cpu") / f"{spec.key}.py").read_text(), scope)
+    sch = Schedule(D.fused_attention(spec, 32, 64))
+    scope["apply"](sch)
+    assert structural_equal(sch.mod, lowered.mod)
+
+
+@pytest.mark.slow
+def test_faulty_candidates_are_skipped_never_fatal(tmp_path, monkeypatch):
+    """A candidate whose build raises, one whose run hangs past the timeout and a tile whose
+    design space raises: each logged and skipped, the others tuned."""
+    monkeypatch.setenv(TU.FAULT_ENV, "raise:acc_s = T.sblock_alloc_buffer((16, 32));"
+                                     "hang:acc_s = T.sblock_alloc_buffer((32, 32));space:64x64")
+    spec = KernelSpec(64)
+    res = TU.tune(spec, trials=3, work_dir=tmp_path, shape=SHAPE, tiles=[(16, 32), (32, 32), (32, 64), (64, 64)],
+                  trials_per_iter=1, run_timeout=5, logs_dir=tmp_path / "logs", progress=False, seed=0,
+                  log=lambda msg: None)
+    # the task scheduler's first round gives each task one trial
+    assert res.measured_now == 3 and res.failed_now == 2
+    assert "injected design-space failure" in res.skipped_tiles[(64, 64)]
+    by_tile = {t.tile: t for t in res.tiles}
+    assert by_tile[(16, 32)].record is None and by_tile[(32, 32)].record is None
+    assert res.best.tile == (32, 64) and res.best.run_secs < records.FAILED_RUN
+    failures = (tmp_path / "failures.log").read_text()
+    assert "tile 16x32" in failures and "injected build failure" in failures
+    assert "tile 32x32" in failures and "Timeout" in failures
+    meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
+    assert [t["config"]["block_n"] for t in meta["tiles"]] == [64]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tune_through_rpc_tracker(tmp_path, monkeypatch, rng):
+    """Measured by an RPC server registered with a tracker, both on loopback (free ports)."""
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    port = _free_port()
+    tracker = Tracker(host="127.0.0.1", port=port, port_end=port + 1, silent=True)
+    procs = [tracker.proc]
+    server = None
+    try:
+        port = _free_port()
+        server = Server(host="127.0.0.1", port=port, port_end=port + 1, tracker_addr=("127.0.0.1", tracker.port),
+                        key="tvmflash-test", silent=True)
+        procs.append(server.proc)
+        spec = KernelSpec(32, causal=True, group=2)
+        res = TU.tune(spec, trials=2, work_dir=tmp_path, shape=SP.Shape(1, 128, 128, 4, 2), tiles=[(32, 64)],
+                      rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="tvmflash-test", logs_dir=tmp_path / "logs",
+                      progress=False, seed=0, log=lambda msg: None)
+    finally:
+        if server is not None:
+            server.terminate()
+        tracker.terminate()
+    assert not any(p.is_alive() for p in procs), "the RPC server or tracker outlived the test"
+    assert res.measured_now == 2 and res.failed_now == 0 and res.best.run_secs < records.FAILED_RUN
+    meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
+    assert meta["device"] == f"RPC device via tracker 127.0.0.1:{tracker.port}"
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "tuned record"
+    _check_numerics(lowered.mod, spec, rng)
+
+
+# -- the logs committed to the repository ------------------------------------------------------
+
+
+def _committed_logs():
+    return sorted((REPO / "tuning_logs").glob(f"*/*/{records.METADATA}"))
+
+
+@pytest.mark.parametrize("meta_path", _committed_logs(), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_committed_logs_replay(meta_path, rng):
+    """Each committed log loads on this TVM version, its best trace replays on the dynamic
+    function (JSON round trip included), is the recorded config of the hand schedule function,
+    matches schedules/<target>/<key>.py, and (CPU logs) is correct on this machine's CPU."""
+    meta = json.loads(meta_path.read_text())
+    spec = KernelSpec.from_dict(meta["spec"])
+    tuned, why = records.load_variant(meta_path.parent, spec, meta["schedule"])
+    assert tuned is not None, why
+    space = SP.space_for(spec)
+    space.prepare()
+    assert tuned.config == meta["tiles"][0]["config"]
+    mod = SP.workload(spec, tuned.tile, SP.Shape(**meta["shape"]), meta["softmax_scale"])
+    assert TU.identify_config(space, tuned.tile, tuned.record, mod) == tuned.config
+    func = D.fused_attention(spec, *tuned.tile)
+    sch = tuned.apply(func)
+    again = Schedule(func)
+    type(tuned.record.trace).apply_json_to_schedule(json.loads(json.dumps(tuned.record.trace.as_json())), again)
+    assert structural_equal(again.mod, sch.mod)
+    scope: dict = {}
+    exec((REPO / "schedules" / meta_path.parent.parent.name / f"{spec.key}.py").read_text(), scope)
+    readable = Schedule(func)
+    scope["apply"](readable)
+    assert structural_equal(readable.mod, sch.mod)
+    if spec.is_cuda:
+        with tvm.transform.PassContext(config=dict(_fused_schedule(spec, spec.tvm_target)[3])):
+            tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+    else:
+        _check_numerics(sch.mod, spec, rng, heads=4 * spec.group)
+
+
+def test_committed_logs_are_small():
+    for path in (REPO / "tuning_logs").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_size < 512 * 1024, f"{path} is {path.stat().st_size} bytes"
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_tune_cuda_tiny_run_then_build(tmp_path, monkeypatch):
+    """A few trials of the tensor-core schedule measured on the GPU, then built from the log."""
+    import torch
+
+    from tvmflash.api import _target_for
+
+    spec = KernelSpec(128, target=_target_for("cuda:0"))
+    res = TU.tune(spec, trials=3, work_dir=tmp_path / "work", shape=SP.Shape(1, 1024, 1024, 16, 16),
+                  tiles=[(128, 64), (128, 32)], logs_dir=tmp_path / "logs", schedules_dir=tmp_path / "sched",
+                  progress=False, seed=0)
+    assert res.best is not None and res.best.run_secs < 1.0, [(t.tile, t.run_secs) for t in res.tiles]
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
+    so, manifest = build(spec, tmp_path / "out")
+    assert json.loads(Path(manifest).read_text())["schedule"]["source"] == "tuned record"
+    q = torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    out = load(so)(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert (out - ref.transpose(1, 2)).abs().max().item() < 4e-3
