@@ -3,6 +3,7 @@ function, real tuning runs on the CPU (llvm) end to end (CLI, killed and resumed
 candidates, through an RPC tracker), build from the logs, and the logs committed to the repository.
 One test (marker ``gpu``) tunes a tiny CUDA run."""
 
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 from tvmflash import KernelSpec, build, load, lower
 from tvmflash import _compat, records
 from tvmflash import definition as D
+from tvmflash import intrinsics as I
 from tvmflash import space as SP
 from tvmflash import tune as TU
 from tvmflash._compat import Schedule, ms, structural_equal, tvm
@@ -175,6 +177,16 @@ def test_cuda_tensor_core_space_compiles():
                 ex = tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
             cuda = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
             assert "mma.sync.aligned.m16n8k16" in cuda
+    # MetaSchedule's build workers compile without TVM's intrinsics module (our own index map)
+    builder = ms.builder.LocalBuilder(max_workers=1, initializer=TU.build_worker_init,
+                                      f_build=functools.partial(TU.build_candidate, pass_config=TU._pass_config(spec)))
+    (result,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    assert result.error_msg is None, result.error_msg
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as tvm_layout
+    ours = tvm.get_global_func(I.FRAGMENT_INDEX_MAP)
+    for i in range(16):
+        for j in range(16):
+            assert [int(x) for x in ours([i, j])] == list(tvm_layout(i, j))
 
 
 # -- the work dir and the logs, without measuring ------------------------------------------

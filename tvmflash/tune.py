@@ -80,18 +80,36 @@ def build_candidate(mod, target, _params=None, pass_config=None):
         return tvm.compile(mod, target=target, tir_pipeline=_compat.TIR_PIPELINE).mod
 
 
-def _arrays(args_info, alloc_repeat: int, make):
-    """Normal random q, k, v (and outputs), reproducibly: no inf/NaN/denormal in the timing."""
-    from .kernel import _numpy_dtype
+def build_worker_init() -> None:
+    """Each build worker: what CUDA codegen of a tensorized candidate looks up by name (the
+    worker never imports TVM's intrinsics module, which would cost a minute per batch)."""
+    from .intrinsics import register_fragment_index_map
 
-    rng = np.random.default_rng(0)
+    register_fragment_index_map()
+
+
+_HOST_ARRAYS: dict = {}  # per runner worker: the same inputs for every candidate
+
+
+def _host_array(dtype: str, shape) -> np.ndarray:
+    key = (dtype, tuple(shape))
+    if key not in _HOST_ARRAYS:
+        from .kernel import _numpy_dtype
+
+        rng = np.random.default_rng(len(_HOST_ARRAYS))
+        _HOST_ARRAYS[key] = rng.standard_normal(shape, dtype="float32").astype(_numpy_dtype(dtype))
+    return _HOST_ARRAYS[key]
+
+
+def _arrays(args_info, alloc_repeat: int, make):
+    """Normal random q, k, v (and outputs): no inf/NaN/denormal in the timing, unlike random bits."""
     repeated = []
     for _ in range(alloc_repeat):
         args = []
         for kind, dtype, shape in args_info:
             if kind != "TENSOR":
                 raise NotImplementedError(f"argument: expected a tensor, got {kind}")
-            args.append(make(rng.standard_normal(shape).astype(_numpy_dtype(dtype))))
+            args.append(make(_host_array(dtype, shape)))
         repeated.append(args)
     return repeated
 
@@ -436,6 +454,8 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
     space.prepare()
     target = space.target(spec.tvm_target)
+    if spec.is_cuda:  # the runner's workers load candidates with NVRTC: it needs the CUDA headers
+        _compat.ensure_cuda_headers()
 
     with _logs(work_dir / "logs"):
         # Step 3. One task per tile; a tile whose design space fails is skipped, never fatal.
@@ -536,7 +556,8 @@ def _search(spec, tasks: list, db, remaining: int, work_dir: Path, shape: Shape,
             max_trials_global=remaining,
             num_trials_per_iter=per_iter,
             builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=build_timeout,
-                                            f_build=partial(build_candidate, pass_config=_pass_config(spec))),
+                                            f_build=partial(build_candidate, pass_config=_pass_config(spec)),
+                                            initializer=build_worker_init),
             runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
             database=db,
             cost_model=GuardedCostModel(ms.cost_model.XGBModel(num_tuning_cores=cores, adaptive_training=True),
