@@ -420,7 +420,7 @@ def _committed_logs():
 
 
 @pytest.mark.parametrize("meta_path", _committed_logs(), ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
-def test_committed_logs_replay(meta_path, rng):
+def test_committed_logs_replay(meta_path, rng, tmp_path):
     """Each committed log loads on this TVM version, its best trace replays on the dynamic
     function (JSON round trip included), is the recorded config of the hand schedule function,
     matches schedules/<target>/<key>.py, and (CPU logs) is correct on this machine's CPU."""
@@ -435,9 +435,11 @@ def test_committed_logs_replay(meta_path, rng):
     assert TU.identify_config(space, tuned.tile, tuned.record, mod) == tuned.config
     func = D.fused_attention(spec, *tuned.tile)
     sch = tuned.apply(func)
-    again = Schedule(func)
-    type(tuned.record.trace).apply_json_to_schedule(json.loads(json.dumps(tuned.record.trace.as_json())), again)
-    assert structural_equal(again.mod, sch.mod)
+    # through a JSON database written and read again on this TVM version
+    records.write_variant(tmp_path, spec, meta, [tuned.record])
+    again, why = records.load_variant(records.variant_dir(tmp_path, spec), spec, meta["schedule"])
+    assert again is not None, why
+    assert structural_equal(again.apply(func).mod, sch.mod)
     scope: dict = {}
     exec((REPO / "schedules" / meta_path.parent.parent.name / f"{spec.key}.py").read_text(), scope)
     readable = Schedule(func)
