@@ -74,10 +74,15 @@ def cmd_tune(args) -> int:
     print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
           f"{shape.heads}/{shape.heads_kv} heads, {args.trials} trials, work dir {work_dir}")
     t0 = time.perf_counter()
-    res = tune(spec, trials=args.trials, work_dir=work_dir, shape=shape, tiles=tiles, seed=args.seed,
-               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, logs_dir=logs,
-               schedules_dir=schedules, trials_per_iter=args.trials_per_iter,
-               build_timeout=args.build_timeout, run_timeout=args.run_timeout, progress=not args.no_progress)
+    try:
+        res = tune(spec, trials=args.trials, work_dir=work_dir, shape=shape, tiles=tiles, seed=args.seed,
+                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, logs_dir=logs,
+                   schedules_dir=schedules, trials_per_iter=args.trials_per_iter,
+                   build_timeout=args.build_timeout, run_timeout=args.run_timeout, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: the measured trials are in {work_dir}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
     flops = shape.flops(spec)
     print(f"tuned {spec.key} in {time.perf_counter() - t0:.0f} s: {res.trials} trials in the work dir "
           f"({res.measured_now} new, {res.failed_now} of them failed)")

@@ -91,12 +91,12 @@ def build_worker_init() -> None:
 _HOST_ARRAYS: dict = {}  # per runner worker: the same inputs for every candidate
 
 
-def _host_array(dtype: str, shape) -> np.ndarray:
-    key = (dtype, tuple(shape))
+def _host_array(index: int, dtype: str, shape) -> np.ndarray:
+    key = (index, dtype, tuple(shape))
     if key not in _HOST_ARRAYS:
         from .kernel import _numpy_dtype
 
-        rng = np.random.default_rng(len(_HOST_ARRAYS))
+        rng = np.random.default_rng(index)
         _HOST_ARRAYS[key] = rng.standard_normal(shape, dtype="float32").astype(_numpy_dtype(dtype))
     return _HOST_ARRAYS[key]
 
@@ -106,10 +106,10 @@ def _arrays(args_info, alloc_repeat: int, make):
     repeated = []
     for _ in range(alloc_repeat):
         args = []
-        for kind, dtype, shape in args_info:
+        for index, (kind, dtype, shape) in enumerate(args_info):
             if kind != "TENSOR":
                 raise NotImplementedError(f"argument: expected a tensor, got {kind}")
-            args.append(make(_host_array(dtype, shape)))
+            args.append(make(_host_array(index, dtype, shape)))
         repeated.append(args)
     return repeated
 
@@ -555,7 +555,7 @@ def _search(spec, tasks: list, db, remaining: int, work_dir: Path, shape: Shape,
             work_dir=str(work_dir),
             max_trials_global=remaining,
             num_trials_per_iter=per_iter,
-            builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=build_timeout,
+            builder=ms.builder.LocalBuilder(max_workers=min(cores, per_iter), timeout_sec=build_timeout,
                                             f_build=partial(build_candidate, pass_config=_pass_config(spec)),
                                             initializer=build_worker_init),
             runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
