@@ -20,7 +20,6 @@ import pytest
 from tvmflash import KernelSpec, build, load, lower
 from tvmflash import _compat, records
 from tvmflash import definition as D
-from tvmflash import intrinsics as I
 from tvmflash import space as SP
 from tvmflash import tune as TU
 from tvmflash._compat import Schedule, ms, structural_equal, tvm
@@ -183,10 +182,42 @@ def test_cuda_tensor_core_space_compiles():
     (result,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     assert result.error_msg is None, result.error_msg
     from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as tvm_layout
-    ours = tvm.get_global_func(I.FRAGMENT_INDEX_MAP)
     for i in range(16):
         for j in range(16):
-            assert [int(x) for x in ours([i, j])] == list(tvm_layout(i, j))
+            assert TU.fragment_lane_register(i, j) == tuple(tvm_layout(i, j))
+
+
+@pytest.mark.slow
+def test_cuda_log_round_trip_builds(tmp_path, monkeypatch):
+    """A CUDA log (its record made here: no GPU to measure) through the JSON database, the
+    readable schedule and `build`: the tensor-core trace replays from disk and compiles."""
+    spec = KernelSpec(128, causal=True, target="nvidia/nvidia-a100")
+    space = SP.space_for(spec)
+    space.prepare()
+    tile, shape = (128, 32), SP.Shape(1, 1024, 1024, 16, 16)
+    mod = SP.workload(spec, tile, shape)
+    sch = space.sch_fn(tile)(Schedule(mod))[1]
+    db = ms.database.MemoryDatabase()
+    record = ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [2e-3], space.target(spec.tvm_target),
+                                      ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    config = TU.identify_config(space, tile, record, mod)
+    assert config == {"block_m": 128, "block_n": 32, "num_warps": 4, "vec": 4}
+    meta = {"key": spec.key, "spec": spec.to_dict(), "schedule": space.name, "shape": shape.to_dict(),
+            "softmax_scale": SP.softmax_scale(spec), "trials": 1, "device": "none (test)",
+            "tvm_version": _compat.TVM_VERSION, "tvm_ffi_version": _compat.TVM_FFI_VERSION, "date": records.now(),
+            "tiles": [{"config": config, "run_ms": 2.0, "tflops": shape.flops(spec) / 2e-3 / 1e12}]}
+    records.write_variant(tmp_path / "logs", spec, meta, [record])
+    py = records.write_schedule_py(tmp_path / "sched.py", spec, space.name, meta["tiles"][0], meta, record.trace)
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
+    _, manifest = build(spec, tmp_path / "out")
+    schedule = json.loads(Path(manifest).read_text())["schedule"]
+    assert schedule["source"] == "tuned record" and schedule["config"] == config
+    assert "mma.sync.aligned.m16n8k16" in (tmp_path / "out" / f"{spec.key}.cu").read_text()
+    scope: dict = {}
+    exec(py.read_text(), scope)
+    readable = Schedule(D.fused_attention(spec, *tile))
+    scope["apply"](readable)
+    assert structural_equal(readable.mod, lower(spec).mod)
 
 
 # -- the work dir and the logs, without measuring ------------------------------------------

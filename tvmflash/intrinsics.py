@@ -36,27 +36,3 @@ def intrinsics(dtype: str) -> dict:
         "fill": cuda.MMA_fill_16x16_f32_INTRIN,
         "store_shared": cuda.MMA_store_16x16_f32_shared_dyn_INTRIN,
     }
-
-
-FRAGMENT_INDEX_MAP = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
-
-
-def register_fragment_index_map() -> None:
-    """Register the fragment layout that CUDA codegen looks up by name when it lowers the mma
-    store intrinsic, without importing TVM's intrinsics module (about a minute). For processes
-    that only compile already tensorized modules: MetaSchedule's build workers. (Where TVM's
-    module is imported later, as in the main process, its own registration would clash.)"""
-    import tvm_ffi
-
-    if tvm_ffi.get_global_func(FRAGMENT_INDEX_MAP, allow_missing=True) is not None:
-        return
-
-    def index_map(ind):
-        # m16n8k16 accumulator / ldmatrix fragment (PTX ISA): lane 4 * (i % 8) + (j % 8) // 2 holds
-        # element (i, j) in its register 4 * (j // 8) + 2 * (i // 8) + j % 2
-        i, j = ind[0], ind[1]
-        from tvm.runtime import convert
-
-        return convert([4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2])
-
-    tvm_ffi.register_global_func(FRAGMENT_INDEX_MAP, index_map)

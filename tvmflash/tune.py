@@ -80,12 +80,29 @@ def build_candidate(mod, target, _params=None, pass_config=None):
         return tvm.compile(mod, target=target, tir_pipeline=_compat.TIR_PIPELINE).mod
 
 
-def build_worker_init() -> None:
-    """Each build worker: what CUDA codegen of a tensorized candidate looks up by name (the
-    worker never imports TVM's intrinsics module, which would cost a minute per batch)."""
-    from .intrinsics import register_fragment_index_map
+FRAGMENT_INDEX_MAP = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
 
-    register_fragment_index_map()
+
+def build_worker_init() -> None:
+    """Each build worker: register the fragment layout that CUDA codegen looks up by name when it
+    lowers the mma store intrinsic. TVM registers it when its intrinsics module is imported
+    (about a minute, and LocalBuilder starts new workers every batch); the workers only compile
+    already tensorized modules and never import that module, so the registrations cannot clash."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(FRAGMENT_INDEX_MAP, allow_missing=True) is not None:
+        return
+
+    def index_map(ind):
+        return tvm.runtime.convert(list(fragment_lane_register(ind[0], ind[1])))
+
+    tvm_ffi.register_global_func(FRAGMENT_INDEX_MAP, index_map)
+
+
+def fragment_lane_register(i, j):
+    """(lane, register) holding element (i, j) of a 16x16 m16n8k16 accumulator / ldmatrix
+    fragment (PTX ISA)."""
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + 2 * (i // 8) + j % 2
 
 
 _HOST_ARRAYS: dict = {}  # per runner worker: the same inputs for every candidate
