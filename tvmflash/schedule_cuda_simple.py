@@ -44,6 +44,9 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
         (D.INIT_M, 0, "local"),
         (D.INIT_L, 0, "local"),
         (D.ROW_MAX, 0, "local"),
+        (D.RUNNING_MAX, 0, "local"),
+        (D.ROW_SUM, 0, "local"),
+        (D.L_UPDATE, 0, "local"),
         (D.P_CAST, 0, "local"),
         (D.O_STAGE, 0, "local"),
         (D.ALPHA, 0, "local"),
@@ -56,8 +59,8 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
 
     # Step 3. Every row-wise stage: its row loop is the thread index.
     for name in (
-        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_STORE, D.ROW_MAX, D.ALPHA, D.P_EXP,
-        D.P_CAST, D.L_UPDATE, D.O_GEMM, D.M_UPDATE, D.O_STAGE, D.O_STORE, D.LSE_STORE,
+        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_STORE, D.ROW_MAX, D.RUNNING_MAX, D.ALPHA,
+        D.P_EXP, D.P_CAST, D.ROW_SUM, D.L_UPDATE, D.O_GEMM, D.STATE_UPDATE, D.O_STAGE, D.O_STORE, D.LSE_STORE,
     ):
         loops = sch.get_loops(name)
         row = loops[0] if name in _OWN_SCOPE else loops[1]
