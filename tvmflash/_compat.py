@@ -158,7 +158,9 @@ LIBRARY_BIN_SYMBOL = "__tvm_ffi__library_bin"
 
 @contextlib.contextmanager
 def cuda_source_modules():
-    """Within: CUDA codegen keeps the source in the module (compiles nothing), GPU or not."""
+    """Within: CUDA codegen keeps the source in the module (compiles nothing), GPU or not.
+    An environment variable, so process-wide while it lasts: another thread building CUDA with
+    TVM at that moment keeps its source too (its module still works; it compiles when loaded)."""
     previous = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
     os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
     try:
