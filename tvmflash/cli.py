@@ -130,6 +130,11 @@ def cmd_bench(args) -> int:
     )
     print()
     print_table(rows, methods)
+    if args.json:
+        from .bench import write_json
+
+        write_json(args.json, rows, methods, dtype=args.dtype, heads=args.heads, tokens=args.tokens, reps=args.reps)
+        print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
     return 0
 
 
@@ -195,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("env", help="versions, GPU, cache directory")
