@@ -133,3 +133,14 @@ def ensure_cuda_headers() -> None:
         root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         if os.path.isdir(os.path.join(root, "include")):
             os.environ["CUDA_PATH"] = root
+
+
+def lower_to_device(mod: tvm.IRModule, target: tvm.target.Target, pass_config: dict | None = None) -> tvm.IRModule:
+    """The scheduled ``mod`` taken through the tirx pipeline ``tvm.compile`` runs (``TIR_PIPELINE``),
+    up to code generation: kernels split from the host code, shared memory merged and reused.
+    This is the TIR the CUDA source is printed from (what ``tvm.tirx.build`` does before codegen)."""
+    host = tvm.target.Target("llvm") if tvm.runtime.enabled("llvm") else tvm.target.Target("c")
+    mod = tirx.transform.BindTarget(target.with_host(host))(mod)
+    pipeline, _, _ = tirx.get_tir_pipeline(TIR_PIPELINE)
+    with tvm.transform.PassContext(config=pass_config or {}):
+        return pipeline(mod)
