@@ -284,3 +284,14 @@ def embedded_cuda_code(so_path: str) -> tuple[str, bytes]:
         if kind == "cuda":
             return cuda_record(payload)
     raise ValueError(f"path: expected a module with a CUDA import, {so_path} has {[k for k, _ in modules]}")
+
+
+def lower_to_device(mod: tvm.IRModule, target: tvm.target.Target, pass_config: dict | None = None) -> tvm.IRModule:
+    """The scheduled ``mod`` taken through the tirx pipeline ``tvm.compile`` runs (``TIR_PIPELINE``),
+    up to code generation: kernels split from the host code, shared memory merged and reused.
+    This is the TIR the CUDA source is printed from (what ``tvm.tirx.build`` does before codegen)."""
+    host = tvm.target.Target("llvm") if tvm.runtime.enabled("llvm") else tvm.target.Target("c")
+    mod = tirx.transform.BindTarget(target.with_host(host))(mod)
+    pipeline, _, _ = tirx.get_tir_pipeline(TIR_PIPELINE)
+    with tvm.transform.PassContext(config=pass_config or {}):
+        return pipeline(mod)

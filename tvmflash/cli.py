@@ -173,6 +173,29 @@ def cmd_bench(args) -> int:
     )
     print()
     print_table(rows, methods)
+    if args.json:
+        from .bench import write_json
+
+        write_json(args.json, rows, methods, dtype=args.dtype, heads=args.heads, tokens=args.tokens, reps=args.reps)
+        print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .roofline import explain, get_gpu, plot
+    from .spec import KernelSpec
+
+    spec = KernelSpec(head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, group=args.gqa)
+    gpu = get_gpu(args.gpu, bandwidth_tbs=args.bandwidth_tbs, peak_tflops=args.peak_tflops)
+    report = explain(spec, args.seqlen, batch=args.batch, heads=args.heads, tokens=args.tokens, gpu=gpu,
+                     bench=args.bench, registers=not args.no_ptxas)
+    print(report.table())
+    if not args.no_plot:
+        path = args.output or os.path.join("tvmflash-out", f"explain_{report.spec.key}_n{args.seqlen}.png")
+        try:
+            print(f"\npicture: {plot(report, path)}")
+        except ImportError as err:
+            print(f"tvmflash explain: no picture: {err}", file=sys.stderr)
     return 0
 
 
@@ -257,7 +280,31 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explain", help="why the fused kernel is fast: HBM traffic, FLOPs and roofline from the "
+                                       "TensorIR, against the standard algorithm (table + PNG, no GPU needed)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
+    p.add_argument("--seqlen", type=int, default=4096, help="query and key length (default 4096)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: tokens // seqlen)")
+    p.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
+    p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen when --batch is not given (default 16384)")
+    p.add_argument("--gpu", choices=("a100", "h100"), default="h100",
+                   help="roofline figures and CUDA target (default h100)")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth in TB/s (overrides the GPU's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="fp16 dense tensor-core peak in TFLOP/s (overrides the GPU's)")
+    p.add_argument("--bench", metavar="PATH", default=None,
+                   help="measured times from `tvmflash bench --json PATH`, placed on the roofline")
+    p.add_argument("--no-ptxas", action="store_true", help="skip the registers count (nvcc -Xptxas -v)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("-o", "--output", default=None,
+                   help="PNG path (default tvmflash-out/explain_<key>_n<seqlen>.png)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("env", help="versions, GPU, cache directory")
     p.set_defaults(func=cmd_env)
