@@ -99,3 +99,14 @@ def test_tensor_core_schedule(tmp_path, target, causal):
     # (no ldmatrix of P from shared memory), 64 halves per thread
     assert arrays.get("P_tile_warp_ptr") == 64, arrays
     assert "P_tile_shared" not in cu
+
+
+def test_plain_schedule_binds_query_rows_to_threads():
+    """The plain CUDA schedule gives each thread one query row in every stage, including the
+    row reductions that sit in scope blocks of their own (binding the key loop there instead
+    compiles, and computes garbage: caught only on a GPU before this test)."""
+    script = lower(KernelSpec(64, target="nvidia/nvidia-a100")).mod.script()
+    for scope in ("row_max_tile", "row_sum_tile"):
+        body = script[script.index(f'T.sblock("{scope}")'):][:600]
+        bound = re.search(r"for (\w+) in T\.thread_binding\(\d+, thread=\"threadIdx\.x\"\)", body)
+        assert bound and bound.group(1) == "i", body
