@@ -5,6 +5,7 @@ import re
 import subprocess
 
 import pytest
+import tvm
 
 from tvmflash import KernelSpec, build, lower
 
@@ -110,3 +111,31 @@ def test_plain_schedule_binds_query_rows_to_threads():
         body = script[script.index(f'T.sblock("{scope}")'):][:600]
         bound = re.search(r"for (\w+) in T\.thread_binding\(\d+, thread=\"threadIdx\.x\"\)", body)
         assert bound and bound.group(1) == "i", body
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=tvm.error.InternalError,
+    reason="TVM 0.27: software-pipelining the K/V loop (dynamic extent) of the tensor-core kernel "
+    "guards the pipeline's prologue/epilogue with conditions, and ThreadSync then refuses the "
+    "__syncthreads they need: 'Cannot insert syncs inside condition' (NOTES.md, session 2)",
+)
+def test_software_pipeline_over_kv_loop():
+    """Reproducer: the K/V loads as stage 0 (cp.async), the rest as stage 1. The pass sees 21
+    statements in the loop body of this schedule (the kv0 binding, the K and V loads first)."""
+    from tvmflash import _compat, definition as D, schedule_cuda as S
+
+    spec = KernelSpec(128, target="nvidia/nvidia-a100")
+    cfg = S.default_config(spec.tvm_target, 128)
+    sch = S.schedule_fused_cuda(D.fused_attention(spec, cfg.block_m, cfg.block_n), cfg)
+    kb = sch.get_loops(D.K_LOAD)[0]
+    n_body, n_loads = 21, 3
+    sch.annotate(kb, "software_pipeline_stage", [0] * n_loads + [1] * (n_body - n_loads))
+    sch.annotate(kb, "software_pipeline_order", list(range(n_body)))
+    sch.annotate(kb, "software_pipeline_async_stages", [0])
+    try:
+        with tvm.transform.PassContext(config={**S.PASS_CONFIG, "tirx.use_async_copy": True}):
+            tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+    except tvm.error.InternalError as err:  # any other failure is a real one
+        assert "Cannot insert syncs inside condition" in str(err), str(err)[-500:]
+        raise
