@@ -92,3 +92,35 @@ def print_table(rows, methods) -> None:
             ms, val = r[m]
             cells.append(f"{val:.1f} ({ms:.3f})" if ms is not None else str(val))
         print(f"| {r['head_dim']} | {r['seqlen']} | {r['batch']} | {r['causal']} | " + " | ".join(cells) + " |")
+
+
+def to_json(rows, methods, **meta) -> dict:
+    """The measured rows as plain data: ``meta`` (dtype, heads, tokens, reps, ...) and the device
+    at the top, one entry per (head_dim, seqlen, causal) with each method's ms and TFLOP/s."""
+    out = {"device": _device_name(), **meta, "methods": list(methods), "rows": []}
+    for r in rows:
+        results = {}
+        for name in methods:
+            ms, val = r[name]
+            results[name] = {"ms": ms, "tflops": val} if ms is not None else {"ms": None, "error": str(val)}
+        out["rows"].append({"head_dim": r["head_dim"], "seqlen": r["seqlen"], "batch": r["batch"],
+                            "causal": r["causal"], "heads": meta.get("heads"), "dtype": meta.get("dtype"),
+                            "group": 1, "results": results})
+    return out
+
+
+def write_json(path, rows, methods, **meta) -> None:
+    """Write ``to_json(rows, methods, **meta)`` to ``path`` (read by ``tvmflash explain --bench``)."""
+    import json
+
+    with open(path, "w") as fh:
+        json.dump(to_json(rows, methods, **meta), fh, indent=1)
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:
+        return "unknown"

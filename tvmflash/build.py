@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 from . import _compat, records
 from . import definition as D
+from . import nvcc
 from ._compat import tvm
 from .spec import KernelSpec
 
@@ -120,8 +122,9 @@ def _schedule_standard_dlight(mod: tvm.IRModule, target) -> tuple[tvm.IRModule, 
 
 def compile_lowered(lowered: Lowered):
     """``tvm.compile`` the scheduled module for the spec's target. No GPU is needed for CUDA:
-    the CUDA source is generated here and compiled (NVRTC) when the module is loaded."""
-    with tvm.transform.PassContext(config=lowered.pass_config):
+    the module holds the generated CUDA source (on a GPU machine too), which ``build`` embeds
+    as is or compiled by nvcc (``device_code``)."""
+    with tvm.transform.PassContext(config=lowered.pass_config), _compat.cuda_source_modules():
         return tvm.compile(lowered.mod, target=lowered.spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
 
 
@@ -155,26 +158,43 @@ def _argument_layout(spec: KernelSpec) -> dict:
     }
 
 
-def build(spec: KernelSpec, out_dir: str | os.PathLike) -> tuple[str, str]:
+def build(spec: KernelSpec, out_dir: str | os.PathLike, *, device_code: str = "auto",
+          device_archs=None) -> tuple[str, str]:
     """Compile ``spec`` and write ``out_dir/<key>.so`` and ``out_dir/<key>.json``.
+
+    device_code (CUDA targets): what the module carries for the GPU.
+      'fatbin' - nvcc machine code for ``device_archs`` plus PTX of the first arch: loading needs
+                 only the CUDA driver.
+      'ptx'    - nvcc PTX of the first arch: the driver JIT-compiles it when loaded.
+      'source' - the CUDA source: TVM compiles it with NVRTC when loaded (needs cuda-bindings
+                 and the CUDA headers there).
+      'auto'   - 'fatbin' when nvcc is found here, else 'source'.
+    device_archs: e.g. ('sm_80', 'sm_90') or 'sm_80,sm_90'; default: the target's arch, plus
+    sm_90 for a target below it (``nvcc.default_archs``).
 
     Both files are written under temporary names and renamed into place, so a reader (or a
     second process building the same key) never sees a half-written artifact.
     """
     out_dir = os.fspath(out_dir)
+    form = _device_code_form(spec, device_code, device_archs)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     lowered = lower(spec)
     ex = compile_lowered(lowered)
+    source = _device_source(ex, spec)
+    device, pack_imports = (_embed_device_code(spec, source, form, device_code, device_archs)
+                            if spec.is_cuda else (None, None))
     so_path = os.path.join(out_dir, spec.key + ".so")
     json_path = os.path.join(out_dir, spec.key + ".json")
     fd, tmp_so = tempfile.mkstemp(prefix=f".{spec.key}.", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        ex.export_library(tmp_so)
+        ex.mod.export_library(tmp_so, fpack_imports=pack_imports)
         info = manifest(lowered, time.perf_counter() - t0)
+        if device is not None:
+            info["device_code"] = device
         info["tir"] = {"before": lowered.before.script(), "after": lowered.mod.script()}
-        info["source"] = _device_source(ex, spec)
+        info["source"] = source
         fd, tmp_json = tempfile.mkstemp(prefix=f".{spec.key}.", suffix=".json", dir=out_dir)
         with os.fdopen(fd, "w") as fh:
             json.dump(info, fh, indent=1)
@@ -189,6 +209,66 @@ def build(spec: KernelSpec, out_dir: str | os.PathLike) -> tuple[str, str]:
         if os.path.exists(tmp_so):
             os.unlink(tmp_so)
     return so_path, json_path
+
+
+DEVICE_CODE_FORMS = ("auto", "fatbin", "ptx", "source")
+
+
+def _device_code_form(spec: KernelSpec, device_code: str, device_archs) -> str:
+    """The form to embed, after checking the arguments; FileNotFoundError if it needs nvcc and
+    there is none."""
+    if device_code not in DEVICE_CODE_FORMS:
+        raise ValueError(f"device_code: expected one of {DEVICE_CODE_FORMS}, got {device_code!r}")
+    if not spec.is_cuda:
+        if device_code != "auto":
+            raise ValueError(f"device_code: expected 'auto' for a CPU target ({spec.target}), got {device_code!r}")
+        if device_archs is not None:
+            raise ValueError(f"device_archs: expected None for a CPU target ({spec.target}), got {device_archs!r}")
+        return "host"
+    if device_archs is not None:
+        nvcc.check_archs(device_archs, "device_archs")
+        if device_code == "source":
+            raise ValueError(f"device_archs: expected None with device_code='source' (the source is compiled "
+                             f"where it is loaded), got {device_archs!r}")
+    if device_code == "auto":
+        return "fatbin" if nvcc.find_nvcc() else "source"
+    if device_code != "source":
+        nvcc.require_nvcc(f"device_code={device_code!r}")
+    return device_code
+
+
+def _embed_device_code(spec: KernelSpec, source: str, form: str, asked: str, device_archs):
+    """(manifest entry, fpack_imports for export_library or None) for a CUDA module."""
+    if form == "source":
+        entry = {"form": "source", "load_needs": "NVRTC (pip install cuda-bindings) and the CUDA headers "
+                 "($CUDA_PATH) where it is loaded; compiled there for the GPU present"}
+        if asked == "auto":
+            entry["why"] = "nvcc not found at build time"
+        return entry, None
+    tool = nvcc.require_nvcc(f"device_code={form!r}")
+    archs = (nvcc.check_archs(device_archs, "device_archs") if device_archs is not None
+             else nvcc.default_archs(_compat.cuda_arch(spec.tvm_target)))
+    if form == "ptx":
+        archs = archs[:1]
+    code, log = nvcc.compile_source(source, form, archs, ptx_arch=archs[0], nvcc=tool)
+    if form == "ptx":
+        code += b"\0"  # the driver reads PTX as a C string
+    version = nvcc.nvcc_version(tool)
+    entry = {
+        "form": form,
+        "archs": list(archs),
+        "ptx": archs[0].replace("sm_", "compute_"),
+        "nvcc": version,
+        "flags": list(nvcc.FLAGS),
+        "bytes": len(code),
+        "sha256": hashlib.sha256(code).hexdigest(),
+        "load_needs": f"an NVIDIA driver for CUDA >= {version.split('.')[0]}.0; "
+        + ("no compiler" if form == "fatbin" else "the driver JIT-compiles the PTX"),
+    }
+    if form == "fatbin":
+        entry["resources"] = {arch: {k: r.to_dict() for k, r in kernels.items()}
+                              for arch, kernels in nvcc.parse_ptxas(log).items()}
+    return entry, _compat.pack_imports_with_device_code(source, form, code)
 
 
 def _device_source(ex, spec: KernelSpec) -> str:

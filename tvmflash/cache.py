@@ -38,23 +38,29 @@ def _fresh(json_path: str) -> bool:
         return False
 
 
+def ensure_built(spec: KernelSpec) -> str:
+    """``<cache>/<key>`` (add .so / .json), built first unless this TVM version built it. Loads
+    nothing, so it serves a CUDA spec on a machine without a GPU (``tvmflash inspect``)."""
+    key = spec.key
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.join(directory, key)
+    with open(base + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if not (os.path.exists(base + ".so") and _fresh(base + ".json")):
+                build(spec, directory)
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return base
+
+
 def get_kernel(spec: KernelSpec) -> Kernel:
     """The loaded kernel for ``spec``: from this process, else the cache directory, else built."""
     key = spec.key
     with _lock:
         if key in _loaded:
             return _loaded[key]
-        directory = cache_dir()
-        os.makedirs(directory, exist_ok=True)
-        so_path = os.path.join(directory, key + ".so")
-        json_path = os.path.join(directory, key + ".json")
-        with open(os.path.join(directory, key + ".lock"), "w") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                if not (os.path.exists(so_path) and _fresh(json_path)):
-                    build(spec, directory)
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-        kernel = load(so_path)
+        kernel = load(ensure_built(spec) + ".so")
         _loaded[key] = kernel
         return kernel

@@ -1,4 +1,4 @@
-"""The ``tvmflash`` command: demo, build, tune, inspect, bench, env."""
+"""The ``tvmflash`` command: demo, build, tune, inspect, bench, explain, env."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ def _spec_from_args(args, target: str):
     )
 
 
-def _add_spec_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
-    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
-    p.add_argument("--algorithm", choices=("fused", "standard"), default="fused")
+def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The spec flags; ``defaults=False`` leaves them None when not given (so a command can tell)."""
+    d = (lambda value: value) if defaults else (lambda value: None)
+    p.add_argument("--head-dim", type=int, default=d(128), help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default=d("float16"))
+    p.add_argument("--causal", action="store_true", default=d(False), help="causal mask (bottom-right aligned)")
+    p.add_argument("--gqa", type=int, default=d(1), metavar="G", help="query heads per kv head (default 1)")
+    p.add_argument("--algorithm", choices=("fused", "standard"), default=d("fused"))
 
 
 def cmd_build(args) -> int:
@@ -35,10 +37,15 @@ def cmd_build(args) -> int:
 
     spec = _spec_from_args(args, args.target)
     t0 = time.perf_counter()
-    so_path, json_path = build(spec, args.output)
+    so_path, json_path = build(spec, args.output, device_code=args.device_code, device_archs=args.device_archs)
     print(f"built {spec.key} for {spec.target} in {time.perf_counter() - t0:.1f} s")
     print(f"  module:   {so_path}")
     print(f"  manifest: {json_path}")
+    with open(json_path) as fh:
+        device = json.load(fh).get("device_code")
+    if device:
+        archs = f" for {', '.join(device['archs'])}" if "archs" in device else ""
+        print(f"  device:   {device['form']}{archs}; loading needs {device['load_needs']}")
     cu = os.path.splitext(so_path)[0] + ".cu"
     if os.path.exists(cu):
         print(f"  cuda:     {cu}")
@@ -164,10 +171,46 @@ def _resolve_artifact(ref: str) -> str:
     raise FileNotFoundError(f"PATH: expected a built kernel (.so/.json) or a key in {cache_dir()}, got {ref!r}")
 
 
+def _inspected_artifact(args) -> str:
+    """The artifact ``inspect`` reads: PATH, or the spec flags' kernel, built into the cache if
+    needed (no GPU needed, nothing is loaded)."""
+    given = [flag for flag, dest in _INSPECT_SPEC_FLAGS if getattr(args, dest, None) is not None]
+    if args.path is not None:
+        if given:
+            raise ValueError(f"PATH: expected either a built kernel or spec flags, got {args.path!r} and {given}")
+        return _resolve_artifact(args.path)
+    from .cache import ensure_built
+
+    for flag, dest in _INSPECT_SPEC_FLAGS:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, _INSPECT_DEFAULTS[dest])
+    return ensure_built(_spec_from_args(args, args.target))
+
+
+_INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
+                       ("--algorithm", "algorithm"), ("--target", "target")]
+_INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused",
+                         target="nvidia/nvidia-a100")
+
+
 def cmd_inspect(args) -> int:
-    base = _resolve_artifact(args.path)
+    base = _inspected_artifact(args)
     with open(base + ".json") as fh:
         manifest = json.load(fh)
+    if args.ptx:
+        from .kernel import manifest_ptx
+
+        print(manifest_ptx(manifest, args.arch, what="--ptx"))
+        return 0
+    if args.resources:
+        from .kernel import manifest_resources
+        from .nvcc import format_resources
+
+        table, origin = manifest_resources(manifest, args.arch, what="--resources")
+        print(f"{manifest['key']}: {origin}")
+        print(format_resources(table))
+        print("static smem: ptxas' figure; dynamic shared memory (shared.dyn) is a launch argument")
+        return 0
     if args.cuda:
         print(manifest.get("source", ""))
     elif args.tir:
@@ -190,6 +233,29 @@ def cmd_bench(args) -> int:
     )
     print()
     print_table(rows, methods)
+    if args.json:
+        from .bench import write_json
+
+        write_json(args.json, rows, methods, dtype=args.dtype, heads=args.heads, tokens=args.tokens, reps=args.reps)
+        print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .roofline import explain, get_gpu, plot
+    from .spec import KernelSpec
+
+    spec = KernelSpec(head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, group=args.gqa)
+    gpu = get_gpu(args.gpu, bandwidth_tbs=args.bandwidth_tbs, peak_tflops=args.peak_tflops)
+    report = explain(spec, args.seqlen, batch=args.batch, heads=args.heads, tokens=args.tokens, gpu=gpu,
+                     bench=args.bench, registers=not args.no_ptxas)
+    print(report.table())
+    if not args.no_plot:
+        path = args.output or os.path.join("tvmflash-out", f"explain_{report.spec.key}_n{args.seqlen}.png")
+        try:
+            print(f"\npicture: {plot(report, path)}")
+        except ImportError as err:
+            print(f"tvmflash explain: no picture: {err}", file=sys.stderr)
     return 0
 
 
@@ -203,6 +269,11 @@ def cmd_env(args) -> int:
     from .cache import cache_dir
 
     print(f"cache      {cache_dir()}")
+    from . import nvcc
+
+    tool = nvcc.find_nvcc()
+    print(f"nvcc       {tool} ({nvcc.nvcc_version(tool)})" if tool else
+          "nvcc       not found: CUDA builds embed the source (NVRTC compiles it when loaded)")
     try:
         import torch
 
@@ -235,6 +306,11 @@ def main(argv=None) -> int:
                    help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100)")
     _add_spec_flags(p)
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--device-code", choices=("auto", "fatbin", "ptx", "source"), default="auto",
+                   help="CUDA: embed an nvcc fatbin (loads with the driver alone), PTX (the driver JIT-compiles "
+                        "it) or the source (NVRTC compiles it when loaded); auto: fatbin if nvcc is found, else source")
+    p.add_argument("--device-archs", default=None, metavar="SM,...",
+                   help="archs of the fatbin, e.g. sm_80,sm_90 (default: the target's, plus sm_90 below it)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("tune", help="MetaSchedule auto-tuning of one fused kernel (logs used by build)")
@@ -268,12 +344,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune, algorithm="fused")
 
-    p = sub.add_parser("inspect", help="print a built kernel's CUDA, TensorIR or manifest")
-    p.add_argument("path", help="a built .so/.json, or a key in the cache directory")
+    p = sub.add_parser("inspect", help="print a built kernel's CUDA, PTX, ptxas resources, TensorIR or manifest")
+    p.add_argument("path", nargs="?", default=None,
+                   help="a built .so/.json, or a key in the cache directory; without it, the kernel of the spec "
+                        "flags below, built into the cache if needed")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cuda", action="store_true", help="the generated CUDA C (LLVM IR for a CPU kernel)")
+    g.add_argument("--ptx", action="store_true", help="PTX of the CUDA source (nvcc -ptx) for the target's arch")
+    g.add_argument("--resources", action="store_true",
+                   help="registers, spills, stack, static shared memory per arch (ptxas -v)")
     g.add_argument("--tir", action="store_true", help="the TensorIR after scheduling")
     g.add_argument("--tir-before", action="store_true", help="the TensorIR before scheduling")
+    p.add_argument("--arch", default=None, metavar="SM[,SM]",
+                   help="--ptx: the arch (default the target's); --resources: archs (default sm_80,sm_90 or the target's)")
+    p.add_argument("--target", default=None, help="spec flag (default nvidia/nvidia-a100)")
+    _add_spec_flags(p, defaults=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="TFLOP/s of tvmflash and PyTorch SDPA on the GPU (prints a table)")
@@ -286,7 +371,31 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explain", help="why the fused kernel is fast: HBM traffic, FLOPs and roofline from the "
+                                       "TensorIR, against the standard algorithm (table + PNG, no GPU needed)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
+    p.add_argument("--seqlen", type=int, default=4096, help="query and key length (default 4096)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: tokens // seqlen)")
+    p.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
+    p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen when --batch is not given (default 16384)")
+    p.add_argument("--gpu", choices=("a100", "h100"), default="h100",
+                   help="roofline figures and CUDA target (default h100)")
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth in TB/s (overrides the GPU's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="fp16 dense tensor-core peak in TFLOP/s (overrides the GPU's)")
+    p.add_argument("--bench", metavar="PATH", default=None,
+                   help="measured times from `tvmflash bench --json PATH`, placed on the roofline")
+    p.add_argument("--no-ptxas", action="store_true", help="skip the registers count (nvcc -Xptxas -v)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("-o", "--output", default=None,
+                   help="PNG path (default tvmflash-out/explain_<key>_n<seqlen>.png)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("env", help="versions, GPU, cache directory")
     p.set_defaults(func=cmd_env)

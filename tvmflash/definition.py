@@ -13,9 +13,11 @@ Fused (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023), one program
     O = acc_o / l_i,   lse = m_i * scale + log(l_i)
 
 The running max is kept on raw scores and the scale applied inside the exponential (valid for
-scale > 0, as FlashAttention-2 does); exponentials are base 2 with log2(e) folded into the scale. The two
-rescaled updates (l_i and acc_o) are reduction blocks whose ``init`` is the rescale, so every
-block of the tile is a spatial or reduction block that schedule primitives accept. Tiles
+scale > 0, as FlashAttention-2 does); exponentials are base 2 with log2(e) folded into the scale.
+The tile's row max and row sum are plain reductions (identity init), so ``rfactor`` can split
+them across threads; the running state is then updated elementwise. The rescaled accumulator
+update (acc_o) is a reduction block whose ``init`` is the rescale, so every block of the tile is
+a spatial or reduction block that schedule primitives accept. Tiles
 (``Q_tile``, ``K_tile``, ``V_tile``, ``acc_s``, ``acc_o``, ``m_i``, ``l_i``) are buffers of the
 "tile" block: S and P never exist outside it. Schedules choose where they live (registers,
 shared memory, tensor-core fragments) and how the loops map to hardware.
@@ -48,15 +50,19 @@ INIT_L = "init_l"
 INIT_O = "init_o"
 S_GEMM_TILE = "S_gemm_tile"  # scope blocks: each GEMM and the epilogue in a block of its own
 O_GEMM_TILE = "O_gemm_tile"
+ROW_MAX_TILE = "row_max_tile"  # ... and the two row reductions (rfactor needs a clean scope)
+ROW_SUM_TILE = "row_sum_tile"
 EPILOGUE = "epilogue"
 S_GEMM = "S_gemm"
 S_STORE = "S_store"
-ROW_MAX = "row_max"
+ROW_MAX = "row_max"  # m_tile = rowmax(S): a plain reduction
+RUNNING_MAX = "running_max"  # m_new = max(m_i, m_tile)
 ALPHA = "alpha"
 P_EXP = "P_exp"
 P_CAST = "P_cast"
-L_UPDATE = "l_update"
-M_UPDATE = "m_update"
+ROW_SUM = "row_sum"  # l_tile = rowsum(P): a plain reduction
+L_UPDATE = "l_update"  # l_new = alpha * l_i + l_tile
+STATE_UPDATE = "state_update"  # m_i, l_i = m_new, l_new
 O_GEMM = "O_gemm"
 O_STAGE = "O_stage"
 O_STORE = "O_store"
@@ -130,7 +136,10 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                 acc_o = T.sblock_alloc_buffer((BM, D), "float32")
                 O_tile = T.sblock_alloc_buffer((BM, D), "float32")
                 m_i = T.sblock_alloc_buffer((BM,), "float32")
+                m_tile = T.sblock_alloc_buffer((BM,), "float32")
                 m_new = T.sblock_alloc_buffer((BM,), "float32")
+                l_tile = T.sblock_alloc_buffer((BM,), "float32")
+                l_new = T.sblock_alloc_buffer((BM,), "float32")
                 l_i = T.sblock_alloc_buffer((BM,), "float32")
                 alpha = T.sblock_alloc_buffer((BM,), "float32")
 
@@ -192,12 +201,17 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                             S_tile[vi, vj] = acc_s[vi, vj]
                     # -- online softmax on raw scores; the scale is applied inside exp2, as in
                     #    FlashAttention-2 (max(s * c) == c * max(s) for c > 0) --
-                    for i, j in T.grid(BM, BN):
-                        with T.sblock(ROW_MAX):
-                            vi, vj = T.axis.remap("SR", [i, j])
-                            with T.init():
-                                m_new[vi] = m_i[vi]
-                            m_new[vi] = T.max(m_new[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal))
+                    with T.sblock(ROW_MAX_TILE):
+                        for i, j in T.grid(BM, BN):
+                            with T.sblock(ROW_MAX):
+                                vi, vj = T.axis.remap("SR", [i, j])
+                                with T.init():  # the max reducer's identity (rfactor knows it)
+                                    m_tile[vi] = T.min_value("float32")
+                                m_tile[vi] = T.max(m_tile[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal))
+                    for i in range(BM):
+                        with T.sblock(RUNNING_MAX):
+                            vi = T.axis.remap("S", [i])
+                            m_new[vi] = T.max(m_i[vi], m_tile[vi])
                     for i in range(BM):
                         with T.sblock(ALPHA):
                             vi = T.axis.remap("S", [i])
@@ -213,13 +227,17 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                         with T.sblock(P_CAST):
                             vi, vj = T.axis.remap("SS", [i, j])
                             P_tile[vi, vj] = T.Cast(dtype, P_f32[vi, vj])
-                    # l_i = alpha * l_i + rowsum(P): a reduction whose init is the rescale
-                    for i, j in T.grid(BM, BN):
+                    with T.sblock(ROW_SUM_TILE):
+                        for i, j in T.grid(BM, BN):
+                            with T.sblock(ROW_SUM):
+                                vi, vj = T.axis.remap("SR", [i, j])
+                                with T.init():
+                                    l_tile[vi] = zero_f
+                                l_tile[vi] = l_tile[vi] + P_f32[vi, vj]
+                    for i in range(BM):
                         with T.sblock(L_UPDATE):
-                            vi, vj = T.axis.remap("SR", [i, j])
-                            with T.init():
-                                l_i[vi] = l_i[vi] * alpha[vi]
-                            l_i[vi] = l_i[vi] + P_f32[vi, vj]
+                            vi = T.axis.remap("S", [i])
+                            l_new[vi] = l_i[vi] * alpha[vi] + l_tile[vi]
                     # acc_o = alpha * acc_o + P V: likewise, in a GEMM scope of its own
                     with T.sblock(O_GEMM_TILE):
                         for i, d, j in T.grid(BM, D, BN):
@@ -231,9 +249,10 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                                     "float32", V_tile[vj, vd]
                                 )
                     for i in range(BM):
-                        with T.sblock(M_UPDATE):
+                        with T.sblock(STATE_UPDATE):
                             vi = T.axis.remap("S", [i])
                             m_i[vi] = m_new[vi]
+                            l_i[vi] = l_new[vi]
 
                 # -- epilogue: normalise, write O and lse (rows with no visible key: 0, -inf) --
                 with T.sblock(EPILOGUE):

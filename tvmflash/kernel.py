@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
-from . import _compat
+from . import _compat, nvcc
 from . import validate as V
 from ._compat import tvm
 from .spec import KernelSpec
@@ -41,6 +42,16 @@ class Kernel:
     def tir(self, before: bool = False) -> str:
         """The TensorIR after scheduling (``before=True``: as defined, before scheduling)."""
         return self.manifest["tir"]["before" if before else "after"]
+
+    def ptx(self, arch: str | None = None) -> str:
+        """PTX of the CUDA source (nvcc -ptx) for ``arch`` (default: the target's). Needs nvcc."""
+        return manifest_ptx(self.manifest, arch)
+
+    def resources(self, archs=None) -> dict:
+        """{arch: {kernel name: nvcc.Resources}}: registers, spill stores/loads, stack frame and
+        static shared memory from ptxas -v, for ``archs`` (default: the embedded fatbin's archs,
+        else the target's arch plus sm_90 below it). Needs nvcc unless the build recorded them."""
+        return manifest_resources(self.manifest, archs)[0]
 
     # -- calling --
     def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False):
@@ -136,10 +147,50 @@ def _tvm_device(device: str):
     return tvm.cuda(int(device.split(":")[1]))
 
 
+def _cuda_source(manifest: dict, what: str) -> str:
+    """The CUDA source of a CUDA kernel's manifest; NotImplementedError for a CPU kernel."""
+    spec = KernelSpec.from_dict(manifest["spec"])
+    if not spec.is_cuda:
+        raise NotImplementedError(
+            f"{what}: expected a CUDA kernel, got {spec.key} (target {spec.target}); PTX and ptxas "
+            f"resources exist for CUDA targets only (build with --target nvidia/nvidia-a100, say)"
+        )
+    return manifest.get("source", "")
+
+
+def manifest_ptx(manifest: dict, arch: str | None = None, what: str = "ptx") -> str:
+    """PTX of a built CUDA kernel (from its manifest) for ``arch``; default the target's arch."""
+    source = _cuda_source(manifest, what)
+    arch = arch or _compat.cuda_arch(KernelSpec.from_dict(manifest["spec"]).tvm_target)
+    if not isinstance(arch, str) or not re.fullmatch(r"sm_\d+[a-z]?", arch):
+        raise ValueError(f"arch: expected one CUDA arch such as 'sm_80', got {arch!r}")
+    nvcc.require_nvcc(what)
+    return nvcc.ptx(source, arch)
+
+
+def manifest_resources(manifest: dict, archs=None, what: str = "resources") -> tuple[dict, str]:
+    """({arch: {kernel: nvcc.Resources}}, where they come from) for a built CUDA kernel: the
+    ptxas report of the embedded fatbin where the build recorded one for every arch asked,
+    else ptxas -v run now (needs nvcc)."""
+    source = _cuda_source(manifest, what)
+    device = manifest.get("device_code", {})
+    recorded = device.get("resources", {})
+    if archs is None:
+        archs = tuple(recorded) or nvcc.default_archs(_compat.cuda_arch(KernelSpec.from_dict(manifest["spec"]).tvm_target))
+    archs = nvcc.check_archs(archs, "archs")
+    if all(a in recorded for a in archs):
+        table = {a: {k: nvcc.Resources(**r) for k, r in recorded[a].items()} for a in archs}
+        return table, f"ptxas -v of the embedded fatbin, recorded at build (nvcc {device.get('nvcc', '?')})"
+    tool = nvcc.require_nvcc(what)
+    return nvcc.resources(source, archs), f"ptxas -v now (nvcc {nvcc.nvcc_version(tool)})"
+
+
 def load(path: str | os.PathLike) -> Kernel:
     """Load ``<key>.so`` (and the ``<key>.json`` manifest beside it). ``path`` may name either
-    file or the key without an extension. A CUDA module compiles its embedded CUDA source with
-    NVRTC when it is loaded (about 2 s), for the GPU present."""
+    file or the key without an extension. A CUDA module built with nvcc carries a fatbin (or PTX)
+    and loads with the CUDA driver alone; one built without nvcc carries the CUDA source, which
+    TVM compiles with NVRTC for the GPU present (about 2 s): the manifest's ``device_code``
+    says which."""
     base = os.fspath(path)
     for ext in (".so", ".json"):
         if base.endswith(ext):

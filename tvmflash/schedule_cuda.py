@@ -4,12 +4,14 @@ Schedule primitives applied to the fused TensorIR of ``definition.fused_attentio
 
 - one thread block per (batch, head, query tile); ``num_warps`` warps split the query rows
   (FlashAttention-2: each warp owns ``block_m / num_warps`` rows, no inter-warp reduction);
-- Q, K, V tiles, S and P staged in dynamic shared memory, loaded with cooperative vector loads;
+- Q, K, V tiles staged in dynamic shared memory, loaded with cooperative vector loads;
 - S = Q K^T and acc_o += P V tensorized with ldmatrix + mma.sync (m16n8k16, fp32 accumulate);
   the accumulators (``acc_s``, ``acc_o``) live in mma fragments (warp scope) for the whole loop;
-- the online softmax runs one query row per thread on S in shared memory; the rescale of acc_o
-  by alpha runs on the fragments in place (``transform_block_layout`` makes the thread/register
-  layout of the fragment the block's iteration space);
+- the online softmax runs on the fragments (FlashAttention-2): each thread exponentiates the
+  scores it holds; row max and row sum are reduced per thread (``rfactor``) and then across the
+  four lanes of a row through shared memory; P is written straight into the A-operand fragment
+  of the second GEMM. Only the running max/sum state is kept one row per thread;
+- acc_o is rescaled by alpha in place on its fragment layout (``transform_block_layout``);
 - the epilogue stores acc_o through shared memory, normalised by l_i, to global memory.
 
 Each GEMM's loop nest is first ``blockize``d into a block of its own: inside that block the GEMM is
@@ -115,6 +117,12 @@ def _fragment_map(i, j):
     return (i // 16, j // 16, thread, local)
 
 
+def _fragment_map_t(i, j):
+    """As ``_fragment_map``, with the 16x16 tiles stored column-major."""
+    thread, local = I.fragment_layout(i % 16, j % 16)
+    return (j // 16, i // 16, thread, local)
+
+
 def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str, config: FlashConfig):
     """Tile the GEMM block ``name`` (loops m, n, k; in a scope block of its own) for mma: warps
     over m, A and B fragments ldmatrix'ed from shared memory per 16-wide k step, reduction
@@ -125,12 +133,16 @@ def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str
     (mo, no, ko), (mi, _, _) = _tile16(sch, gemm, 3)
     unit = sch.blockize(mi)  # one 16x16x16 mma per instance
     ty, mw = sch.split(mo, factors=[config.num_warps, warp_rows])
-    sch.reorder(ty, ko, mw, no)
+    sch.reorder(ty, ko, no, mw)
     sch.bind(ty, "threadIdx.y")
-    frag_a = sch.cache_read(unit, _read_index(sch, unit, a), "warp")
-    frag_b = sch.cache_read(unit, _read_index(sch, unit, b), "warp")
-    for frag, intrin in ((frag_a, load_a), (frag_b, load_b)):
-        sch.compute_at(frag, ko)
+    loads = []
+    # A fragments for the whole k step (reused across n), B fragments one n tile at a time
+    # (4 registers live instead of block_n / 4 or head_dim / 4)
+    for operand, intrin, at in ((a, load_a, ko), (b, load_b, no)):
+        if intrin is not None:  # None: the operand already sits in fragments
+            loads.append((sch.cache_read(unit, _read_index(sch, unit, operand), "warp"), intrin, at))
+    for frag, intrin, at in loads:
+        sch.compute_at(frag, at)
         r, c = sch.get_loops(frag)[-2:]
         ro, ri = sch.split(r, factors=[None, 16])
         co, ci = sch.split(c, factors=[None, 16])
@@ -152,6 +164,52 @@ def _store_fragments(sch: Schedule, name: str, intrin: str, config: FlashConfig)
     sch.tensorize(mi, intrin)
 
 
+def _fragment_threads(sch: Schedule, block, config: FlashConfig):
+    """Map the (row, key) loops of ``block`` onto the threads that hold those elements in the mma
+    fragment layout (a 16x16 tile: lane = 4 * (row % 8) + (key % 8) // 2): each warp takes its
+    own rows, as the GEMMs do, and each thread visits only the scores in its registers.
+    Returns the loops left to the thread (row and key tiles, register pairs)."""
+    i, j = sch.get_loops(block)[-2:]
+    ty, mw, half_i, row8 = sch.split(i, factors=[config.num_warps, None, 2, 8])
+    no, half_j, quad, pair = sch.split(j, factors=[None, 2, 4, 2])
+    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(sch.fuse(row8, quad), "threadIdx.x")
+    return mw, half_i, no, half_j, pair
+
+
+def _on_fragments(sch: Schedule, name: str, config: FlashConfig):
+    """An element-wise stage over the score tile, run on the fragment layout."""
+    _fragment_threads(sch, sch.get_sblock(name), config)
+
+
+def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
+    """Row reduction ``name`` (max or sum over the keys of a fragment-layout tile): each thread
+    reduces the elements it holds (``rfactor`` over the 4 lanes that share a row), the 4 partials
+    of a row meet in shared memory and one thread per row combines them."""
+    block = sch.get_sblock(name)
+    i, j = sch.get_loops(block)[-2:]
+    ty, mw, half_i, row8 = sch.split(i, factors=[config.num_warps, None, 2, 8])
+    no, half_j, quad, pair = sch.split(j, factors=[None, 2, 4, 2])
+    partial = sch.rfactor(quad, factor_axis=0)
+    ty, mw, half_i, row8, no, half_j, quad, pair = sch.get_loops(partial)[-8:]
+    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
+    sch.bind(ty, "threadIdx.y")
+    lane = sch.fuse(row8, quad)
+    sch.bind(lane, "threadIdx.x")
+    # partials accumulate in registers, then go to shared memory once
+    publish = sch.cache_write(partial, 0, "local")
+    sch.set_scope(publish, 0, "shared.dyn")
+    quad, row = sch.get_loops(publish)[-2:]
+    ty, mw, half_i, row8 = sch.split(row, factors=[config.num_warps, None, 2, 8])
+    sch.reorder(ty, row8, quad, mw, half_i)
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(sch.fuse(row8, quad), "threadIdx.x")
+    loops = sch.get_loops(block)
+    row = sch.fuse(*loops[-5:-1])  # (ty, mw, half_i, row8) -> the row; the quad loop stays
+    _bind_rows(sch, row, config)
+
+
 def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "float16") -> Schedule:
     sch = Schedule(func)
     intrin = I.intrinsics(dtype)
@@ -160,17 +218,22 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
     b, h, qb = sch.get_loops(D.TILE)
     sch.bind(sch.fuse(b, h, qb), "blockIdx.x")
 
-    # Step 2. Where each tile lives: operands, S, P and the softmax state in shared memory,
-    # the probabilities of a row in its thread's registers.
-    for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.S_STORE, D.P_CAST, D.INIT_M, D.INIT_L, D.ROW_MAX,
-                  D.ALPHA, D.O_STAGE):
+    # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
+    # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max
+    # and sum one row per thread in registers; what crosses between the two thread mappings
+    # (the new max, alpha, the partial row reductions) in shared memory.
+    for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.RUNNING_MAX, D.ALPHA, D.O_STAGE):
         sch.set_scope(block, 0, "shared.dyn")
-    sch.set_scope(D.P_EXP, 0, "local")
+    for block in (D.INIT_M, D.INIT_L, D.ROW_MAX, D.ROW_SUM, D.L_UPDATE):
+        sch.set_scope(block, 0, "local")
+    # (S stores its 16x16 tiles in another order than acc_s and P: StorageRewrite would otherwise
+    # reuse the source of an element-wise copy in place, and LowerWarpMemory cannot lower a warp
+    # buffer that aliases another.)
+    for block, layout in ((D.S_STORE, _fragment_map_t), (D.P_EXP, _fragment_map), (D.P_CAST, _fragment_map)):
+        sch.set_scope(block, 0, "warp")
+        sch.transform_layout(block, ("write", 0), layout)
 
-    # Pad rows against shared-memory bank conflicts: S is read one row per thread (row stride
-    # 65 words); the ldmatrix operands Q, K, V get 16 bytes per row. (Padding P as well makes
-    # StorageRewrite alias an f16 and an f32 buffer: "tvm_access_ptr element type must match".)
-    sch.storage_align(D.S_STORE, 0, axis=0, factor=32, offset=1)
+    # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
     for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
         sch.storage_align(name, 0, axis=0, factor=64, offset=8)
 
@@ -178,28 +241,38 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
     for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
         _cooperative(sch, name, config)
 
-    # Step 4. S = Q K^T on tensor cores; acc_s in mma fragments, then to shared memory.
+    # Step 4. S = Q K^T on tensor cores, the accumulator in mma fragments.
     _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
     sch.set_scope(D.S_GEMM, 0, "warp")
     sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
     sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
     sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
-    _store_fragments(sch, D.S_STORE, intrin["store_shared"], config)
 
-    # Step 5. The online softmax: one query row per thread.
-    for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.ROW_MAX, 1), (D.ALPHA, 1), (D.P_EXP, 1), (D.P_CAST, 1),
-                      (D.L_UPDATE, 1), (D.M_UPDATE, 1), (D.LSE_STORE, 0)):
+    # Step 5. The online softmax on the fragments (FlashAttention-2): element-wise stages run on
+    # the fragment layout, each thread on the scores it holds; row max and row sum are reduced
+    # per thread and then across the four lanes of a row; the running state, one row per thread.
+    for name in (D.S_STORE, D.P_EXP, D.P_CAST):
+        _on_fragments(sch, name, config)
+    for name in (D.ROW_MAX, D.ROW_SUM):
+        _row_reduce_on_fragments(sch, name, config)
+    for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.RUNNING_MAX, 1), (D.ALPHA, 1), (D.L_UPDATE, 1),
+                      (D.STATE_UPDATE, 1), (D.LSE_STORE, 0)):
         _bind_rows(sch, sch.get_loops(name)[row], config)
+    # the epilogue reads l_i with the store's thread mapping: a shared copy
+    o_store = sch.get_sblock(D.O_STORE)
+    l_copy = sch.cache_read(o_store, _read_index(sch, o_store, "l_i"), "shared.dyn")
+    _bind_rows(sch, sch.get_loops(l_copy)[-1], config)
 
     # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
-    # alpha in place (its thread/register layout made explicit), then acc_o += P V.
+    # alpha in place (its thread/register layout made explicit), then acc_o += P V with P
+    # taken straight from the registers the softmax left it in.
     sch.set_scope(D.INIT_O, 0, "warp")
     sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
     (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
     ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
     sch.bind(ty, "threadIdx.y")
     sch.tensorize(mi, intrin["fill"])
-    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", intrin["load_a"], intrin["load_b"], config)
+    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
     # the update does not read alpha (only the init does): drop it so the mma pattern matches
     sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
     sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])

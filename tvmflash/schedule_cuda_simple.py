@@ -44,6 +44,9 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
         (D.INIT_M, 0, "local"),
         (D.INIT_L, 0, "local"),
         (D.ROW_MAX, 0, "local"),
+        (D.RUNNING_MAX, 0, "local"),
+        (D.ROW_SUM, 0, "local"),
+        (D.L_UPDATE, 0, "local"),
         (D.P_CAST, 0, "local"),
         (D.O_STAGE, 0, "local"),
         (D.ALPHA, 0, "local"),
@@ -56,15 +59,18 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
 
     # Step 3. Every row-wise stage: its row loop is the thread index.
     for name in (
-        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_STORE, D.ROW_MAX, D.ALPHA, D.P_EXP,
-        D.P_CAST, D.L_UPDATE, D.O_GEMM, D.M_UPDATE, D.O_STAGE, D.O_STORE, D.LSE_STORE,
+        D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.S_GEMM, D.S_STORE, D.ROW_MAX, D.RUNNING_MAX, D.ALPHA,
+        D.P_EXP, D.P_CAST, D.ROW_SUM, D.L_UPDATE, D.O_GEMM, D.STATE_UPDATE, D.O_STAGE, D.O_STORE, D.LSE_STORE,
     ):
-        loops = sch.get_loops(name)
-        row = loops[0] if name in _OWN_SCOPE else loops[1]
-        sch.bind(row, "threadIdx.x")
+        sch.bind(_row_loop(sch, name), "threadIdx.x")
     return sch
 
 
-# get_loops stops at the nearest enclosing block: (row, ...) for stages outside the K/V loop or
-# in a scope block of their own, (kb, row, ...) for the others.
-_OWN_SCOPE = {D.Q_LOAD, D.INIT_M, D.INIT_L, D.INIT_O, D.O_STAGE, D.O_STORE, D.LSE_STORE, D.S_GEMM, D.O_GEMM}
+def _row_loop(sch: Schedule, name: str):
+    """The query-row loop of stage ``name``: the definition names it ``i`` in every stage (found
+    by name, not position: a stage may sit in a scope block of its own or inside the K/V loop)."""
+    for loop in sch.get_loops(name):
+        if sch.get(loop).loop_var.name == "i":
+            return loop
+    raise ValueError(f"{name}: expected a loop named 'i' over the query rows, got "
+                     f"{[sch.get(loop).loop_var.name for loop in sch.get_loops(name)]}")

@@ -1,0 +1,89 @@
+"""``torch.ops.tvmflash.attention_fwd`` on CPU tensors: opcheck, torch.compile(fullgraph=True),
+the fake implementation, and the forward-only contract."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tvmflash  # noqa: E402
+import tvmflash.torch_ops  # noqa: E402,F401  (registers the op)
+from tvmflash.reference import attention_reference  # noqa: E402
+
+from helpers import assert_close_to_reference  # noqa: E402
+
+OP = torch.ops.tvmflash.attention_fwd
+
+
+def _qkv(seed, b, sq, sk, h, hk, d, dtype=torch.float16, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, s, n, d, generator=g).to(dtype) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    return tuple(x.requires_grad_(requires_grad) for x in (q, k, v))
+
+
+CASES = [
+    dict(args=(2, 37, 50, 4, 2, 64), kwargs=dict(causal=True)),
+    dict(args=(1, 70, 45, 8, 1, 64), kwargs=dict(softmax_scale=0.3)),
+    dict(args=(2, 33, 33, 2, 2, 32), kwargs=dict(), dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['args']}-{c['kwargs']}-{c.get('dtype', 'f16')}")
+def test_opcheck(case):
+    q, k, v = _qkv(0, *case["args"], dtype=case.get("dtype", torch.float16))
+    result = torch.library.opcheck(OP.default, (q, k, v), case["kwargs"])
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_opcheck_with_inputs_that_require_grad():
+    """The op is forward-only: test_aot_dispatch_dynamic would run a backward through it, which
+    has no formula, so it is left out here; the rest (schema, autograd registration, fake
+    tensor) must pass with grad-requiring inputs too."""
+    q, k, v = _qkv(1, 1, 20, 30, 2, 2, 64, requires_grad=True)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    result = torch.library.opcheck(OP.default, (q, k, v), {"causal": True}, test_utils=utils)
+    assert result == {name: "SUCCESS" for name in utils}
+
+
+def test_backward_says_there_is_no_formula():
+    q, k, v = _qkv(2, 1, 20, 30, 2, 2, 64, requires_grad=True)
+    out, _ = OP(q, k, v)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.float().sum().backward()
+
+
+def test_matches_attention_and_the_reference():
+    q, k, v = _qkv(3, 2, 113, 77, 4, 2, 64)
+    out, lse = OP(q, k, v, causal=True, softmax_scale=0.2)
+    want, want_lse = tvmflash.attention(q, k, v, causal=True, softmax_scale=0.2, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref = attention_reference(*(x.numpy() for x in (q, k, v)), causal=True, softmax_scale=0.2)
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(dynamic):
+    def f(q, k, v):
+        out, lse = OP(q, k, v, causal=True)
+        return out.float() * 2 + lse.transpose(1, 2).unsqueeze(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for seed, shape in enumerate([(2, 37, 50, 4, 2, 64), (1, 64, 21, 4, 2, 64)]):
+        q, k, v = _qkv(10 + seed, *shape)
+        assert torch.equal(compiled(q, k, v), f(q, k, v))
+
+
+def test_fake_shapes_and_errors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(3, 17, 8, 128, dtype=torch.bfloat16)
+        k = torch.empty(3, 40, 2, 128, dtype=torch.bfloat16)
+        out, lse = OP(q, k, k)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        assert lse.shape == (3, 8, 17) and lse.dtype == torch.float32
+        with pytest.raises(ValueError, match=r"q: expected rank 4 \[batch, seqlen, heads, head_dim\], got rank 3"):
+            OP(q[0], k, k)
+        with pytest.raises(TypeError, match=r"k: expected dtype bfloat16 \(the dtype of q\), got float16"):
+            OP(q, k.half(), k)
+        with pytest.raises(TypeError, match=r"q: expected dtype float16 or bfloat16, got float32"):
+            OP(q.float(), k.float(), k.float())

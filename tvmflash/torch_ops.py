@@ -1,0 +1,52 @@
+"""``torch.ops.tvmflash.attention_fwd``: tvmflash as a PyTorch custom op (opt-in: importing this
+module registers it).
+
+    import tvmflash.torch_ops
+    out, lse = torch.ops.tvmflash.attention_fwd(q, k, v, causal=True)
+
+The op has a real kernel for CPU and CUDA tensors (``tvmflash.attention``, which builds and
+caches the kernel for the spec on first use) and a fake implementation that gives the output
+shapes and dtypes, so ``torch.compile(fullgraph=True)`` traces through it without running it.
+
+Forward only: no autograd formula is registered. Calling it on tensors that require grad
+works, and a backward through it raises PyTorch's "no autograd formula" error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .api import attention
+
+__all__ = ["attention_fwd"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("tvmflash::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                  softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) = softmax(q k^T * softmax_scale) v, as ``tvmflash.attention(..., return_lse=True)``.
+
+    q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim], float16 or
+    bfloat16. out: like q; lse: [batch, heads, seqlen_q] float32, natural log.
+    """
+    return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None):
+    # Only what can be checked without specialising symbolic sizes: ranks and dtypes. The real
+    # kernel checks the rest (validate.check_qkv) when it runs.
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected rank 4 [batch, seqlen, heads, head_dim], got rank {x.dim()} "
+                             f"with shape {tuple(x.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q: expected dtype float16 or bfloat16, got {str(q.dtype).replace('torch.', '')}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {str(q.dtype).replace('torch.', '')} (the dtype of q), "
+                            f"got {str(x.dtype).replace('torch.', '')}")
+    batch, seqlen_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
