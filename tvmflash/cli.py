@@ -96,7 +96,7 @@ def cmd_tune(args) -> int:
     best = res.best
     for t in sorted(res.tiles, key=lambda t: t.run_secs):
         if t.config is None and t.record is None:
-            print(f"  tile {t.tile[0]}x{t.tile[1]}: no successful candidate")
+            print(f"  tile {t.tile[0]}x{t.tile[1]}: none ({t.why_not})")
             continue
         cfg = ", ".join(f"{k}={v}" for k, v in (t.config or {}).items() if k not in ("block_m", "block_n"))
         mark = "   <- best" if t is best else ""

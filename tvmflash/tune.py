@@ -76,7 +76,7 @@ def build_candidate(mod, target, _params=None, pass_config=None):
     if fault == "hang":  # a marker function the runner looks for
         marker = tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)).with_attr("global_symbol", _HANG_MARKER)
         mod = tvm.IRModule({**{gv.name_hint: f for gv, f in mod.functions.items()}, _HANG_MARKER: marker})
-    with tvm.transform.PassContext(config=pass_config or {}):
+    with tvm.transform.PassContext(config=pass_config or {}), _compat.cuda_source_modules():
         return tvm.compile(mod, target=target, tir_pipeline=_compat.TIR_PIPELINE).mod
 
 
@@ -332,8 +332,7 @@ class Progress(ms.measure_callback.PyMeasureCallback):
 
     def _failed(self, tile, error: str) -> None:
         self.failed += 1
-        with open(self.failures, "a") as fh:
-            fh.write(f"--- {records.now()} tile {tile[0]}x{tile[1]}\n{error.rstrip()}\n")
+        _log_failure(self.failures, tile, error)
         self.bar.write(f"  skipped a candidate of tile {tile[0]}x{tile[1]}: {_first_line(error)}")
 
     def _show(self) -> None:
@@ -408,6 +407,8 @@ class TileResult:
     config: dict | None
     run_secs: float
     record: object = None
+    validated: bool = False  # checked against the reference on this machine
+    why_not: str = ""  # no record: why
 
 
 @dataclass
@@ -491,18 +492,26 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
             if measured_now < trials - done:
                 log(f"search space exhausted after {measured_now} new trial(s) (every distinct candidate measured)")
 
-    # Step 5. The best record of each tile; exported.
+    # Step 5. The fastest record of each tile that computes the right thing; exported.
     result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
                         repaired=repaired)
+    can_validate = _can_run_here(spec)
     for task, recs in zip(tasks, _measured(db, [t.mod for t in tasks])):
         result.trials += len(recs)
-        ok = [r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN]
-        if not ok:
-            result.tiles.append(TileResult(task.tile, None, math.inf))
-            continue
-        best = min(ok, key=records.mean_run_secs)
-        result.tiles.append(TileResult(task.tile, identify_config(space, task.tile, best, task.mod),
-                                       records.mean_run_secs(best), best))
+        ok = sorted((r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN), key=records.mean_run_secs)
+        if ok and not can_validate and not any(t.record is not None for t in result.tiles):
+            log("records exported unvalidated: this machine has no GPU to check them on")
+        tile = TileResult(task.tile, None, math.inf, why_not="no candidate ran")
+        for rec in ok[:VALIDATE_TRIES]:
+            why = validate_record(spec, task.tile, rec) if can_validate else None
+            if why is None:
+                tile = TileResult(task.tile, identify_config(space, task.tile, rec, task.mod),
+                                  records.mean_run_secs(rec), rec, validated=can_validate)
+                break
+            tile.why_not = f"its fastest records compute wrong results ({why})"
+            _log_failure(work_dir / "failures.log", task.tile, f"validation: {why}")
+            log(f"tile {task.tile[0]}x{task.tile[1]}: a record is fast but fails validation: {why}")
+        result.tiles.append(tile)
     if logs_dir is not None and result.best is not None:
         _export(result, space, target, Path(logs_dir), schedules_dir, rpc_tracker, shape.flops(spec))
     return result
@@ -629,6 +638,61 @@ def _faulty(sch_fn, tile):
     return broken
 
 
+VALIDATE_TRIES = 3  # records per tile tried, fastest first
+#: Max |out - reference| a record may reach on the validation shape (P and O rounded to dtype).
+VALIDATE_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
+
+
+def _can_run_here(spec: KernelSpec) -> bool:
+    return tvm.cuda(0).exist if spec.is_cuda else True
+
+
+def validate_record(spec: KernelSpec, tile, record) -> str | None:
+    """None if ``record``'s schedule, replayed on the dynamic-shape function and built as
+    ``build`` builds, matches the float64 reference on a shape it was never measured on (lengths
+    no tile multiple, seqlen_q != seqlen_k); else what is wrong. MetaSchedule measures time only:
+    this keeps a fast but wrong candidate out of the logs."""
+    import tempfile
+
+    from . import definition as D
+    from .kernel import _numpy_dtype
+    from .reference import attention_reference
+
+    b, sq, sk, hk, d = 1, 200, 333, 2, spec.head_dim
+    h = hk * spec.group
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(_numpy_dtype(spec.dtype)) for s in ((b, sq, h, d), (b, sk, hk, d),
+                                                                                 (b, sk, hk, d)))
+    try:
+        sch = _compat.Schedule(D.fused_attention(spec, *tile))
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        with tvm.transform.PassContext(config=_pass_config(spec)), _compat.cuda_source_modules():
+            ex = tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+        with tempfile.TemporaryDirectory() as tmp:
+            ex.export_library(os.path.join(tmp, "candidate.so"))
+            func = tvm.runtime.load_module(os.path.join(tmp, "candidate.so"))["main"]
+            dev = tvm.cuda(0) if spec.is_cuda else tvm.cpu()
+            out = tvm.runtime.empty((b, sq, h, d), spec.dtype, dev)
+            lse = tvm.runtime.empty((b, h, sq), "float32", dev)
+            func(*(tvm.runtime.tensor(x, dev) for x in (q, k, v)), out, lse, d**-0.5)
+            out, lse = out.numpy().astype(np.float64), lse.numpy().astype(np.float64)
+    except Exception as err:  # noqa: BLE001
+        return f"it does not build or run here: {_first_line(err)}"
+    ref, ref_lse = attention_reference(q, k, v, causal=spec.causal)
+    err = float(np.abs(out - ref).max())
+    finite = np.isfinite(ref_lse)
+    lse_err = float(np.abs(lse[finite] - ref_lse[finite]).max()) if finite.any() else 0.0
+    if not (err <= VALIDATE_TOLERANCE[spec.dtype] and lse_err <= 1e-3):  # NaN fails too
+        return (f"max |out - ref| = {err:.2e} (tolerance {VALIDATE_TOLERANCE[spec.dtype]:.0e}), "
+                f"max |lse - ref| = {lse_err:.2e} (tolerance 1e-03)")
+    return None
+
+
+def _log_failure(path: Path, tile, error: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(f"--- {records.now()} tile {tile[0]}x{tile[1]}\n{error.rstrip()}\n")
+
+
 def _pass_config(spec: KernelSpec) -> dict:
     from .build import _fused_schedule
 
@@ -706,7 +770,8 @@ def _export(result: TuneResult, space: Space, target, logs_dir: Path, schedules_
         "date": records.now(),
         "tiles": [
             {"config": t.config or {"block_m": t.tile[0], "block_n": t.tile[1]},
-             "run_ms": round(t.run_secs * 1e3, 6), "tflops": round(flops / t.run_secs / 1e12, 6)}
+             "run_ms": round(t.run_secs * 1e3, 6), "tflops": round(flops / t.run_secs / 1e12, 6),
+             "validated": t.validated}
             for t in tiles
         ],
     }
