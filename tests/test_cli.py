@@ -68,3 +68,12 @@ def test_env_prints_versions(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "tvm        0.27" in out and "tvm-ffi    0.1.14" in out
+
+
+@pytest.mark.parametrize("extra", [[], ["--memory"]])
+def test_bench_without_gpu_says_what_it_needs(extra, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench would run")
+    assert main(["bench", *extra]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -161,3 +161,13 @@ def test_softmax_scale_must_be_positive(qkv):
     q, k, v = qkv
     check(ValueError, r"softmax_scale: expected a finite float > 0, got -0.5", tvmflash.attention, q, k, v,
           softmax_scale=-0.5)
+
+
+def test_standard_refuses_s_beyond_int32_indexing():
+    """The standard algorithm's S ([batch, heads, seq_q, seq_k]) is int32-indexed: past 2^31
+    elements it would read and write out of bounds (an illegal address on the H100 at 16 heads,
+    seqlen 16k). It says so before allocating anything; the fused kernel has no S."""
+    kern = get_kernel(KernelSpec(32, target="cpu", algorithm="standard"))
+    q = np.zeros((1, 65536, 16, 32), np.float16)  # 16 * 65536^2 elements in S
+    with pytest.raises(ValueError, match=r"seq_q, seq_k: .*int32"):
+        kern(q, q, q)

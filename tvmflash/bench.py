@@ -74,6 +74,53 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
     return rows, methods
 
 
+def peak_memory(seqlens=(4096, 16384, 32768, 65536), head_dim: int = 128, heads: int = 16, batch: int = 1,
+                dtype: str = "float16", causal: bool = False, algorithms=("fused", "standard")):
+    """Peak GPU memory (torch's allocator, MB) of one call of each algorithm as seqlen grows, the
+    inputs and output included. The standard algorithm holds S (float32) and P: B*H*N^2*(4+2)
+    bytes, so it runs out of memory where the fused one does not. Rows: {seqlen: {algorithm:
+    MB or the error's name}}."""
+    import torch
+
+    from .api import attention
+
+    dt = getattr(torch, dtype)
+    rows = {}
+    for n in seqlens:
+        row = rows.setdefault(n, {})
+        for algorithm in algorithms:
+            torch.cuda.empty_cache()
+            try:
+                q, k, v = (torch.randn(batch, n, heads, head_dim, device="cuda", dtype=dt) for _ in range(3))
+                attention(q, k, v, causal=causal, algorithm=algorithm)  # build / load outside the measurement
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                attention(q, k, v, causal=causal, algorithm=algorithm)
+                torch.cuda.synchronize()
+                row[algorithm] = (torch.cuda.max_memory_allocated() - base) / 1e6 + 4 * q.numel() * q.element_size() / 1e6
+            except torch.OutOfMemoryError:
+                row[algorithm] = "out of memory"
+            except ValueError as err:  # the standard algorithm's int32 limit on S
+                row[algorithm] = "S over int32 indexing" if "int32" in str(err) else type(err).__name__
+            finally:
+                q = k = v = None
+                torch.cuda.empty_cache()
+        print(f"N={n:<6} " + " | ".join(f"{a}: {_mb(row[a])}" for a in algorithms), flush=True)
+    return rows
+
+
+def _mb(value) -> str:
+    return f"{value:,.0f} MB" if isinstance(value, float) else str(value)
+
+
+def print_memory_table(rows, algorithms=("fused", "standard")) -> None:
+    print("| seqlen | " + " | ".join(f"{a} peak memory" for a in algorithms) + " |")
+    print("|" + "---|" * (1 + len(algorithms)))
+    for n, row in rows.items():
+        print(f"| {n} | " + " | ".join(_mb(row[a]) for a in algorithms) + " |")
+
+
 def _format_row(row, methods) -> str:
     cells = [f"d={row['head_dim']:<4}N={row['seqlen']:<6}B={row['batch']:<3}{'causal' if row['causal'] else '      '}"]
     for name in methods:

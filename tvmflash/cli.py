@@ -226,6 +226,22 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench, print_table
 
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        print("tvmflash bench: needs a CUDA GPU and PyTorch with CUDA (found: "
+              f"{'no torch' if torch is None else 'torch ' + torch.__version__ + ', no GPU'})", file=sys.stderr)
+        return 2
+    if args.memory:
+        from .bench import peak_memory, print_memory_table
+
+        rows = peak_memory(seqlens=args.seqlens, head_dim=args.head_dims[0], heads=args.heads, dtype=args.dtype)
+        print()
+        print_memory_table(rows)
+        return 0
+
     rows, methods = bench(
         head_dims=args.head_dims, seqlens=args.seqlens, causals=(False, True) if args.causal == "both"
         else (args.causal == "on",), heads=args.heads, tokens=args.tokens, dtype=args.dtype,
@@ -372,6 +388,8 @@ def main(argv=None) -> int:
                    help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak GPU memory of fused vs standard per --seqlens (batch 1, the first --head-dims)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("explain", help="why the fused kernel is fast: HBM traffic, FLOPs and roofline from the "

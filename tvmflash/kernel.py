@@ -17,6 +17,10 @@ from ._compat import tvm
 from .spec import KernelSpec
 
 
+#: Largest element count an int32-indexed TensorIR buffer can address.
+INT32_MAX = 2**31 - 1
+
+
 class Kernel:
     """A loaded attention kernel. Call it as ``kernel(q, k, v)``; see ``__call__``."""
 
@@ -69,6 +73,11 @@ class Kernel:
         if device.split(":")[0] != want:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
         scale = V.check_scale(softmax_scale, d)
+        if spec.algorithm == "standard" and b * h * sq * sk > INT32_MAX:
+            raise ValueError(
+                f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
+                f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
+            )
         o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
         if out is not None:
             V.check_out(out, "out", kind, device, o_shape, dtype)
