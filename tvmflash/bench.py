@@ -48,6 +48,7 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
 
     all_methods = {
         "tvmflash fused": lambda q, k, v, c: attention(q, k, v, causal=c),
+        "tvmflash fused static": lambda q, k, v, c: attention(q, k, v, causal=c, static_shape=True),
         "tvmflash standard": lambda q, k, v, c: attention(q, k, v, causal=c, algorithm="standard"),
         "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),

@@ -50,12 +50,17 @@ def lower(spec: KernelSpec) -> Lowered:
     target = spec.tvm_target
     if spec.algorithm == "fused":
         cfg, apply, name, pass_config = _fused_schedule(spec, target)
-        func, sch, tuning = records.schedule_from_log(spec, name)
+        if spec.shape is None:
+            func, sch, tuning = records.schedule_from_log(spec, name)
+        else:  # tuning logs hold dynamic-shape workloads
+            func, sch, tuning = None, None, {"reason": "static shape: tuning logs are for dynamic shapes"}
         if sch is not None:
             config = tuning.pop("config")
         else:
             tuning = {"source": "hand config", **tuning}
             func = D.fused_attention(spec, cfg.block_m, cfg.block_n)
+            if spec.shape is not None:  # every extent known: bound checks and index arithmetic fold away
+                func = D.specialize_shape(func, spec.shape_dims)
             sch = apply(func, cfg)
             config = dataclasses.asdict(cfg)
         return Lowered(spec, sch.mod, tvm.IRModule({"main": func}), name, config, ("main",), pass_config, tuning)

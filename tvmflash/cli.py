@@ -19,7 +19,21 @@ def _spec_from_args(args, target: str):
         group=args.gqa,
         algorithm=args.algorithm,
         target=target,
+        shape=_parse_shape(getattr(args, "shape", None)),
     )
+
+
+def _parse_shape(text):
+    """``B,SQ,SK,H`` -> (B, SQ, SK, H); None stays None."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4:
+        raise ValueError(f"--shape: expected BATCH,SEQLEN_Q,SEQLEN_K,HEADS (four ints), got {text!r}")
+    return shape
 
 
 def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -321,6 +335,9 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="nvidia/nvidia-a100",
                    help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100)")
     _add_spec_flags(p)
+    p.add_argument("--shape", default=None, metavar="B,SQ,SK,H",
+                   help="compile for this shape only (batch, seqlen_q, seqlen_k, heads): bound checks and index "
+                        "arithmetic fold away; default: one kernel for every shape")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--device-code", choices=("auto", "fatbin", "ptx", "source"), default="auto",
                    help="CUDA: embed an nvcc fatbin (loads with the driver alone), PTX (the driver JIT-compiles "

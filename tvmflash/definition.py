@@ -281,6 +281,18 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
     return main
 
 
+def specialize_shape(func: tirx.PrimFunc, dims: dict) -> tirx.PrimFunc:
+    """``func`` with its buffer shape variables (``batch``, ``seq_q``, ``seq_k``, ``heads``,
+    ``heads_kv``) bound to ``dims``; ``sm_scale`` stays a parameter."""
+    binding = {}
+    for param in func.params:
+        ty = getattr(param, "ty", None)
+        if isinstance(ty, tirx.BufferType):
+            shape = [dims[e.name] if isinstance(e, tirx.Var) else int(e) for e in ty.shape]
+            binding[param] = tirx.decl_buffer(shape, ty.dtype, param.name)
+    return func.specialize(binding)
+
+
 def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
     """K/V tiles query tile ``qb`` must visit. Causal (bottom-right): row r sees keys
     c <= r + seq_k - seq_q, so the tile's last row bounds the keys it needs."""

@@ -73,6 +73,13 @@ class Kernel:
         if device.split(":")[0] != want:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
         scale = V.check_scale(softmax_scale, d)
+        if spec.shape is not None and (b, sq, sk, h) != spec.shape:
+            eb, esq, esk, eh = spec.shape
+            raise ValueError(
+                f"q, k: kernel {self.key} is compiled for q [{eb}, {esq}, {eh}, {d}] and k, v "
+                f"[{eb}, {esk}, {eh // spec.group}, {d}] only (a static shape), got q {list(_shape(q))} "
+                f"and k {list(_shape(k))}"
+            )
         if spec.algorithm == "standard" and b * h * sq * sk > INT32_MAX:
             raise ValueError(
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
@@ -214,3 +221,7 @@ def load(path: str | os.PathLike) -> Kernel:
         _compat.ensure_cuda_headers()
     module = tvm.runtime.load_module(so_path)
     return Kernel(module, manifest, so_path)
+
+
+def _shape(x):
+    return tuple(int(n) for n in x.shape)

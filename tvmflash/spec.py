@@ -49,6 +49,10 @@ class KernelSpec:
     group:     GQA/MQA group size: query heads per key/value head (1 = multi-head attention).
     algorithm: 'fused' (FlashAttention, one kernel) or 'standard' (S and P through memory).
     target:    'cpu', a TVM tag such as 'nvidia/nvidia-a100', or a target JSON string.
+    shape:     None (default): one kernel serves every batch, length and head count. Or
+               (batch, seqlen_q, seqlen_k, heads): a kernel compiled for that shape only (fused
+               algorithm). With every extent known the compiler drops the bound checks and the
+               index arithmetic: on the H100 3x faster at head dim 128 (NOTES.md).
     """
 
     head_dim: int
@@ -57,9 +61,19 @@ class KernelSpec:
     group: int = 1
     algorithm: str = "fused"
     target: str = "cpu"
+    shape: tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if self.shape is not None:
+            shape = tuple(self.shape)
+            if len(shape) != 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
+                raise ValueError(f"shape: expected (batch, seqlen_q, seqlen_k, heads), positive ints, got {self.shape!r}")
+            if shape[3] % self.group:
+                raise ValueError(f"shape: heads {shape[3]} is not a multiple of the GQA group {self.group}")
+            if self.algorithm != "fused":
+                raise ValueError(f"shape: static shapes are for the fused algorithm, got algorithm={self.algorithm!r}")
+            object.__setattr__(self, "shape", shape)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.dtype not in DTYPES:
@@ -92,8 +106,19 @@ class KernelSpec:
         if self.causal:
             parts.append("causal")
         parts.append(f"g{self.group}")
+        if self.shape is not None:
+            b, sq, sk, h = self.shape
+            parts.append(f"b{b}q{sq}k{sk}h{h}")
         parts.append(target_id(self.target))
         return "_".join(parts)
+
+    @property
+    def shape_dims(self) -> dict | None:
+        """The shape as the definition's shape variables (batch, seq_q, seq_k, heads, heads_kv)."""
+        if self.shape is None:
+            return None
+        b, sq, sk, h = self.shape
+        return {"batch": b, "seq_q": sq, "seq_k": sk, "heads": h, "heads_kv": h // self.group}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,7 +126,10 @@ class KernelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "KernelSpec":
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        d = {k: v for k, v in d.items() if k in fields}
+        if d.get("shape") is not None:
+            d["shape"] = tuple(d["shape"])
+        return cls(**d)
 
     def replace(self, **changes) -> "KernelSpec":
         return dataclasses.replace(self, **changes)
