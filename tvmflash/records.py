@@ -127,6 +127,10 @@ def load_variant(vdir: Path, spec: KernelSpec, schedule: str) -> tuple[TunedReco
         if meta.get("schedule") != schedule:
             return None, f"the log in {vdir} tuned {meta.get('schedule')}, this build uses {schedule}"
         shape = Shape(**meta["shape"])
+        if spec.is_cuda and schedule == "schedule_cuda.schedule_fused_cuda":
+            from . import intrinsics  # the records' traces name TVM's mma/ldmatrix intrinsics
+
+            intrinsics.intrinsics(spec.dtype)
         db = open_database(vdir)
         best = None
         for entry in meta["tiles"]:
