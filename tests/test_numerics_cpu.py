@@ -155,3 +155,21 @@ def test_deterministic_over_repeated_calls(rng):
     for _ in range(100):
         out, lse = kernel(q, k, v, return_lse=True)
         assert out.tobytes() == first.tobytes() and lse.tobytes() == first_lse.tobytes()
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_as_pytorch(rng, where, value):
+    """A NaN or Inf in an input poisons exactly the outputs PyTorch's attention poisons (same NaN
+    pattern as SDPA in float32), the rest stays right, and nothing hangs or crashes."""
+    torch = pytest.importorskip("torch")
+    q, k, v = make_qkv(rng, 1, 70, 90, 2, 2, 64, "float16")
+    arrays = {"q": q, "k": k, "v": v}
+    arrays[where][0, 5, 1, 7] = value
+    out = tvmflash.attention(arrays["q"], arrays["k"], arrays["v"])
+    tq, tk, tv = (torch.from_numpy(x.astype(np.float32)).transpose(1, 2) for x in (arrays["q"], arrays["k"], arrays["v"]))
+    ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).transpose(1, 2).numpy()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    finite = np.isfinite(ref)
+    assert finite.any()
+    np.testing.assert_allclose(out[finite].astype(np.float64), ref[finite], atol=2e-3, rtol=0)

@@ -266,16 +266,16 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                             if vqb * BM + vi < seq_q:
                                 O[vb, vqb * BM + vi, vh, vd] = T.Cast(
                                     dtype,
-                                    T.Select(l_i[vi] > zero_f, O_tile[vi, vd] / l_i[vi], zero_f),
+                                    T.Select(l_i[vi] == zero_f, zero_f, O_tile[vi, vd] / l_i[vi]),
                                 )
                     for i in range(BM):
                         with T.sblock(LSE_STORE):
                             vi = T.axis.remap("S", [i])
                             if vqb * BM + vi < seq_q:
                                 LSE[vb, vh, vqb * BM + vi] = T.Select(
-                                    l_i[vi] > zero_f,
-                                    (m_i[vi] * (sm_scale * T.float32(LOG2E)) + T.log2(l_i[vi])) * T.float32(LN2),
+                                    l_i[vi] == zero_f,
                                     neg_inf,
+                                    (m_i[vi] * (sm_scale * T.float32(LOG2E)) + T.log2(l_i[vi])) * T.float32(LN2),
                                 )
 
     return main
@@ -405,18 +405,18 @@ def standard_attention(spec: KernelSpec) -> tvm.IRModule:
                 P[vb, vh, vi, vj] = T.Cast(
                     dtype,
                     T.Select(
-                        row_sum[vb, vh, vi] > zero_f,
-                        T.exp2(scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])) / row_sum[vb, vh, vi],
+                        row_sum[vb, vh, vi] == zero_f,
                         zero_f,
+                        T.exp2(scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])) / row_sum[vb, vh, vi],
                     ),
                 )
         for b, h, i in T.grid(batch, heads, seq_q):
             with T.sblock(STD_LSE):
                 vb, vh, vi = T.axis.remap("SSS", [b, h, i])
                 LSE[vb, vh, vi] = T.Select(
-                    row_sum[vb, vh, vi] > zero_f,
-                    (row_max[vb, vh, vi] + T.log2(row_sum[vb, vh, vi])) * T.float32(LN2),
+                    row_sum[vb, vh, vi] == zero_f,
                     neg_inf,
+                    (row_max[vb, vh, vi] + T.log2(row_sum[vb, vh, vi])) * T.float32(LN2),
                 )
 
     @T.prim_func(s_tir=True)
