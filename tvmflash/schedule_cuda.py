@@ -164,23 +164,31 @@ def _store_fragments(sch: Schedule, name: str, intrin: str, config: FlashConfig)
     sch.tensorize(mi, intrin)
 
 
-def _fragment_threads(sch: Schedule, block, config: FlashConfig):
-    """Map the (row, key) loops of ``block`` onto the threads that hold those elements in the mma
-    fragment layout (a 16x16 tile: lane = 4 * (row % 8) + (key % 8) // 2): each warp takes its
-    own rows, as the GEMMs do, and each thread visits only the scores in its registers.
-    Returns the loops left to the thread (row and key tiles, register pairs)."""
-    i, j = sch.get_loops(block)[-2:]
-    ty, mw, half_i, row8 = sch.split(i, factors=[config.num_warps, None, 2, 8])
-    no, half_j, quad, pair = sch.split(j, factors=[None, 2, 4, 2])
-    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
+def _split_rows(sch: Schedule, loop, config: FlashConfig):
+    """Rows in the mma fragment layout: (warp, row tile of the warp, half of the 16, row % 8)."""
+    return sch.split(loop, factors=[config.num_warps, None, 2, 8])
+
+
+def _split_keys(sch: Schedule, loop):
+    """Keys in the mma fragment layout: (16-key tile, half of the 16, lane % 4, register pair)."""
+    return sch.split(loop, factors=[None, 2, 4, 2])
+
+
+def _bind_lanes(sch: Schedule, ty, row8, quad):
+    """Warp -> threadIdx.y; (row % 8, key quad) -> the lane, 4 * (row % 8) + quad: the thread
+    that holds those elements in a 16x16 fragment."""
     sch.bind(ty, "threadIdx.y")
     sch.bind(sch.fuse(row8, quad), "threadIdx.x")
-    return mw, half_i, no, half_j, pair
 
 
 def _on_fragments(sch: Schedule, name: str, config: FlashConfig):
-    """An element-wise stage over the score tile, run on the fragment layout."""
-    _fragment_threads(sch, sch.get_sblock(name), config)
+    """An element-wise stage over the (row, key) tile, run on the fragment layout: each warp
+    takes its own rows, as the GEMMs do, and each thread visits only the scores in its registers."""
+    i, j = sch.get_loops(name)[-2:]
+    ty, mw, half_i, row8 = _split_rows(sch, i, config)
+    no, half_j, quad, pair = _split_keys(sch, j)
+    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
+    _bind_lanes(sch, ty, row8, quad)
 
 
 def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
@@ -189,22 +197,19 @@ def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
     of a row meet in shared memory and one thread per row combines them."""
     block = sch.get_sblock(name)
     i, j = sch.get_loops(block)[-2:]
-    ty, mw, half_i, row8 = sch.split(i, factors=[config.num_warps, None, 2, 8])
-    no, half_j, quad, pair = sch.split(j, factors=[None, 2, 4, 2])
+    _split_rows(sch, i, config)
+    quad = _split_keys(sch, j)[2]
     partial = sch.rfactor(quad, factor_axis=0)
     ty, mw, half_i, row8, no, half_j, quad, pair = sch.get_loops(partial)[-8:]
     sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
-    sch.bind(ty, "threadIdx.y")
-    lane = sch.fuse(row8, quad)
-    sch.bind(lane, "threadIdx.x")
+    _bind_lanes(sch, ty, row8, quad)
     # partials accumulate in registers, then go to shared memory once
     publish = sch.cache_write(partial, 0, "local")
     sch.set_scope(publish, 0, "shared.dyn")
     quad, row = sch.get_loops(publish)[-2:]
-    ty, mw, half_i, row8 = sch.split(row, factors=[config.num_warps, None, 2, 8])
+    ty, mw, half_i, row8 = _split_rows(sch, row, config)
     sch.reorder(ty, row8, quad, mw, half_i)
-    sch.bind(ty, "threadIdx.y")
-    sch.bind(sch.fuse(row8, quad), "threadIdx.x")
+    _bind_lanes(sch, ty, row8, quad)
     loops = sch.get_loops(block)
     row = sch.fuse(*loops[-5:-1])  # (ty, mw, half_i, row8) -> the row; the quad loop stays
     _bind_rows(sch, row, config)
