@@ -284,13 +284,25 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
 def specialize_shape(func: tirx.PrimFunc, dims: dict) -> tirx.PrimFunc:
     """``func`` with its buffer shape variables (``batch``, ``seq_q``, ``seq_k``, ``heads``,
     ``heads_kv``) bound to ``dims``; ``sm_scale`` stays a parameter."""
+    return func.specialize(shape_binding(func, dims))
+
+
+def shape_binding(func: tirx.PrimFunc, dims: dict) -> dict:
+    """{buffer parameter: a buffer of concrete shape} for ``PrimFunc.specialize``."""
     binding = {}
     for param in func.params:
         ty = getattr(param, "ty", None)
         if isinstance(ty, tirx.BufferType):
-            shape = [dims[e.name] if isinstance(e, tirx.Var) else int(e) for e in ty.shape]
+            shape = []
+            for extent in ty.shape:
+                if isinstance(extent, tirx.Var):
+                    if extent.name not in dims:
+                        raise ValueError(f"shape: no value for the shape variable {extent.name!r} of {param.name}")
+                    shape.append(dims[extent.name])
+                else:
+                    shape.append(int(extent))
             binding[param] = tirx.decl_buffer(shape, ty.dtype, param.name)
-    return func.specialize(binding)
+    return binding
 
 
 def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):

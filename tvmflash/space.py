@@ -92,21 +92,9 @@ def softmax_scale(spec: KernelSpec) -> float:
 def specialise(func: tirx.PrimFunc, shape: Shape, scale: float) -> tirx.PrimFunc:
     """``func`` with every buffer shape variable and ``sm_scale`` bound: the form MetaSchedule
     can measure (its argument allocation reads concrete buffer shapes, and it passes no scalars)."""
-    dims = shape.to_dict()
-    binding: dict = {}
+    binding = D.shape_binding(func, shape.to_dict())
     for param in func.params:
-        ty = getattr(param, "ty", None)
-        if isinstance(ty, tirx.BufferType):
-            concrete = []
-            for extent in ty.shape:
-                if isinstance(extent, tirx.Var):
-                    if extent.name not in dims:
-                        raise ValueError(f"shape: no value for the shape variable {extent.name!r} of {param.name}")
-                    concrete.append(dims[extent.name])
-                else:
-                    concrete.append(int(extent))
-            binding[param] = tirx.decl_buffer(concrete, ty.dtype, param.name)
-        elif param.name == "sm_scale":
+        if param.name == "sm_scale":
             binding[param] = tirx.const(scale, "float32")
     return func.specialize(binding)
 
