@@ -100,7 +100,7 @@ def test_bench_json_puts_measurements_on_the_roofline(tmp_path):
 def test_registers_na_without_nvcc(monkeypatch):
     from tvmflash.build import lower
 
-    monkeypatch.setattr(E.shutil, "which", lambda name: None)
+    monkeypatch.setattr(E.nvcc, "find_nvcc", lambda: None)
     lowered = lower(SPEC.replace(target="nvidia/nvidia-h100"))
     assert E.ptxas_registers(lowered) == (None, "n/a (nvcc not found)")
     assert E.ptxas_registers(lower(SPEC)) == (None, "n/a (not a CUDA target)")

@@ -24,13 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
-from . import _compat, traffic
+from . import _compat, nvcc, traffic
 from . import definition as D
 from .build import _device_source, compile_lowered, lower
 from .spec import KernelSpec
@@ -286,25 +282,16 @@ def ptxas_registers(lowered) -> tuple[int | None, str]:
     (or why there are none: no nvcc, not a CUDA target)."""
     if not lowered.spec.is_cuda:
         return None, "n/a (not a CUDA target)"
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
+    if nvcc.find_nvcc() is None:
         return None, "n/a (nvcc not found)"
     arch = _compat.cuda_arch(lowered.spec.tvm_target)
     source = _device_source(compile_lowered(lowered), lowered.spec)
-    with tempfile.TemporaryDirectory(prefix="tvmflash-ptxas-") as tmp:
-        cu = os.path.join(tmp, "kernel.cu")
-        with open(cu, "w") as fh:
-            fh.write(source)
-        res = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-Xptxas", "-v", "-o",
-                              os.path.join(tmp, "kernel.cubin"), cu], capture_output=True, text=True)
-    if res.returncode != 0:
-        last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
-        return None, f"n/a (nvcc failed: {last})"
-    regs = [int(n) for n in re.findall(r"Used (\d+) registers", res.stderr)]
-    if not regs:
-        return None, "n/a (no register count in ptxas output)"
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", res.stderr)]
-    return max(regs), f"ptxas -v, {arch}, {max(spills, default=0)} bytes spilled"
+    try:  # the flags `build` compiles the embedded fatbin with
+        kernels = nvcc.resources(source, [arch])[arch].values()
+    except RuntimeError as err:
+        return None, f"n/a (nvcc failed: {str(err).strip().splitlines()[-1]})"
+    worst = max(kernels, key=lambda r: r.registers)
+    return worst.registers, f"ptxas -v, {arch}, {worst.spill_stores} bytes spilled"
 
 
 # ---------------------------------------------------------------------------------------------
