@@ -33,7 +33,11 @@ def _torch_reference(q, k, v, causal, dtype=None):
 @pytest.mark.parametrize("algorithm", ["fused", "standard"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [(64, 1, 113, 501), (128, 4, 1023, 1023), (128, 8, 300, 37)])
+@pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [
+    (64, 1, 113, 501), (128, 4, 1023, 1023), (128, 8, 300, 37),
+    (128, 2, 256, 512), (64, 1, 512, 128),  # tile multiples: the even kernel
+    (32, 2, 100, 77),  # the plain schedule
+])
 def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group, seq_q, seq_k):
     """FlashAttention's rule: our error against float64 at most 2x that of plain low precision."""
     import torch
@@ -117,3 +121,29 @@ def test_static_shape_kernel_on_gpu(head_dim, seqs, causal):
     assert err <= 2 * plain_err + 1e-5, f"max error {err:.3e} > 2 x plain float16 error {plain_err:.3e}"
     if head_dim == 128:
         assert torch.equal(static, dyn)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_even_kernel_gives_the_general_kernels_bits(head_dim, causal):
+    """attention() runs the even build on tile multiples; the general build gives the same bits."""
+    import torch
+
+    from tvmflash import get_kernel
+    from tvmflash.api import _kernel_for, _target_for
+
+    q = torch.randn(2, 512, 8, head_dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 1024, 4, head_dim, device="cuda", dtype=torch.float16)
+    spec = KernelSpec(head_dim, causal=causal, group=2, target=_target_for("cuda:0"))
+    assert _kernel_for(spec, 512, 1024).spec.even
+    out, lse = tvmflash.attention(q, k, k, causal=causal, return_lse=True)
+    general_out, general_lse = get_kernel(spec)(q, k, k, return_lse=True)
+    assert torch.equal(out, general_out) and torch.equal(lse, general_lse)
+
+
+def test_grid_limit_is_a_clear_error():
+    import torch
+
+    q = torch.randn(65536, 1, 1, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"gridDim.y, gridDim.z <= 65535\); got batch 65536"):
+        tvmflash.attention(q, q, q)

@@ -132,7 +132,7 @@ def test_mutated_decision_changes_the_schedule_and_names_its_config():
 def test_enumerated_space_is_one_design_space_per_config():
     """Schedule functions that build their own Schedule (the CUDA ones) get a design space per
     config value; each replays on the dynamic function and compiles for CUDA (no GPU needed)."""
-    spec = KernelSpec(64, target="nvidia/nvidia-a100")
+    spec = KernelSpec(32, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
     assert space.name == "schedule_cuda_simple.schedule_fused_cuda_simple" and space.apply is None
     tile = space.tiles[0]
@@ -496,9 +496,9 @@ def test_committed_logs_replay(meta_path, rng, tmp_path):
     assert len(stored) == len(meta["tiles"])
     for record in stored:
         record.trace.apply_to_schedule(Schedule(record.workload.mod), remove_postproc=False)
+    # a stale log (the definition changed since tuning) fails here: build would quietly fall
+    # back to the hand config; retune the variant (`tvmflash tune`, its spec from tuning.json)
     tuned, why = records.load_variant(meta_path.parent, spec, meta["schedule"])
-    if tuned is None and "matches the current TensorIR definition" in why:
-        pytest.skip(f"stale log, `tvmflash build` uses the hand config until it is retuned: {why}")
     assert tuned is not None, why
     assert tuned.config == meta["tiles"][0]["config"]
     mod = SP.workload(spec, tuned.tile, SP.Shape(**meta["shape"]), meta["softmax_scale"])

@@ -43,4 +43,20 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     V.check_scale(softmax_scale, d)
     spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
                       target=_target_for(device), shape=(b, sq, sk, h) if static_shape else None)
-    return get_kernel(spec)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
+    return _kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
+
+
+#: Every tile of the CUDA schedules is a multiple of this: shorter strides never suit an even kernel.
+_TILE_QUANTUM = 16
+
+
+def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
+    """The kernel that runs ``spec`` at these lengths. A CUDA fused kernel of any shape comes in
+    two builds, as FlashAttention-2's ``Is_even_MN``: an even one (no bound checks, no key-padding
+    mask) for lengths that are multiples of its tile, the general one for the rest."""
+    if spec.is_cuda and spec.algorithm == "fused" and spec.shape is None and seq_q > 0 and seq_k > 0 \
+            and seq_q % _TILE_QUANTUM == 0 and seq_k % _TILE_QUANTUM == 0:
+        even = get_kernel(spec.replace(even=True))
+        if even.accepts(seq_q, seq_k):
+            return even
+    return get_kernel(spec)

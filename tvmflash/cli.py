@@ -20,6 +20,7 @@ def _spec_from_args(args, target: str):
         algorithm=args.algorithm,
         target=target,
         shape=_parse_shape(getattr(args, "shape", None)),
+        even=bool(getattr(args, "even", False)),
     )
 
 
@@ -44,6 +45,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--causal", action="store_true", default=d(False), help="causal mask (bottom-right aligned)")
     p.add_argument("--gqa", type=int, default=d(1), metavar="G", help="query heads per kv head (default 1)")
     p.add_argument("--algorithm", choices=("fused", "standard"), default=d("fused"))
+    p.add_argument("--even", action="store_true", default=d(False),
+                   help="the even build: lengths are multiples of the tile, no bound checks (what "
+                        "attention() runs on a GPU where the lengths allow)")
 
 
 def cmd_build(args) -> int:
@@ -73,25 +77,44 @@ def cmd_build(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    """MetaSchedule tuning of one fused kernel; the best record per tile goes to the logs."""
-    from . import records
-    from .space import default_shape, parse_tiles
-    from .tune import tune
+    """MetaSchedule tuning of fused kernels, one variant after another in this process (TVM's
+    CUDA intrinsics load once); the best record per tile goes to the logs."""
+    import argparse as _argparse
 
-    spec = _spec_from_args(args, args.target)
+    from .space import parse_tiles
+
     for flag, value in (("--trials", args.trials), ("--seqlen", args.seqlen), ("--batch", args.batch),
                         ("--heads", args.heads), ("--trials-per-iter", args.trials_per_iter)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
-    shape = default_shape(spec, args.seqlen, args.batch, args.heads)
+    causals = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
+    specs = [_spec_from_args(_argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
+             for target in args.target for d in args.head_dim for c in causals]
     tiles = parse_tiles(args.tiles) if args.tiles else None
+    status = 0
+    for spec in specs:
+        work_dir = args.work_dir or os.path.join("tvmflash-tune", spec.key)
+        if args.work_dir and len(specs) > 1:
+            work_dir = os.path.join(args.work_dir, spec.key)
+        code = _tune_one(args, spec, tiles, work_dir)
+        if code == 130:
+            return code
+        status = status or code
+    return status
+
+
+def _tune_one(args, spec, tiles, work_dir) -> int:
+    from . import records
+    from .space import default_shape
+    from .tune import tune
+
+    shape = default_shape(spec, args.seqlen, args.batch, args.heads)
     logs = records.logs_root() if args.logs_dir is None else args.logs_dir
     if logs is None:
         logs = "tuning_logs"
     schedules = records.schedules_root() if args.schedules_dir is None else args.schedules_dir
     if schedules is None:
         schedules = "schedules"
-    work_dir = args.work_dir or os.path.join("tvmflash-tune", spec.key)
     print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
           f"{shape.heads}/{shape.heads_kv} heads, {args.trials} trials, work dir {work_dir}")
     t0 = time.perf_counter()
@@ -202,8 +225,8 @@ def _inspected_artifact(args) -> str:
 
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
-                       ("--algorithm", "algorithm"), ("--target", "target")]
-_INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused",
+                       ("--algorithm", "algorithm"), ("--even", "even"), ("--target", "target")]
+_INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
                          target="nvidia/nvidia-a100")
 
 
@@ -346,12 +369,14 @@ def main(argv=None) -> int:
                    help="archs of the fatbin, e.g. sm_80,sm_90 (default: the target's, plus sm_90 below it)")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("tune", help="MetaSchedule auto-tuning of one fused kernel (logs used by build)")
-    p.add_argument("--target", default="nvidia/nvidia-a100",
-                   help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p = sub.add_parser("tune", help="MetaSchedule auto-tuning of fused kernels (logs used by build)")
+    p.add_argument("--target", nargs="+", default=["nvidia/nvidia-a100"],
+                   help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100); "
+                        "several: each in turn")
+    p.add_argument("--head-dim", type=int, nargs="+", default=[128], help="head dimension(s) (default 128)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
+    p.add_argument("--causal", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="causal mask (bottom-right aligned); 'both': the non-causal and the causal variant")
     p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
     p.add_argument("--seqlen", type=int, default=None,
                    help="measured sequence length (default 4096 on GPUs, 256 on the CPU)")
@@ -402,7 +427,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: 'tvmflash fused' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
+                   help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused static' "
+                        "'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.add_argument("--memory", action="store_true",

@@ -91,6 +91,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
     dtype = spec.dtype
     G = spec.group
     causal = spec.causal
+    even = spec.even  # lengths are tile multiples: no bound checks, no key-padding mask
     BM = block_m
     BN = block_n
     neg_inf = tirx.const(NEG_INF, "float32")
@@ -147,9 +148,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                 for i, d in T.grid(BM, D):
                     with T.sblock(Q_LOAD):
                         vi, vd = T.axis.remap("SS", [i, d])
-                        Q_tile[vi, vd] = T.if_then_else(
-                            vqb * BM + vi < seq_q, Q[vb, vqb * BM + vi, vh, vd], T.Cast(dtype, 0)
-                        )
+                        Q_tile[vi, vd] = _guarded(even, vqb * BM + vi < seq_q, Q[vb, vqb * BM + vi, vh, vd], dtype)
                 # -- running state --
                 for i in range(BM):
                     with T.sblock(INIT_M):
@@ -171,19 +170,11 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                     for j, d in T.grid(BN, D):
                         with T.sblock(K_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            K_tile[vj, vd] = T.if_then_else(
-                                kv0 + vj < seq_k,
-                                K[vb, kv0 + vj, vh // G, vd],
-                                T.Cast(dtype, 0),
-                            )
+                            K_tile[vj, vd] = _guarded(even, kv0 + vj < seq_k, K[vb, kv0 + vj, vh // G, vd], dtype)
                     for j, d in T.grid(BN, D):
                         with T.sblock(V_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            V_tile[vj, vd] = T.if_then_else(
-                                kv0 + vj < seq_k,
-                                V[vb, kv0 + vj, vh // G, vd],
-                                T.Cast(dtype, 0),
-                            )
+                            V_tile[vj, vd] = _guarded(even, kv0 + vj < seq_k, V[vb, kv0 + vj, vh // G, vd], dtype)
                     # -- S = Q K^T (in a block of its own: a clean GEMM scope for schedules) --
                     with T.sblock(S_GEMM_TILE):
                         for i, j, d in T.grid(BM, BN, D):
@@ -207,7 +198,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                                 vi, vj = T.axis.remap("SR", [i, j])
                                 with T.init():  # the max reducer's identity (rfactor knows it)
                                     m_tile[vi] = T.min_value("float32")
-                                m_tile[vi] = T.max(m_tile[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal))
+                                m_tile[vi] = T.max(m_tile[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even))
                     for i in range(BM):
                         with T.sblock(RUNNING_MAX):
                             vi = T.axis.remap("S", [i])
@@ -220,7 +211,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                         with T.sblock(P_EXP):
                             vi, vj = T.axis.remap("SS", [i, j])
                             P_f32[vi, vj] = T.exp2(
-                                (_masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal) - _finite(m_new[vi]))
+                                (_masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even) - _finite(m_new[vi]))
                                 * (sm_scale * T.float32(LOG2E))
                             )
                     for i, j in T.grid(BM, BN):
@@ -263,7 +254,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                     for i, d in T.grid(BM, D):
                         with T.sblock(O_STORE):
                             vi, vd = T.axis.remap("SS", [i, d])
-                            if vqb * BM + vi < seq_q:
+                            if even or vqb * BM + vi < seq_q:
                                 O[vb, vqb * BM + vi, vh, vd] = T.Cast(
                                     dtype,
                                     T.Select(l_i[vi] == zero_f, zero_f, O_tile[vi, vd] / l_i[vi]),
@@ -271,7 +262,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                     for i in range(BM):
                         with T.sblock(LSE_STORE):
                             vi = T.axis.remap("S", [i])
-                            if vqb * BM + vi < seq_q:
+                            if even or vqb * BM + vi < seq_q:
                                 LSE[vb, vh, vqb * BM + vi] = T.Select(
                                     l_i[vi] == zero_f,
                                     neg_inf,
@@ -314,17 +305,24 @@ def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
     return tirx.max(tirx.ceildiv(last_key, BN), 0)
 
 
-def _visible(row, col, seq_q, seq_k, causal: bool):
-    """Whether query ``row`` attends to key ``col``."""
+def _visible(row, col, seq_q, seq_k, causal: bool, even: bool = False):
+    """Whether query ``row`` attends to key ``col`` (None: always, a non-causal even kernel)."""
+    below = col <= row + seq_k - seq_q if causal else None
+    if even:  # every key column exists
+        return below
     inside = col < seq_k
-    if not causal:
-        return inside
-    return tirx.all(inside, col <= row + seq_k - seq_q)
+    return inside if below is None else tirx.all(inside, below)
 
 
-def _masked(s, row, col, seq_q, seq_k, causal: bool):
+def _masked(s, row, col, seq_q, seq_k, causal: bool, even: bool = False):
     """Score ``s`` of (row, col), or -inf where the query does not see the key."""
-    return tirx.Select(_visible(row, col, seq_q, seq_k, causal), s, tirx.const(NEG_INF, "float32"))
+    visible = _visible(row, col, seq_q, seq_k, causal, even)
+    return s if visible is None else tirx.Select(visible, s, tirx.const(NEG_INF, "float32"))
+
+
+def _guarded(even: bool, inside, value, dtype: str):
+    """A tile element loaded from global memory: zero past the end, unless the kernel is even."""
+    return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
 
 
 def _finite(m):

@@ -19,6 +19,7 @@ from .spec import KernelSpec
 
 #: Largest element count an int32-indexed TensorIR buffer can address.
 INT32_MAX = 2**31 - 1
+GRID_YZ_MAX = 65535  # CUDA's limit on gridDim.y and gridDim.z (schedule_cuda.bind_grid)
 
 
 class Kernel:
@@ -34,6 +35,21 @@ class Kernel:
     @property
     def key(self) -> str:
         return self.spec.key
+
+    @property
+    def tile(self) -> tuple[int, int] | None:
+        """(block_m, block_n) of a fused kernel: the query and key tile of its definition."""
+        config = self.manifest["schedule"].get("config", {})
+        if "block_m" in config and "block_n" in config:
+            return int(config["block_m"]), int(config["block_n"])
+        return None
+
+    def accepts(self, seq_q: int, seq_k: int) -> bool:
+        """Whether the lengths suit the kernel: any, except for an even kernel (tile multiples)."""
+        if not self.spec.even:
+            return True
+        bm, bn = self.tile
+        return seq_q % bm == 0 and seq_k % bn == 0
 
     def __repr__(self) -> str:
         return f"Kernel({self.key}, schedule={self.manifest['schedule']['source']!r}, path={self.path!r})"
@@ -80,10 +96,25 @@ class Kernel:
                 f"[{eb}, {esk}, {eh // spec.group}, {d}] only (a static shape), got q {list(_shape(q))} "
                 f"and k {list(_shape(k))}"
             )
+        if not self.accepts(sq, sk):
+            raise ValueError(
+                f"seq_q, seq_k: kernel {self.key} is even (no bound checks): expected multiples of its tile "
+                f"{self.tile}, got seq_q {sq} and seq_k {sk}"
+            )
         if spec.algorithm == "standard" and b * h * sq * sk > INT32_MAX:
             raise ValueError(
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
                 f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
+            )
+        if spec.algorithm == "fused" and max(b * sq * h, b * sk * hk) * d > INT32_MAX:
+            raise ValueError(
+                f"q, k: the fused kernel indexes q, k, v, o with int32, which holds at most {INT32_MAX:,} "
+                f"elements per tensor; got q {list(_shape(q))} and k {list(_shape(k))}"
+            )
+        if spec.is_cuda and max(b, h) > GRID_YZ_MAX:
+            raise ValueError(
+                f"q: the CUDA kernel launches one block row per head and batch (gridDim.y, gridDim.z <= "
+                f"{GRID_YZ_MAX}); got batch {b} and heads {h}"
             )
         o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
         if out is not None:

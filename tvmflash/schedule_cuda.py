@@ -62,12 +62,31 @@ def default_config(target, head_dim: int) -> FlashConfig:
     return FlashConfig(block_m=64, block_n=32, num_warps=2)
 
 
+#: Head dims the tensor-core schedule serves: multiples of the 16-wide mma k step whose
+#: accumulator (block_m x head_dim floats over num_warps warps) fits the register file. (32 fails
+#: in TVM 0.27's StorageRewrite: it shares one shared.dyn allocation between a float16 and a
+#: float32 buffer, "tvm_access_ptr element type must match the source buffer"; it takes the
+#: plain schedule.)
+HEAD_DIMS = (64, 96, 128)
+
+
 def supports(spec) -> bool:
-    """Whether this schedule serves ``spec`` (else the plain CUDA schedule does). Head dim 64
-    fails in TVM's StorageRewrite, which aliases an f16 and an f32 shared.dyn buffer ("tvm_access_ptr
-    element type must match the source buffer"); bfloat16 needs its own ldmatrix/mma
-    intrinsics. Both are open work (NOTES.md)."""
-    return spec.dtype in I.MMA_DTYPES and spec.head_dim == 128
+    """Whether this schedule serves ``spec`` (else the plain CUDA schedule does)."""
+    return spec.dtype in I.MMA_DTYPES and spec.head_dim in HEAD_DIMS
+
+
+#: CUDA's limit on gridDim.y and gridDim.z (heads and batch of ``bind_grid``).
+GRID_YZ_MAX = 65535
+
+
+def bind_grid(sch: Schedule):
+    """One thread block per (query tile, head, batch) on a 3-D grid (blockIdx.x, .y, .z), as
+    FlashAttention-2 launches: each block reads its coordinates directly, where one fused
+    blockIdx.x over symbolic extents would cost integer divisions in every address."""
+    b, h, qb = sch.get_loops(D.TILE)
+    sch.bind(qb, "blockIdx.x")
+    sch.bind(h, "blockIdx.y")
+    sch.bind(b, "blockIdx.z")
 
 
 def _bind_rows(sch: Schedule, loop, config: FlashConfig):
@@ -220,8 +239,7 @@ def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "
     intrin = I.intrinsics(dtype)
 
     # Step 1. One thread block per (batch, head, query tile).
-    b, h, qb = sch.get_loops(D.TILE)
-    sch.bind(sch.fuse(b, h, qb), "blockIdx.x")
+    bind_grid(sch)
 
     # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
     # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from . import definition as D
 from ._compat import Schedule, tirx
+from .schedule_cuda import bind_grid
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) ->
     BM = config.block_m
 
     # Step 1. One thread block per (batch, head, query tile).
-    b, h, qb = sch.get_loops(D.TILE)
-    sch.bind(sch.fuse(b, h, qb), "blockIdx.x")
+    bind_grid(sch)
 
     # Step 2. K/V tiles in shared memory, loaded cooperatively; everything per-row in registers.
     for block, buffer_index, scope in (

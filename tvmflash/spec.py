@@ -53,6 +53,10 @@ class KernelSpec:
                (batch, seqlen_q, seqlen_k, heads): a kernel compiled for that shape only (fused
                algorithm). With every extent known the compiler drops the bound checks and the
                index arithmetic: on the H100 3x faster at head dim 128 (NOTES.md).
+    even:      (fused, any shape) seqlen_q and seqlen_k are multiples of the kernel's tile
+               (block_m, block_n): the kernel has no bound checks and no key-padding mask, and
+               refuses other lengths (FlashAttention-2's ``Is_even_MN``). ``attention`` picks it by
+               itself where the lengths allow.
     """
 
     head_dim: int
@@ -62,6 +66,7 @@ class KernelSpec:
     algorithm: str = "fused"
     target: str = "cpu"
     shape: tuple | None = None
+    even: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -74,6 +79,11 @@ class KernelSpec:
             if self.algorithm != "fused":
                 raise ValueError(f"shape: static shapes are for the fused algorithm, got algorithm={self.algorithm!r}")
             object.__setattr__(self, "shape", shape)
+        if not isinstance(self.even, bool):
+            raise TypeError(f"even: expected a bool, got {type(self.even).__name__}")
+        if self.even and (self.shape is not None or self.algorithm != "fused"):
+            raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
+                             f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.dtype not in DTYPES:
@@ -109,6 +119,8 @@ class KernelSpec:
         if self.shape is not None:
             b, sq, sk, h = self.shape
             parts.append(f"b{b}q{sq}k{sk}h{h}")
+        if self.even:
+            parts.append("even")
         parts.append(target_id(self.target))
         return "_".join(parts)
 
