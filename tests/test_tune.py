@@ -286,7 +286,8 @@ def test_build_uses_the_log_else_says_why(tmp_path, monkeypatch, rng):
 
     root = tmp_path / "logs"
     vdir, config = _write_log(root, spec, shape=SP.Shape(1, 128, 128, 4, 2))
-    assert sorted(p.name for p in vdir.iterdir()) == sorted([records.WORKLOADS, records.RECORDS, records.METADATA])
+    assert sorted(p.name for p in vdir.iterdir()) == sorted([records.WORKLOADS + records.XZ, records.RECORDS + records.XZ,
+                                                             records.METADATA])
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(root))
     so, manifest = build(spec, tmp_path / "out")
     schedule = json.loads(Path(manifest).read_text())["schedule"]
@@ -303,7 +304,7 @@ def test_build_uses_the_log_else_says_why(tmp_path, monkeypatch, rng):
     assert "this build uses schedule_cpu.schedule_fused_cpu" in lower(spec).tuning["tuning"]
     meta_path.write_text(json.dumps({**meta, "shape": {**meta["shape"], "seq_q": 129}}))
     assert "matches the current TensorIR definition" in lower(spec).tuning["tuning"]
-    (vdir / records.WORKLOADS).write_text("not json\n")
+    (vdir / (records.WORKLOADS + records.XZ)).write_text("not xz\n")
     meta_path.write_text(json.dumps(meta))
     assert "could not be read" in lower(spec).tuning["tuning"]
 
@@ -377,7 +378,7 @@ def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
     assert meta["trials"] == 6 and meta["shape"] == {"batch": 8, "seq_q": 128, "seq_k": 128, "heads": 2,
                                                       "heads_kv": 2}
     assert meta["tvm_version"] == _compat.TVM_VERSION and meta["tvm_ffi_version"] == _compat.TVM_FFI_VERSION
-    assert len(ms.database.JSONDatabase(work_dir=str(vdir), allow_missing=False)) == 1  # pruned: best per tile
+    assert len(records.open_database(vdir)) == 1  # pruned: best per tile
     best_secs = min(records.mean_run_secs(r) for r in db.get_all_tuning_records())
     assert meta["tiles"][0]["run_ms"] == pytest.approx(best_secs * 1e3, rel=1e-5)
 

@@ -1,7 +1,7 @@
 """Tuning logs in the repository: ``tuning_logs/<target>/<key>/`` and ``schedules/<target>/<key>.py``.
 
 ``tvmflash tune`` writes, per kernel variant, a pruned MetaSchedule JSON database (the best record
-of each tile shape it tuned: ``database_workload.json`` + ``database_tuning_record.json``) and
+of each tile shape it tuned: ``database_workload.json.xz`` + ``database_tuning_record.json.xz``) and
 ``tuning.json`` (measured shape, device, versions, trials, the time of each tile). ``build``
 asks ``lookup`` for the fastest record whose workload still matches the TensorIR definition and
 replays its trace on the dynamic-shape function; without one it uses the hand config and says why.
@@ -28,6 +28,7 @@ from .spec import KernelSpec, target_id
 METADATA = "tuning.json"
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+XZ = ".xz"  # committed logs hold the two database files xz-compressed
 FAILED_RUN = 1e9  # MetaSchedule stores failed candidates with a run time of 1e10 s
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -95,11 +96,33 @@ def workload_hash(mod) -> str:
 
 
 def open_database(directory: Path, create: bool = False) -> ms.database.JSONDatabase:
+    """The JSON database in ``directory``: a work dir's plain files, or a committed log's
+    xz-compressed ones (read into memory from a scratch copy; the database is read-only then)."""
+    directory = Path(directory)
+    if not create and (directory / (WORKLOADS + XZ)).exists():
+        import lzma
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tvmflash-log-") as scratch:
+            for name in (WORKLOADS, RECORDS):
+                (Path(scratch) / name).write_bytes(lzma.decompress((directory / (name + XZ)).read_bytes()))
+            return open_database(scratch)  # JSONDatabase reads both files when it is created
     return ms.database.JSONDatabase(
-        path_workload=str(Path(directory) / WORKLOADS),
-        path_tuning_record=str(Path(directory) / RECORDS),
+        path_workload=str(directory / WORKLOADS),
+        path_tuning_record=str(directory / RECORDS),
         allow_missing=create,
     )
+
+
+def _compress(directory: Path) -> None:
+    """Replace the database files of ``directory`` by their xz form (a tenth of the size: the
+    logs travel with the source tree)."""
+    import lzma
+
+    for name in (WORKLOADS, RECORDS):
+        path = Path(directory) / name
+        (Path(directory) / (name + XZ)).write_bytes(lzma.compress(path.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
+        path.unlink()
 
 
 def lookup(spec: KernelSpec, schedule: str, root: Path | None = None) -> tuple[TunedRecord | None, str]:
@@ -191,7 +214,9 @@ def write_variant(root: Path, spec: KernelSpec, meta: dict, records: list) -> Pa
         workload = db.commit_workload(rec.workload.mod)
         db.commit_tuning_record(ms.database.TuningRecord(
             rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+    del db
     _compact_workloads(tmp / WORKLOADS)
+    _compress(tmp)
     (tmp / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
     old = vdir.parent / f".{spec.key}.old-{os.getpid()}"
     if vdir.exists():
