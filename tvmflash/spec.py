@@ -52,7 +52,7 @@ class KernelSpec:
     shape:     None (default): one kernel serves every batch, length and head count. Or
                (batch, seqlen_q, seqlen_k, heads): a kernel compiled for that shape only (fused
                algorithm). With every extent known the compiler drops the bound checks and the
-               index arithmetic: on the H100 3x faster at head dim 128 (NOTES.md).
+               index arithmetic (on the H100 ~10% over the even build at head dim 128, NOTES.md).
     even:      (fused, any shape) seqlen_q and seqlen_k are multiples of the kernel's tile
                (block_m, block_n): the kernel has no bound checks and no key-padding mask, and
                refuses other lengths (FlashAttention-2's ``Is_even_MN``). ``attention`` picks it by
