@@ -30,6 +30,9 @@ def test_fused_kernel_builds_for_cuda(tmp_path, target, variant):
     # no global buffer besides q, k, v, o, lse: S and P never leave the chip
     pointers = re.findall(r"\* __restrict__ (\w+)_ptr", next(iter(kernels.values())))
     assert sorted(pointers) == ["K", "LSE", "O", "Q", "V"]
+    # every variant here runs on tensor cores, bfloat16 through tvmflash's own intrinsics
+    ptx_type = {"float16": "f16", "bfloat16": "bf16"}[spec.dtype]
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_type}.{ptx_type}.f32" in cu and "ldmatrix" in cu
 
 
 def _kernels(cu: str):
