@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvmflash import KernelSpec, api, get_kernel, lower
+from tvmflash.kernel import Kernel
 from tvmflash.reference import attention_reference
 
 from helpers import assert_close_to_reference, make_qkv
@@ -32,7 +33,8 @@ def test_even_kernel_refuses_other_lengths(rng):
     kernel = get_kernel(KernelSpec(64, even=True))
     bm, bn = kernel.tile
     q, k, v = make_qkv(rng, 1, bm + 1, bn, 2, 2, 64, "float16")
-    with pytest.raises(ValueError, match=rf"seq_q, seq_k: kernel {kernel.key} is even .* got seq_q {bm + 1} "):
+    with pytest.raises(ValueError, match=rf"seq_q, seq_k: kernel {kernel.key} is even .* multiple of block_m={bm} .* "
+                                         rf"got seq_q {bm + 1} "):
         kernel(q, k, v)
     assert not kernel.accepts(bm, bn + 16) and kernel.accepts(2 * bm, 3 * bn)
 
@@ -68,31 +70,49 @@ def test_cuda_even_kernel_has_no_bound_checks(head_dim):
         assert not re.search(r"\(\(int\)blockIdx\.\w\) [%/]", cu), "integer division of a block index"
 
 
-class _FakeKernel:
-    def __init__(self, spec, tile=(128, 64)):
-        self.spec, self.tile = spec, tile
+def _stub_kernel(spec, tile):
+    """A Kernel whose manifest says it was built with ``tile`` (nothing to call)."""
+    manifest = {"spec": spec.to_dict(), "functions": ["main"],
+                "schedule": {"config": {"block_m": tile[0], "block_n": tile[1]}}}
+    return Kernel({"main": None}, manifest)
 
-    def accepts(self, seq_q, seq_k):
-        return not self.spec.even or (seq_q % self.tile[0] == 0 and seq_k % self.tile[1] == 0)
 
-
-@pytest.mark.parametrize("seq_q, seq_k, built, chosen", [
-    (4096, 4096, ["even"], "even"),  # tile multiples: the even kernel
-    (4096, 4048, ["even", "general"], "general"),  # 16-multiples the tile does not divide: built, refused
-    (4008, 4096, ["general"], "general"),  # not even a multiple of 16: the even kernel is never built
-    (0, 4096, ["general"], "general"),
+@pytest.mark.parametrize("seq_q, seq_k, built_tile, asked, chosen", [
+    (4096, 4096, (128, 64), ["even"], "even"),  # tile multiples: the even kernel, nothing else built
+    (4096, 4048, (128, 64), ["general"], "general"),  # the planned tile does not divide: never built
+    (0, 4096, (128, 64), ["general"], "general"),
+    # the planned tile divides, the built one (an older log's) does not: built, refused
+    (4096, 4032, (128, 128), ["even", "general"], "general"),
 ])
-def test_attention_dispatch(monkeypatch, seq_q, seq_k, built, chosen):
-    asked = []
+def test_attention_dispatch(monkeypatch, seq_q, seq_k, built_tile, asked, chosen):
+    got = []
 
     def fake_get_kernel(spec):
-        asked.append("even" if spec.even else "general")
-        return _FakeKernel(spec)
+        got.append("even" if spec.even else "general")
+        return _stub_kernel(spec, built_tile)
 
     monkeypatch.setattr(api, "get_kernel", fake_get_kernel)
+    monkeypatch.setattr(api, "_planned_tile", lambda spec, logs: (128, 64))
     spec = KernelSpec(128, target="nvidia/nvidia-h100")
     kernel = api._kernel_for(spec, seq_q, seq_k)
-    assert asked == built and kernel.spec.even == (chosen == "even")
-    asked.clear()
+    assert got == asked and kernel.spec.even == (chosen == "even")
+    got.clear()
     assert not api._kernel_for(KernelSpec(128), 4096, 4096).spec.even, "CPU kernels stay general"
     assert not api._kernel_for(spec.replace(shape=(1, 4096, 4096, 2)), 4096, 4096).spec.even
+
+
+def test_planned_tile_reads_the_log_without_building(monkeypatch):
+    """The even build replays the general build's record: its tile comes from that log's
+    tuning.json (the committed H100 log of head dim 64 chose 128x128), else the hand config."""
+    import json
+
+    from tvmflash import records
+    from tvmflash.build import planned_tile
+
+    spec = KernelSpec(64, target="nvidia/nvidia-h100", even=True)
+    meta = json.loads((records.variant_dir(records.logs_root(), spec.replace(even=False)) / records.METADATA)
+                      .read_text())
+    best = meta["tiles"][0]["config"]
+    assert planned_tile(spec) == (best["block_m"], best["block_n"])
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", "off")
+    assert planned_tile(spec) == (128, 64)

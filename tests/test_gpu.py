@@ -36,7 +36,7 @@ def _torch_reference(q, k, v, causal, dtype=None):
 @pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [
     (64, 1, 113, 501), (128, 4, 1023, 1023), (128, 8, 300, 37),
     (128, 2, 256, 512), (64, 1, 512, 128),  # tile multiples: the even kernel
-    (32, 2, 100, 77),  # the plain schedule
+    (32, 2, 100, 77), (96, 2, 200, 333),  # the plain schedule
 ])
 def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group, seq_q, seq_k):
     """FlashAttention's rule: our error against float64 at most 2x that of plain low precision."""
@@ -49,6 +49,11 @@ def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group,
     v = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
     out, lse = tvmflash.attention(q, k, v, causal=causal, return_lse=True, algorithm=algorithm)
     torch.cuda.synchronize()
+    if algorithm == "fused":  # the even build where the lengths are multiples of the tile
+        from tvmflash.api import _kernel_for, spec_for
+
+        even = (head_dim, seq_q, seq_k) in {(128, 256, 512), (64, 512, 128)}
+        assert _kernel_for(spec_for(q, k, v, causal=causal)[0], seq_q, seq_k).spec.even == even
     ref = _torch_reference(q, k, v, causal)
     plain = _torch_reference(q, k, v, causal, dtype=dt)
     err = (out.double() - ref).abs().max().item()
@@ -134,11 +139,15 @@ def test_even_kernel_gives_the_general_kernels_bits(head_dim, causal):
 
     q = torch.randn(2, 512, 8, head_dim, device="cuda", dtype=torch.float16)
     k = torch.randn(2, 1024, 4, head_dim, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
     spec = KernelSpec(head_dim, causal=causal, group=2, target=_target_for("cuda:0"))
     assert _kernel_for(spec, 512, 1024).spec.even
-    out, lse = tvmflash.attention(q, k, k, causal=causal, return_lse=True)
-    general_out, general_lse = get_kernel(spec)(q, k, k, return_lse=True)
+    out, lse = tvmflash.attention(q, k, v, causal=causal, return_lse=True)
+    general_out, general_lse = get_kernel(spec)(q, k, v, return_lse=True)
     assert torch.equal(out, general_out) and torch.equal(lse, general_lse)
+    ref = _torch_reference(q, k, v, causal)
+    plain_err = (_torch_reference(q, k, v, causal, dtype=torch.float16).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * plain_err + 1e-5
 
 
 def test_grid_limit_is_a_clear_error():

@@ -309,6 +309,39 @@ def test_build_uses_the_log_else_says_why(tmp_path, monkeypatch, rng):
     assert "could not be read" in lower(spec).tuning["tuning"]
 
 
+def test_even_build_replays_the_general_log(tmp_path, monkeypatch, rng):
+    """No log of its own: the even build takes the general build's record (same trace) and runs
+    correctly on tile multiples."""
+    spec = KernelSpec(32, causal=True, group=2)
+    root = tmp_path / "logs"
+    vdir, config = _write_log(root, spec, shape=SP.Shape(1, 128, 128, 4, 2))
+    monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(root))
+    even = spec.replace(even=True)
+    so, manifest = build(even, tmp_path / "out")
+    schedule = json.loads(Path(manifest).read_text())["schedule"]
+    assert schedule["source"] == "tuned record" and schedule["config"] == config
+    assert schedule["database"] == str(vdir)
+    q, k, v = make_qkv(rng, 2, 2 * config["block_m"], 2 * config["block_n"], 4, 2, 32, "float16")
+    out, lse = load(so)(q, k, v, return_lse=True)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=True), "float16")
+
+
+def test_tune_several_variants_in_turn(tmp_path, monkeypatch):
+    """--target / --head-dim lists and --causal both: each variant in turn, in one process, each
+    in <work-dir>/<key>; --causal alone still means causal."""
+    from tvmflash import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_tune_one", lambda args, spec, tiles, work_dir: seen.append((spec.key, work_dir)) or 0)
+    work = str(tmp_path / "w")
+    assert main(["tune", "--target", "cpu", "--head-dim", "32", "64", "--causal", "both", "--work-dir", work]) == 0
+    keys = [KernelSpec(d, causal=c).key for d in (32, 64) for c in (False, True)]
+    assert seen == [(key, os.path.join(work, key)) for key in keys]
+    seen.clear()
+    assert main(["tune", "--target", "cpu", "--head-dim", "32", "--causal", "--work-dir", work]) == 0
+    assert seen == [(KernelSpec(32, causal=True).key, work)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trials", "0"], "--trials: expected a positive int, got 0"),
     (["--tiles", "7x7"], "tiles: expected a subset of"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 from . import validate as V
 from .cache import get_kernel
+from .records import logs_root
 from .spec import KernelSpec
 
 
@@ -41,24 +44,41 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if not isinstance(static_shape, bool):
         raise TypeError(f"static_shape: expected a bool, got {type(static_shape).__name__}")
-    _, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(q, k, v)
-    V.check_scale(softmax_scale, d)
-    spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
-                      target=_target_for(device), shape=(b, sq, sk, h) if static_shape else None)
+    spec, (b, sq, sk, h) = spec_for(q, k, v, causal=causal, algorithm=algorithm)
+    V.check_scale(softmax_scale, spec.head_dim)
+    if static_shape:
+        spec = spec.replace(shape=(b, sq, sk, h))
     return _kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
 
 
-#: Every tile of the CUDA schedules is a multiple of this: shorter strides never suit an even kernel.
-_TILE_QUANTUM = 16
+def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused"):
+    """(the any-shape KernelSpec that serves these inputs on their device, (batch, seq_q, seq_k,
+    heads))."""
+    _, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(q, k, v)
+    spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
+                      target=_target_for(device))
+    return spec, (b, sq, sk, h)
 
 
 def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
     """The kernel that runs ``spec`` at these lengths. A CUDA fused kernel of any shape comes in
     two builds, as FlashAttention-2's ``Is_even_MN``: an even one (no bound checks, no key-padding
-    mask) for lengths that are multiples of its tile, the general one for the rest."""
-    if spec.is_cuda and spec.algorithm == "fused" and spec.shape is None and seq_q > 0 and seq_k > 0 \
-            and seq_q % _TILE_QUANTUM == 0 and seq_k % _TILE_QUANTUM == 0:
-        even = get_kernel(spec.replace(even=True))
-        if even.accepts(seq_q, seq_k):
-            return even
+    mask) for lengths that are multiples of its tile, the general one for the rest. The tile is
+    known before the even build exists (``build.planned_tile``), so lengths it does not divide
+    never build it."""
+    if spec.is_cuda and spec.algorithm == "fused" and spec.shape is None and seq_q > 0 and seq_k > 0:
+        even = spec.replace(even=True)
+        block_m, block_n = _planned_tile(even, str(logs_root()))
+        if seq_q % block_m == 0 and seq_k % block_n == 0:
+            kernel = get_kernel(even)
+            if kernel.accepts(seq_q, seq_k):  # the tile it was built with (a log may have changed)
+                return kernel
     return get_kernel(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _planned_tile(spec: KernelSpec, logs: str) -> tuple[int, int]:
+    """``build.planned_tile``, once per spec and tuning-log root (``logs``: part of the key only)."""
+    from .build import planned_tile
+
+    return planned_tile(spec)

@@ -41,15 +41,11 @@ def _sdpa(backend):
 
 def _general():
     """The any-length build (bound checks kept) even where attention() would take the even one."""
-    from . import validate as V
-    from .api import _target_for
-    from .cache import get_kernel
-    from .spec import KernelSpec
-
     def run(q, k, v, causal):
-        _, device, dtype, (_, _, h, _, hk, d) = V.check_qkv(q, k, v)
-        spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, target=_target_for(device))
-        return get_kernel(spec)(q, k, v)
+        from .api import spec_for
+        from .cache import get_kernel
+
+        return get_kernel(spec_for(q, k, v, causal=causal)[0])(q, k, v)
 
     return run
 

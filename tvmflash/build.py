@@ -2,8 +2,8 @@
 
 Which schedule serves a spec:
   fused, cpu       -> ``schedule_cpu.schedule_fused_cpu``
-  fused, cuda      -> ``schedule_cuda.schedule_fused_cuda`` (head dim 128, float16), else
-                      ``schedule_cuda_simple.schedule_fused_cuda_simple``
+  fused, cuda      -> ``schedule_cuda.schedule_fused_cuda`` (tensor cores: head dims 64, 96,
+                      128), else ``schedule_cuda_simple.schedule_fused_cuda_simple``
   standard, cpu    -> ``schedule_cpu.schedule_standard_cpu``
   standard, cuda   -> TVM's stock GPU rules (``s_tir.dlight``), per function
 
@@ -75,6 +75,13 @@ def lower(spec: KernelSpec) -> Lowered:
     cfg = default_cpu_config(spec.head_dim)
     mod = schedule_standard_cpu(before, cfg)
     return Lowered(spec, mod, before, "schedule_cpu.schedule_standard_cpu", dataclasses.asdict(cfg), entry)
+
+
+def planned_tile(spec: KernelSpec) -> tuple[int, int]:
+    """(block_m, block_n) that ``build(spec)`` will use (fused): the tuned record's tile, else the
+    hand config's. Reads no database and compiles nothing."""
+    cfg, _, name, _ = _fused_schedule(spec, spec.tvm_target)
+    return records.planned_tile(spec, name) or (cfg.block_m, cfg.block_n)
 
 
 def _fused_schedule(spec: KernelSpec, target):

@@ -79,8 +79,6 @@ def cmd_build(args) -> int:
 def cmd_tune(args) -> int:
     """MetaSchedule tuning of fused kernels, one variant after another in this process (TVM's
     CUDA intrinsics load once); the best record per tile goes to the logs."""
-    import argparse as _argparse
-
     from .space import parse_tiles
 
     for flag, value in (("--trials", args.trials), ("--seqlen", args.seqlen), ("--batch", args.batch),
@@ -88,7 +86,7 @@ def cmd_tune(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
     causals = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
-    specs = [_spec_from_args(_argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
+    specs = [_spec_from_args(argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
              for target in args.target for d in args.head_dim for c in causals]
     tiles = parse_tiles(args.tiles) if args.tiles else None
     status = 0
@@ -389,7 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default=None, help="BLOCK_MxBLOCK_N[,...]: tune only these tiles (default: all "
                    "candidates of the schedule)")
     p.add_argument("--work-dir", default=None, help="MetaSchedule work dir: JSON database and logs; a rerun "
-                   "resumes from it (default tvmflash-tune/<key>)")
+                   "resumes from it (default tvmflash-tune/<key>; several variants: <work-dir>/<key> each)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on a device of this RPC tracker")
     p.add_argument("--rpc-key", default=None, help="the RPC tracker's device key")

@@ -58,13 +58,13 @@ def _register_16bit(dtype: str, ptx_type: str) -> dict:
         return _registered[dtype]
     from tvm.s_tir import TensorIntrin
 
-    short = ptx_type
+    t = ptx_type
     names = {
-        "load_a": f"tvmflash_ldmatrix_{short}_a_dyn",
-        "load_b_trans": f"tvmflash_ldmatrix_{short}_b_trans_dyn",
-        "load_b": f"tvmflash_ldmatrix_{short}_b_dyn",
-        "mma_trans_b": f"tvmflash_mma_{short}{short}f32_trans_b",
-        "mma": f"tvmflash_mma_{short}{short}f32",
+        "load_a": f"tvmflash_ldmatrix_{t}_a_dyn",
+        "load_b_trans": f"tvmflash_ldmatrix_{t}_b_trans_dyn",
+        "load_b": f"tvmflash_ldmatrix_{t}_b_dyn",
+        "mma_trans_b": f"tvmflash_mma_{t}{t}f32_trans_b",
+        "mma": f"tvmflash_mma_{t}{t}f32",
     }
     # A [m, k] and B^T [n, k]: ldmatrix as stored; B [k, n]: ldmatrix .trans
     TensorIntrin.register(names["load_a"], *_ldmatrix(dtype, transpose=False, row_blocks=False), override=True)
@@ -85,7 +85,7 @@ def _ldmatrix(dtype: str, transpose: bool, row_blocks: bool):
     from tvm.runtime import convert
     from tvm.script import tirx as T
 
-    layout = fragment_layout
+    layout = fragment_layout  # a closure variable, as TVMScript resolves names in the prim_func
 
     def lane_offset(tx, stride):
         if row_blocks:  # lanes 0-7: rows 0-7 cols 0-7, 8-15: rows 0-7 cols 8-15, 16-31: rows 8-15
@@ -133,7 +133,7 @@ def _mma(dtype: str, ptx_type: str, b_is_nk: bool):
     from tvm.script import tirx as T
     from tvm.tirx import Cast
 
-    layout = fragment_layout
+    layout = fragment_layout  # a closure variable, as TVMScript resolves names in the prim_func
 
     def b_index(k, n):
         return layout(n, k) if b_is_nk else layout(k, n)

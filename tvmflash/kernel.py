@@ -19,7 +19,9 @@ from .spec import KernelSpec
 
 #: Largest element count an int32-indexed TensorIR buffer can address.
 INT32_MAX = 2**31 - 1
-GRID_YZ_MAX = 65535  # CUDA's limit on gridDim.y and gridDim.z (schedule_cuda.bind_grid)
+#: CUDA's limit on gridDim.y and gridDim.z, where the fused CUDA kernel puts heads and batch
+#: (``schedule_cuda.bind_grid``).
+GRID_YZ_MAX = 65535
 
 
 class Kernel:
@@ -48,8 +50,10 @@ class Kernel:
         """Whether the lengths suit the kernel: any, except for an even kernel (tile multiples)."""
         if not self.spec.even:
             return True
-        bm, bn = self.tile
-        return seq_q % bm == 0 and seq_k % bn == 0
+        if self.tile is None:
+            raise ValueError(f"path: the manifest of even kernel {self.key} names no tile (block_m, block_n)")
+        block_m, block_n = self.tile
+        return seq_q % block_m == 0 and seq_k % block_n == 0
 
     def __repr__(self) -> str:
         return f"Kernel({self.key}, schedule={self.manifest['schedule']['source']!r}, path={self.path!r})"
@@ -97,24 +101,27 @@ class Kernel:
                 f"and k {list(_shape(k))}"
             )
         if not self.accepts(sq, sk):
+            block_m, block_n = self.tile
             raise ValueError(
-                f"seq_q, seq_k: kernel {self.key} is even (no bound checks): expected multiples of its tile "
-                f"{self.tile}, got seq_q {sq} and seq_k {sk}"
+                f"seq_q, seq_k: kernel {self.key} is even (no bound checks): expected seq_q a multiple of "
+                f"block_m={block_m} and seq_k a multiple of block_n={block_n}, got seq_q {sq} and seq_k {sk}"
             )
+        launched = b * sq * h > 0
         if spec.algorithm == "standard" and b * h * sq * sk > INT32_MAX:
             raise ValueError(
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
                 f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
             )
-        if spec.algorithm == "fused" and max(b * sq * h, b * sk * hk) * d > INT32_MAX:
+        largest = max(b * sq * h, b * sk * hk) * d
+        if launched and largest > INT32_MAX:
             raise ValueError(
-                f"q, k: the fused kernel indexes q, k, v, o with int32, which holds at most {INT32_MAX:,} "
-                f"elements per tensor; got q {list(_shape(q))} and k {list(_shape(k))}"
+                f"q, k: the kernels index q, k, v, o with int32: expected at most {INT32_MAX:,} elements per "
+                f"tensor, got {largest:,} (q {list(_shape(q))}, k {list(_shape(k))})"
             )
-        if spec.is_cuda and max(b, h) > GRID_YZ_MAX:
+        if launched and spec.is_cuda and spec.algorithm == "fused" and max(b, h) > GRID_YZ_MAX:
             raise ValueError(
-                f"q: the CUDA kernel launches one block row per head and batch (gridDim.y, gridDim.z <= "
-                f"{GRID_YZ_MAX}); got batch {b} and heads {h}"
+                f"q: the fused CUDA kernel launches one block row per head and batch: expected batch and heads "
+                f"<= {GRID_YZ_MAX} (gridDim.y, gridDim.z), got batch {b} and heads {h}"
             )
         o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
         if out is not None:

@@ -97,7 +97,8 @@ def workload_hash(mod) -> str:
 
 def open_database(directory: Path, create: bool = False) -> ms.database.JSONDatabase:
     """The JSON database in ``directory``: a work dir's plain files, or a committed log's
-    xz-compressed ones (read into memory from a scratch copy; the database is read-only then)."""
+    xz-compressed ones (read into memory from a scratch copy, deleted at once: query it, never
+    commit to it)."""
     directory = Path(directory)
     if not create and (directory / (WORKLOADS + XZ)).exists():
         import lzma
@@ -186,9 +187,11 @@ def schedule_from_log(spec: KernelSpec, schedule: str):
     tuned, why = lookup(spec, schedule)
     if tuned is None and spec.even:
         # The general build's records serve the even one: the same schedule (the trace names
-        # blocks and tiles, never a bound check), and the measured workload has a static shape
-        # of tile multiples, where both builds fold to one kernel.
-        tuned, why = lookup(spec.replace(even=False), schedule)
+        # blocks and tiles, never a bound check); at the measured static shape both builds fold
+        # to one kernel where its lengths are tile multiples (the default 4096 is, for every tile
+        # but 96).
+        tuned, why_general = lookup(spec.replace(even=False), schedule)
+        why = f"{why}; the general build's log: {why_general}"
     if tuned is None:
         return None, None, {"tuning": why}
     try:
@@ -198,6 +201,25 @@ def schedule_from_log(spec: KernelSpec, schedule: str):
     except Exception as err:  # noqa: BLE001
         return None, None, {"tuning": f"the record in {tuned.database} does not replay "
                                       f"({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]})"}
+
+
+def planned_tile(spec: KernelSpec, schedule: str) -> tuple[int, int] | None:
+    """The tile of the record ``build`` would replay for ``spec`` (the fastest of its log, or of
+    the general build's for an even spec), from ``tuning.json`` alone: no database, no compile.
+    None: no log of ``schedule``. (A stale log still names a tile here; build then falls back to
+    the hand config, which ``Kernel.accepts`` checks again.)"""
+    root = logs_root()
+    if root is None:
+        return None
+    for candidate in (spec, spec.replace(even=False)) if spec.even else (spec,):
+        try:
+            meta = json.loads((variant_dir(root, candidate) / METADATA).read_text())
+            if meta.get("schedule") == schedule and meta.get("tiles"):
+                config = meta["tiles"][0]["config"]
+                return int(config["block_m"]), int(config["block_n"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def write_variant(root: Path, spec: KernelSpec, meta: dict, records: list) -> Path:
@@ -214,7 +236,7 @@ def write_variant(root: Path, spec: KernelSpec, meta: dict, records: list) -> Pa
         workload = db.commit_workload(rec.workload.mod)
         db.commit_tuning_record(ms.database.TuningRecord(
             rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
-    del db
+    del db  # the database's files are complete once it is gone
     _compact_workloads(tmp / WORKLOADS)
     _compress(tmp)
     (tmp / METADATA).write_text(json.dumps(meta, indent=1) + "\n")

@@ -56,7 +56,7 @@ class KernelSpec:
     even:      (fused, any shape) seqlen_q and seqlen_k are multiples of the kernel's tile
                (block_m, block_n): the kernel has no bound checks and no key-padding mask, and
                refuses other lengths (FlashAttention-2's ``Is_even_MN``). ``attention`` picks it by
-               itself where the lengths allow.
+               itself on a GPU where the lengths allow.
     """
 
     head_dim: int
@@ -79,11 +79,6 @@ class KernelSpec:
             if self.algorithm != "fused":
                 raise ValueError(f"shape: static shapes are for the fused algorithm, got algorithm={self.algorithm!r}")
             object.__setattr__(self, "shape", shape)
-        if not isinstance(self.even, bool):
-            raise TypeError(f"even: expected a bool, got {type(self.even).__name__}")
-        if self.even and (self.shape is not None or self.algorithm != "fused"):
-            raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
-                             f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.dtype not in DTYPES:
@@ -100,6 +95,11 @@ class KernelSpec:
             raise TypeError(f"causal: expected a bool, got {type(self.causal).__name__}")
         if not isinstance(self.target, str):
             raise TypeError(f"target: expected a str, got {type(self.target).__name__}")
+        if not isinstance(self.even, bool):
+            raise TypeError(f"even: expected a bool, got {type(self.even).__name__}")
+        if self.even and (self.shape is not None or self.algorithm != "fused"):
+            raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
+                             f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
 
     @property
     def tvm_target(self):
