@@ -3,6 +3,7 @@ the tile, no bound checks. The same numbers as the general kernel, a refusal for
 and ``attention`` choosing between the two on a GPU."""
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +71,14 @@ def test_cuda_even_kernel_has_no_bound_checks(head_dim):
         assert not re.search(r"\(\(int\)blockIdx\.\w\) [%/]", cu), "integer division of a block index"
 
 
+@pytest.fixture
+def fresh_plans():
+    """The dispatch's per-spec plans (tile included) computed anew in the test, and dropped after."""
+    api._even_plan.cache_clear()
+    yield
+    api._even_plan.cache_clear()
+
+
 def _stub_kernel(spec, tile):
     """A Kernel whose manifest says it was built with ``tile`` (nothing to call)."""
     manifest = {"spec": spec.to_dict(), "functions": ["main"],
@@ -84,7 +93,7 @@ def _stub_kernel(spec, tile):
     # the planned tile divides, the built one (an older log's) does not: built, refused
     (4096, 4032, (128, 128), ["even", "general"], "general"),
 ])
-def test_attention_dispatch(monkeypatch, seq_q, seq_k, built_tile, asked, chosen):
+def test_attention_dispatch(monkeypatch, fresh_plans, seq_q, seq_k, built_tile, asked, chosen):
     got = []
 
     def fake_get_kernel(spec):
@@ -92,7 +101,8 @@ def test_attention_dispatch(monkeypatch, seq_q, seq_k, built_tile, asked, chosen
         return _stub_kernel(spec, built_tile)
 
     monkeypatch.setattr(api, "get_kernel", fake_get_kernel)
-    monkeypatch.setattr(api, "_planned_tile", lambda spec, logs: (128, 64))
+    # (the module: the package's ``build`` attribute is the function)
+    monkeypatch.setattr(sys.modules["tvmflash.build"], "planned_tile", lambda spec: (128, 64))
     spec = KernelSpec(128, target="nvidia/nvidia-h100")
     kernel = api._kernel_for(spec, seq_q, seq_k)
     assert got == asked and kernel.spec.even == (chosen == "even")

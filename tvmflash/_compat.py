@@ -7,6 +7,7 @@ names again is a change to one file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -71,6 +72,13 @@ def make_target(target) -> tvm.target.Target:
         return tvm.target.Target(target)
     if not isinstance(target, str):
         raise TypeError(f"target: expected a str, dict or tvm.target.Target, got {type(target).__name__}")
+    return _target_from_str(target)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_from_str(target: str) -> tvm.target.Target:
+    """``make_target`` of a string, once per string: specs name their target by string, and a
+    spec's key and kind are read on every ``attention`` call (a Target is immutable)."""
     name = TARGET_ALIASES.get(target.strip().lower(), target.strip())
     if name == "cpu":
         return host_cpu_target()

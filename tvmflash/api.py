@@ -66,9 +66,9 @@ def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
     mask) for lengths that are multiples of its tile, the general one for the rest. The tile is
     known before the even build exists (``build.planned_tile``), so lengths it does not divide
     never build it."""
-    if spec.is_cuda and spec.algorithm == "fused" and spec.shape is None and seq_q > 0 and seq_k > 0:
-        even = spec.replace(even=True)
-        block_m, block_n = _planned_tile(even, str(logs_root()))
+    plan = _even_plan(spec, str(logs_root())) if seq_q > 0 and seq_k > 0 else None
+    if plan is not None:
+        even, (block_m, block_n) = plan
         if seq_q % block_m == 0 and seq_k % block_n == 0:
             kernel = get_kernel(even)
             if kernel.accepts(seq_q, seq_k):  # the tile it was built with (a log may have changed)
@@ -77,8 +77,13 @@ def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _planned_tile(spec: KernelSpec, logs: str) -> tuple[int, int]:
-    """``build.planned_tile``, once per spec and tuning-log root (``logs``: part of the key only)."""
+def _even_plan(spec: KernelSpec, logs: str):
+    """(the even spec, its planned tile) where ``spec`` has an even build (CUDA, fused, any
+    shape), else None; once per spec and tuning-log root (``logs``: part of the key only), as
+    ``attention`` asks on every call."""
+    if not (spec.is_cuda and spec.algorithm == "fused" and spec.shape is None):
+        return None
     from .build import planned_tile
 
-    return planned_tile(spec)
+    even = spec.replace(even=True)
+    return even, planned_tile(even)

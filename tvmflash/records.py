@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -33,8 +34,10 @@ FAILED_RUN = 1e9  # MetaSchedule stores failed candidates with a run time of 1e1
 _REPO = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
 def _checkout() -> Path | None:
-    """The source checkout tvmflash runs from (an editable install), if it does."""
+    """The source checkout tvmflash runs from (an editable install), if it does (looked up once:
+    ``logs_root`` is read on every GPU ``attention`` call)."""
     return _REPO if (_REPO / "pyproject.toml").exists() and (_REPO / "tuning_logs").is_dir() else None
 
 
