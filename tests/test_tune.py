@@ -332,7 +332,7 @@ def test_tune_several_variants_in_turn(tmp_path, monkeypatch):
     from tvmflash import cli
 
     seen = []
-    monkeypatch.setattr(cli, "_tune_one", lambda args, spec, tiles, work_dir: seen.append((spec.key, work_dir)) or 0)
+    monkeypatch.setattr(cli, "_tune_one", lambda args, spec, tiles, work_dir, logs, schedules: seen.append((spec.key, work_dir)) or 0)
     work = str(tmp_path / "w")
     assert main(["tune", "--target", "cpu", "--head-dim", "32", "64", "--causal", "both", "--work-dir", work]) == 0
     keys = [KernelSpec(d, causal=c).key for d in (32, 64) for c in (False, True)]

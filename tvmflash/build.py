@@ -2,8 +2,9 @@
 
 Which schedule serves a spec:
   fused, cpu       -> ``schedule_cpu.schedule_fused_cpu``
-  fused, cuda      -> ``schedule_cuda.schedule_fused_cuda`` (tensor cores: head dims 64, 96,
-                      128), else ``schedule_cuda_simple.schedule_fused_cuda_simple``
+  fused, cuda      -> ``schedule_cuda.schedule_fused_cuda`` (tensor cores: head dims 64 and
+                      128, ``schedule_cuda.HEAD_DIMS``), else
+                      ``schedule_cuda_simple.schedule_fused_cuda_simple``
   standard, cpu    -> ``schedule_cpu.schedule_standard_cpu``
   standard, cuda   -> TVM's stock GPU rules (``s_tir.dlight``), per function
 

@@ -85,34 +85,38 @@ def cmd_tune(args) -> int:
                         ("--heads", args.heads), ("--trials-per-iter", args.trials_per_iter)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
-    causals = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
-    specs = [_spec_from_args(argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
-             for target in args.target for d in args.head_dim for c in causals]
-    tiles = parse_tiles(args.tiles) if args.tiles else None
-    status = 0
-    for spec in specs:
-        work_dir = args.work_dir or os.path.join("tvmflash-tune", spec.key)
-        if args.work_dir and len(specs) > 1:
-            work_dir = os.path.join(args.work_dir, spec.key)
-        code = _tune_one(args, spec, tiles, work_dir)
-        if code == 130:
-            return code
-        status = status or code
-    return status
-
-
-def _tune_one(args, spec, tiles, work_dir) -> int:
     from . import records
-    from .space import default_shape
-    from .tune import tune
 
-    shape = default_shape(spec, args.seqlen, args.batch, args.heads)
+    specs = [_spec_from_args(argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
+             for target in args.target for d in args.head_dim for c in _CAUSALS[args.causal]]
+    tiles = parse_tiles(args.tiles) if args.tiles else None
     logs = records.logs_root() if args.logs_dir is None else args.logs_dir
     if logs is None:
         logs = "tuning_logs"
     schedules = records.schedules_root() if args.schedules_dir is None else args.schedules_dir
     if schedules is None:
         schedules = "schedules"
+    status = 0
+    for spec in specs:
+        work_dir = args.work_dir or os.path.join("tvmflash-tune", spec.key)
+        if args.work_dir and len(specs) > 1:
+            work_dir = os.path.join(args.work_dir, spec.key)
+        code = _tune_one(args, spec, tiles, work_dir, logs, schedules)
+        if code == 130:
+            return code
+        status = status or code
+    return status
+
+
+#: --causal off | on | both -> the causal settings to run.
+_CAUSALS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def _tune_one(args, spec, tiles, work_dir, logs, schedules) -> int:
+    from .space import default_shape
+    from .tune import tune
+
+    shape = default_shape(spec, args.seqlen, args.batch, args.heads)
     print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
           f"{shape.heads}/{shape.heads_kv} heads, {args.trials} trials, work dir {work_dir}")
     t0 = time.perf_counter()
@@ -278,9 +282,8 @@ def cmd_bench(args) -> int:
         return 0
 
     rows, methods = bench(
-        head_dims=args.head_dims, seqlens=args.seqlens, causals=(False, True) if args.causal == "both"
-        else (args.causal == "on",), heads=args.heads, tokens=args.tokens, dtype=args.dtype,
-        methods=args.methods, reps=args.reps,
+        head_dims=args.head_dims, seqlens=args.seqlens, causals=_CAUSALS[args.causal], heads=args.heads,
+        tokens=args.tokens, dtype=args.dtype, methods=args.methods, reps=args.reps,
     )
     print()
     print_table(rows, methods)

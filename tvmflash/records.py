@@ -180,6 +180,14 @@ def load_variant(vdir: Path, spec: KernelSpec, schedule: str) -> tuple[TunedReco
     return best, ""
 
 
+def _log_specs(spec: KernelSpec) -> tuple[KernelSpec, ...]:
+    """The specs whose tuning log serves ``spec``, in order: its own; for an even build, then the
+    general build's (the same schedule: the trace names blocks and tiles, never a bound check; at
+    the measured static shape both builds fold to one kernel where the lengths are tile
+    multiples, as the default 4096 is for every tile but 96)."""
+    return (spec, spec.replace(even=False)) if spec.even else (spec,)
+
+
 def schedule_from_log(spec: KernelSpec, schedule: str):
     """For ``build``: (the dynamic-shape function at the record's tile, its Schedule with the
     record's trace replayed, the manifest's schedule entry), or (None, None, {"tuning": why}).
@@ -187,16 +195,14 @@ def schedule_from_log(spec: KernelSpec, schedule: str):
     from . import definition as D
     from .space import space_for
 
-    tuned, why = lookup(spec, schedule)
-    if tuned is None and spec.even:
-        # The general build's records serve the even one: the same schedule (the trace names
-        # blocks and tiles, never a bound check); at the measured static shape both builds fold
-        # to one kernel where its lengths are tile multiples (the default 4096 is, for every tile
-        # but 96).
-        tuned, why_general = lookup(spec.replace(even=False), schedule)
-        why = f"{why}; the general build's log: {why_general}"
+    whys = []
+    for candidate in _log_specs(spec):
+        tuned, why = lookup(candidate, schedule)
+        if tuned is not None:
+            break
+        whys.append(why)
     if tuned is None:
-        return None, None, {"tuning": why}
+        return None, None, {"tuning": "; ".join(whys)}
     try:
         space_for(spec).prepare()
         func = D.fused_attention(spec, *tuned.tile)
@@ -214,7 +220,7 @@ def planned_tile(spec: KernelSpec, schedule: str) -> tuple[int, int] | None:
     root = logs_root()
     if root is None:
         return None
-    for candidate in (spec, spec.replace(even=False)) if spec.even else (spec,):
+    for candidate in _log_specs(spec):
         try:
             meta = json.loads((variant_dir(root, candidate) / METADATA).read_text())
             if meta.get("schedule") == schedule and meta.get("tiles"):

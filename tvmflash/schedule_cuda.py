@@ -197,14 +197,20 @@ def _bind_lanes(sch: Schedule, ty, row8, quad):
     sch.bind(sch.fuse(row8, quad), "threadIdx.x")
 
 
+def _to_lanes(sch: Schedule, rows, keys):
+    """Order split (row, key) loops (``_split_rows``, ``_split_keys``) so that each thread runs
+    over the elements of its own registers, and bind the warp and the lane."""
+    ty, mw, half_i, row8 = rows
+    no, half_j, quad, pair = keys
+    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
+    _bind_lanes(sch, ty, row8, quad)
+
+
 def _on_fragments(sch: Schedule, name: str, config: FlashConfig):
     """An element-wise stage over the (row, key) tile, run on the fragment layout: each warp
     takes its own rows, as the GEMMs do, and each thread visits only the scores in its registers."""
     i, j = sch.get_loops(name)[-2:]
-    ty, mw, half_i, row8 = _split_rows(sch, i, config)
-    no, half_j, quad, pair = _split_keys(sch, j)
-    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
-    _bind_lanes(sch, ty, row8, quad)
+    _to_lanes(sch, _split_rows(sch, i, config), _split_keys(sch, j))
 
 
 def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
@@ -216,9 +222,8 @@ def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
     _split_rows(sch, i, config)
     quad = _split_keys(sch, j)[2]
     partial = sch.rfactor(quad, factor_axis=0)
-    ty, mw, half_i, row8, no, half_j, quad, pair = sch.get_loops(partial)[-8:]
-    sch.reorder(ty, row8, quad, mw, half_i, no, half_j, pair)
-    _bind_lanes(sch, ty, row8, quad)
+    loops = sch.get_loops(partial)[-8:]
+    _to_lanes(sch, loops[:4], loops[4:])
     # partials accumulate in registers, then go to shared memory once
     publish = sch.cache_write(partial, 0, "local")
     sch.set_scope(publish, 0, "shared.dyn")
