@@ -154,5 +154,5 @@ def test_grid_limit_is_a_clear_error():
     import torch
 
     q = torch.randn(65536, 1, 1, 64, device="cuda", dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"gridDim.y, gridDim.z <= 65535\); got batch 65536"):
+    with pytest.raises(ValueError, match=r"expected batch and heads <= 65535 \(gridDim.y, gridDim.z\), got batch 65536"):
         tvmflash.attention(q, q, q)

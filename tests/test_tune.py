@@ -152,27 +152,41 @@ def test_verify_gpu_code_needs_the_opt_in_shared_memory_limit():
     assert str(target.attrs["arch"]) == "sm_80"
 
 
+#: (tile, kv_buffers) of the head-dim-128 space that TVM 0.27 cannot compile: StorageRewrite
+#: shares one shared.dyn allocation between a float16 and a float32 buffer ("tvm_access_ptr
+#: element type must match the source buffer", NOTES.md). Tuning logs them as failed candidates.
+STORAGE_REWRITE_FAILS = {((128, 128), 2), ((64, 64), 2)}
+
+
 @pytest.mark.slow
 def test_cuda_tensor_core_space_compiles():
     """Every design space of the tensor-core schedule (each tile, each knob value) replays on the
-    dynamic function, passes VerifyGPUCode and compiles to mma.sync CUDA: what `tvmflash tune
-    --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU. (~1 min: TVM's CUDA intrinsics.)"""
+    dynamic function, compiles to mma.sync CUDA and passes VerifyGPUCode unless its shared memory
+    exceeds the arch's (double-buffered K/V of 128 keys at head dim 128 on sm_80): what
+    `tvmflash tune --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU. (~3 min.)"""
     spec = KernelSpec(128, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
     space.prepare()
     target = space.target(spec.tvm_target)
+    row = (spec.head_dim + 8) * 2  # bytes per padded row of a Q/K/V tile (storage_align)
     for tile in space.tiles:
         mod = SP.workload(spec, tile, SP.Shape(4, 4096, 4096, 16, 16))
         schedules = space.sch_fn(tile)(Schedule(mod))
         assert len(schedules) == space.size(tile)
-        for sch in schedules:
+        for config, sch in zip(space.configs(tile), schedules):
             ctx = _compat.tune_context(mod, target, ms.space_generator.ScheduleFn(lambda s: None, sch_rules=[],
                                        postprocs=[], mutator_probs={}), None, "t", 0, 1, None)
             verify = ms.postproc.VerifyGPUCode()
             verify._initialize_with_tune_context(ctx)
-            assert verify.apply(sch), f"VerifyGPUCode rejects tile {tile}"
+            tiles_bytes = tile[0] * row + 2 * config.kv_buffers * tile[1] * row
+            fits = tiles_bytes <= SP.SHARED_MEMORY_OPT_IN["sm_80"] and (tile, config.kv_buffers) not in STORAGE_REWRITE_FAILS
+            assert verify.apply(sch) == fits, f"VerifyGPUCode on {config} ({tiles_bytes} bytes of Q/K/V tiles)"
             dyn = _replay(sch.trace, spec, tile)
             with tvm.transform.PassContext(config=dict(_fused_schedule(spec, spec.tvm_target)[3])):
+                if (tile, config.kv_buffers) in STORAGE_REWRITE_FAILS:
+                    with pytest.raises(tvm.error.InternalError, match="tvm_access_ptr element type must match"):
+                        tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+                    continue
                 ex = tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
             cuda = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
             assert "mma.sync.aligned.m16n8k16" in cuda
@@ -201,7 +215,7 @@ def test_cuda_log_round_trip_builds(tmp_path, monkeypatch):
     record = ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [2e-3], space.target(spec.tvm_target),
                                       ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
     config = TU.identify_config(space, tile, record, mod)
-    assert config == {"block_m": 128, "block_n": 32, "num_warps": 4, "vec": 4}
+    assert config == {"block_m": 128, "block_n": 32, "num_warps": 4, "vec": 8, "stages": 2, "kv_buffers": 2}
     meta = {"key": spec.key, "spec": spec.to_dict(), "schedule": space.name, "shape": shape.to_dict(),
             "softmax_scale": SP.softmax_scale(spec), "trials": 1, "device": "none (test)",
             "tvm_version": _compat.TVM_VERSION, "tvm_ffi_version": _compat.TVM_FFI_VERSION, "date": records.now(),
@@ -412,8 +426,12 @@ def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
                                                       "heads_kv": 2}
     assert meta["tvm_version"] == _compat.TVM_VERSION and meta["tvm_ffi_version"] == _compat.TVM_FFI_VERSION
     assert len(records.open_database(vdir)) == 1  # pruned: best per tile
-    best_secs = min(records.mean_run_secs(r) for r in db.get_all_tuning_records())
-    assert meta["tiles"][0]["run_ms"] == pytest.approx(best_secs * 1e3, rel=1e-5)
+    # run_ms: the exported record's time as build compiles it (timed after the search, here on the
+    # CPU); workload_ms: MetaSchedule's time of that record, one of the work dir's
+    (exported,) = records.open_database(vdir).get_all_tuning_records()
+    assert meta["tiles"][0]["run_ms"] == pytest.approx(records.mean_run_secs(exported) * 1e3, rel=1e-5)
+    measured = [records.mean_run_secs(r) * 1e3 for r in db.get_all_tuning_records()]
+    assert any(meta["tiles"][0]["workload_ms"] == pytest.approx(ms, rel=1e-5) for ms in measured), measured
 
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(logs))
     lowered = lower(spec)
@@ -463,10 +481,11 @@ def test_wrong_records_never_reach_the_logs(tmp_path, monkeypatch):
     spec = KernelSpec(32)
     res = TU.tune(spec, trials=2, work_dir=tmp_path, shape=SHAPE, tiles=[(32, 64)], trials_per_iter=2,
                   logs_dir=tmp_path / "logs", progress=False, seed=0, log=lambda msg: None)
-    assert len(calls) == 2 and calls[0] <= calls[1]
-    assert res.best.run_secs == calls[1] and res.best.validated
+    # tried in the order of their times as built; the second one tried is exported
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert res.best.workload_secs == calls[1] and res.best.validated
     meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
-    assert meta["tiles"][0]["run_ms"] == pytest.approx(calls[1] * 1e3, rel=1e-5) and meta["tiles"][0]["validated"]
+    assert meta["tiles"][0]["workload_ms"] == pytest.approx(calls[1] * 1e3, rel=1e-5) and meta["tiles"][0]["validated"]
     assert "validation: wrong on purpose (test)" in (tmp_path / "failures.log").read_text()
 
 

@@ -105,6 +105,56 @@ def cuda_arch(target: tvm.target.Target) -> str:
     return str(target.attrs["arch"])
 
 
+#: The attribute InjectSoftwarePipeline gives each cp.async wait: how many commit groups may stay
+#: in flight (``cp.async.wait_group N``, N an immediate).
+ASYNC_WAIT_COUNT = "async_wait_inflight_count"
+
+
+def constant_async_waits():
+    """A device pass: every cp.async wait count becomes a constant before CUDA codegen.
+
+    TVM 0.27's InjectSoftwarePipeline writes the count as ``if_then_else(predicate, n, 0)`` where
+    it cannot prove the producer's predicate at that point, and nothing simplifies an attribute
+    value later, so codegen refuses even ``if_then_else(True & True, 0, 0)`` ("immediate operands
+    must become compile-time constants"): the static-shape causal kernel MetaSchedule measures.
+    The count is simplified; one that stays symbolic becomes 0 (wait for every group: never
+    wrong, since fewer groups in flight only waits longer)."""
+    from tvm.sym.analyzer import Analyzer
+
+    analyzer = Analyzer()
+
+    def rewrite(stmt):
+        if isinstance(stmt, tirx.AttrStmt):
+            body, value = rewrite(stmt.body), stmt.value
+            if stmt.attr_key == ASYNC_WAIT_COUNT and not isinstance(value, tirx.IntImm):
+                value = analyzer.simplify(value)
+                if not isinstance(value, tirx.IntImm):
+                    value = tirx.const(0, "int32")
+            if body.same_as(stmt.body) and value.same_as(stmt.value):
+                return stmt
+            return tirx.AttrStmt(stmt.node, stmt.attr_key, value, body)
+        if isinstance(stmt, tirx.SeqStmt):
+            seq = [rewrite(s) for s in stmt.seq]
+            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+        if isinstance(stmt, tirx.For):
+            body = rewrite(stmt.body)
+            return stmt if body.same_as(stmt.body) else tirx.For(
+                stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations,
+                stmt.step)
+        if isinstance(stmt, tirx.IfThenElse):
+            then, other = rewrite(stmt.then_case), stmt.else_case and rewrite(stmt.else_case)
+            if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
+                return stmt
+            return tirx.IfThenElse(stmt.condition, then, other)
+        return stmt  # no cp.async wait is nested in other statements of the device code here
+
+    def transform(func, mod, ctx):
+        body = rewrite(func.body)
+        return func if body.same_as(func.body) else func.with_body(body)
+
+    return tirx.transform.prim_func_pass(transform, opt_level=0, name="tvmflash.ConstantAsyncWaits")
+
+
 def _register_pipeline() -> str:
     """TVM's s_tir pipeline with LowerWarpMemory run until every warp-scope buffer is lowered.
 
@@ -121,7 +171,8 @@ def _register_pipeline() -> str:
 
         def finalize_device():
             return tvm.ir.transform.Sequential(
-                [tirx.transform.LowerWarpMemory()] * 8 + [tirx.transform.StmtSimplify(), tirx.transform.LowerIntrin()]
+                [constant_async_waits()] + [tirx.transform.LowerWarpMemory()] * 8
+                + [tirx.transform.StmtSimplify(), tirx.transform.LowerIntrin()]
             )
 
         return pipeline, finalize_host, finalize_device

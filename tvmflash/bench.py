@@ -2,28 +2,61 @@
 
 Prints a table; asserts nothing about speed. FLOPs = 4 * batch * heads * seq^2 * head_dim,
 halved for causal (FlashAttention's convention). batch * seq = ``--tokens`` (default 16k).
+Each method is timed the same way: the median of ``reps`` samples of ``CALLS_PER_SAMPLE`` calls
+back to back, the methods of a row sampled in turn (``_time_interleaved``).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 
-def _time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+#: Calls timed back to back per measurement: the host's work for a call (argument checks, kernel
+#: lookup, launch) overlaps the previous call's kernel, as in a model's forward pass and in
+#: FlashAttention's own benchmarks; one call between two events would add it to the time.
+CALLS_PER_SAMPLE = 10
+
+
+def _sample_ms(fn, calls: int = CALLS_PER_SAMPLE) -> float:
+    """Milliseconds per call of ``calls`` calls of ``fn`` back to back between two CUDA events."""
     import torch
 
-    for _ in range(warmup):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
         fn()
+    end.record()
     torch.cuda.synchronize()
-    times = []
+    return start.elapsed_time(end) / calls
+
+
+def _time_ms(fn, warmup: int = 3, reps: int = 10, calls: int = CALLS_PER_SAMPLE) -> float:
+    """Median over ``reps`` samples (``_sample_ms``) of ``fn`` alone."""
+    return _time_interleaved({"fn": fn}, warmup, reps, calls)["fn"]
+
+
+def _time_interleaved(fns: dict, warmup: int = 3, reps: int = 10, calls: int = CALLS_PER_SAMPLE) -> dict:
+    """{name: median ms per call} of several functions sampled in turn: sample r of each
+    function is taken next to sample r of the others, so a drift of the GPU's clocks or
+    temperature during the measurement is shared, not charged to whichever runs first. A
+    function that raises (out of memory, an unsupported backend) gets its exception instead."""
+    import torch
+
+    times, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            live[name], times[name] = fn, []
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            times[name] = err
+            torch.cuda.empty_cache()
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for name, fn in live.items():
+            times[name].append(_sample_ms(fn, calls))
+    return {name: (statistics.median(t) if isinstance(t, list) else t) for name, t in times.items()}
 
 
 def _sdpa(backend):
@@ -50,6 +83,46 @@ def _general():
     return run
 
 
+def _hand_config():
+    """The kernel ``attention`` would run with the tuning logs off (the hand config; the even build
+    where the lengths allow), built into ``<cache>/hand-config``: tuned and hand kernels share a
+    key, so they cannot share the cache. For comparing the two in one process."""
+    from . import records
+    from .build import planned_tile
+    from .kernel import load
+
+    kernels = {}
+
+    def run(q, k, v, causal):
+        from .api import spec_for
+
+        spec, (_, sq, sk, _) = spec_for(q, k, v, causal=causal)
+        if (spec, sq, sk) not in kernels:
+            with records.tuning_logs_off():
+                block_m, block_n = planned_tile(spec.replace(even=True))
+            chosen = spec.replace(even=True) if sq % block_m == 0 and sk % block_n == 0 else spec
+            kernels[spec, sq, sk] = load(hand_config_kernel(chosen) + ".so")
+        return kernels[spec, sq, sk](q, k, v)
+
+    return run
+
+
+def hand_config_kernel(spec) -> str:
+    """``<cache>/hand-config/<key>`` (add .so / .json): ``spec`` built from its hand config, once
+    per TVM version (as the kernel cache, without its lock)."""
+    import os
+
+    from . import records
+    from .build import build
+    from .cache import _fresh, cache_dir
+
+    base = os.path.join(cache_dir(), "hand-config", spec.key)
+    if not (os.path.exists(base + ".so") and _fresh(base + ".json")):
+        with records.tuning_logs_off():
+            build(spec, os.path.dirname(base))
+    return base
+
+
 def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True), heads: int = 16,
           tokens: int = 16384, dtype: str = "float16", methods=None, reps: int = 10):
     import torch
@@ -60,12 +133,16 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
     all_methods = {
         "tvmflash fused": lambda q, k, v, c: attention(q, k, v, causal=c),
         "tvmflash fused general": _general(),
+        "tvmflash fused hand": _hand_config(),
         "tvmflash fused static": lambda q, k, v, c: attention(q, k, v, causal=c, static_shape=True),
         "tvmflash standard": lambda q, k, v, c: attention(q, k, v, causal=c, algorithm="standard"),
         "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
     }
     methods = list(methods or all_methods)
+    unknown = [m for m in methods if m not in all_methods]
+    if unknown:
+        raise ValueError(f"methods: expected names among {list(all_methods)}, got {unknown}")
     rows = []
     dt = getattr(torch, dtype)
     for d in head_dims:
@@ -75,13 +152,10 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
                 q, k, v = (torch.randn(b, n, heads, d, device="cuda", dtype=dt) for _ in range(3))
                 flops = 4 * b * heads * n * n * d / (2 if causal else 1)
                 row = {"head_dim": d, "seqlen": n, "batch": b, "causal": causal}
-                for name in methods:
-                    try:
-                        ms = _time_ms(lambda: all_methods[name](q, k, v, causal), reps=reps)
-                        row[name] = (ms, flops / ms / 1e9)
-                    except Exception as err:  # out of memory, unsupported backend: say so, go on
-                        row[name] = (None, type(err).__name__)
-                    torch.cuda.empty_cache()
+                fns = {name: functools.partial(all_methods[name], q, k, v, causal) for name in methods}
+                for name, ms in _time_interleaved(fns, reps=reps).items():
+                    row[name] = (None, type(ms).__name__) if isinstance(ms, Exception) else (ms, flops / ms / 1e9)
+                torch.cuda.empty_cache()
                 rows.append(row)
                 print(_format_row(row, methods), flush=True)
     return rows, methods

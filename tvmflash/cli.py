@@ -428,8 +428,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused static' "
-                        "'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
+                   help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused hand' (the hand "
+                        "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.add_argument("--memory", action="store_true",

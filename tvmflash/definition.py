@@ -165,16 +165,19 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
 
                 # Causal: K/V tiles wholly above the diagonal are never visited.
                 for kb in T.serial(_num_kv_tiles(vqb, seq_q, seq_k, BM, BN, causal)):
-                    kv0: T.let[T.int32] = kb * BN  # first key of this tile
+                    # first key of this tile, bound twice: once for the loads and once for the
+                    # masks, so that a software pipeline can run the loads a tile ahead
+                    kv_load: T.let[T.int32] = kb * BN
                     # -- load K and V tiles (keys past seq_k read as zero, masked below) --
                     for j, d in T.grid(BN, D):
                         with T.sblock(K_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            K_tile[vj, vd] = _guarded(even, kv0 + vj < seq_k, K[vb, kv0 + vj, vh // G, vd], dtype)
+                            K_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, K[vb, kv_load + vj, vh // G, vd], dtype)
                     for j, d in T.grid(BN, D):
                         with T.sblock(V_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            V_tile[vj, vd] = _guarded(even, kv0 + vj < seq_k, V[vb, kv0 + vj, vh // G, vd], dtype)
+                            V_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, V[vb, kv_load + vj, vh // G, vd], dtype)
+                    kv0: T.let[T.int32] = kb * BN
                     # -- S = Q K^T (in a block of its own: a clean GEMM scope for schedules) --
                     with T.sblock(S_GEMM_TILE):
                         for i, j, d in T.grid(BM, BN, D):
@@ -214,10 +217,6 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                                 (_masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even) - _finite(m_new[vi]))
                                 * (sm_scale * T.float32(LOG2E))
                             )
-                    for i, j in T.grid(BM, BN):
-                        with T.sblock(P_CAST):
-                            vi, vj = T.axis.remap("SS", [i, j])
-                            P_tile[vi, vj] = T.Cast(dtype, P_f32[vi, vj])
                     with T.sblock(ROW_SUM_TILE):
                         for i, j in T.grid(BM, BN):
                             with T.sblock(ROW_SUM):
@@ -229,6 +228,12 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                         with T.sblock(L_UPDATE):
                             vi = T.axis.remap("S", [i])
                             l_new[vi] = l_i[vi] * alpha[vi] + l_tile[vi]
+                    # -- P in the input dtype for the second GEMM (after the row sum: the float32 P
+                    #    then dies as its copy is made, which keeps registers free) --
+                    for i, j in T.grid(BM, BN):
+                        with T.sblock(P_CAST):
+                            vi, vj = T.axis.remap("SS", [i, j])
+                            P_tile[vi, vj] = T.Cast(dtype, P_f32[vi, vj])
                     # acc_o = alpha * acc_o + P V: likewise, in a GEMM scope of its own
                     with T.sblock(O_GEMM_TILE):
                         for i, d, j in T.grid(BM, D, BN):
@@ -298,11 +303,16 @@ def shape_binding(func: tirx.PrimFunc, dims: dict) -> dict:
 
 def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
     """K/V tiles query tile ``qb`` must visit. Causal (bottom-right): row r sees keys
-    c <= r + seq_k - seq_q, so the tile's last row bounds the keys it needs."""
+    c <= r + seq_k - seq_q, so the tile's last row bounds the keys it needs.
+
+    At least one: a tile with no visible key (causal, seq_q > seq_k; or seq_k == 0) is wholly
+    masked and leaves O = 0, lse = -inf as no tile would. The bound lets TVM's software pipeliner
+    prove its prologue and epilogue run (else it guards them by conditions, and ThreadSync
+    refuses the __syncthreads inside: "Cannot insert syncs inside condition")."""
     if not causal:
-        return tirx.ceildiv(seq_k, BN)
+        return tirx.max(tirx.ceildiv(seq_k, BN), 1)
     last_key = tirx.min(seq_k, (qb + 1) * BM + seq_k - seq_q)
-    return tirx.max(tirx.ceildiv(last_key, BN), 0)
+    return tirx.max(tirx.ceildiv(last_key, BN), 1)
 
 
 def _visible(row, col, seq_q, seq_k, causal: bool, even: bool = False):

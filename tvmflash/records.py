@@ -13,6 +13,7 @@ for an installed wheel).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -41,8 +42,23 @@ def _checkout() -> Path | None:
     return _REPO if (_REPO / "pyproject.toml").exists() and (_REPO / "tuning_logs").is_dir() else None
 
 
+_OFF = [False]  # set by ``tuning_logs_off``
+
+
+@contextlib.contextmanager
+def tuning_logs_off():
+    """Within: no tuned record is used (``logs_root`` is None), as with TVMFLASH_TUNING_LOGS=off."""
+    before, _OFF[0] = _OFF[0], True
+    try:
+        yield
+    finally:
+        _OFF[0] = before
+
+
 def logs_root() -> Path | None:
     """Where tuning logs are read from and written to (None: tuned records are off)."""
+    if _OFF[0]:
+        return None
     env = os.environ.get("TVMFLASH_TUNING_LOGS")
     if env is not None:
         return None if env.strip().lower() in ("", "off", "none", "0") else Path(env)

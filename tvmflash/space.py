@@ -152,15 +152,27 @@ class Space:
 
         def enumerate_spaces(sch):
             func = sch.mod["main"]
-            names = list(knobs)
-            return [self.schedule(func, self.config(bm, bn, **dict(zip(names, values))))
-                    for values in itertools.product(*(knobs[n] for n in names))]
+            return [self.schedule(func, config) for config in self.configs(tile)]
 
         return enumerate_spaces
 
+    def configs(self, tile: tuple[int, int]) -> list:
+        """Every config of one task, each once (knob values that a config ignores, such as the
+        K/V buffer count of a kernel with no pipeline, give the same config)."""
+        knobs = self.knobs(*tile)
+        names = list(knobs)
+        configs = []
+        for values in itertools.product(*(knobs[n] for n in names)):
+            config = self.config(*tile, **dict(zip(names, values)))
+            if config not in configs:
+                configs.append(config)
+        return configs
+
     def size(self, tile: tuple[int, int]) -> int:
         """Distinct schedules of one task."""
-        return math.prod(len(v) for v in self.knobs(*tile).values())
+        if self.apply is not None:  # traced knobs: every combination of decisions
+            return math.prod(len(v) for v in self.knobs(*tile).values())
+        return len(self.configs(tile))
 
 
 def parse_tiles(text: str) -> list[tuple[int, int]]:
@@ -207,7 +219,9 @@ def _cuda_space(spec: KernelSpec) -> Space:
     from ._compat import ms
 
     def knobs(bm: int, bn: int) -> dict:
-        return {"vec": (8, 4)}  # halves per global load/store: 16 or 8 bytes
+        # halves per global load/store: 16 or 8 bytes; the K/V pipeline: cp.async one tile ahead
+        # into one buffer each (FlashAttention-2's order) or two, or synchronous loads
+        return {"vec": (8, 4), "stages": (2, 1), "kv_buffers": (1, 2)}
 
     return Space(
         name="schedule_cuda.schedule_fused_cuda",

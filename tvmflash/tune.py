@@ -409,6 +409,9 @@ class TileResult:
     record: object = None
     validated: bool = False  # checked against the reference on this machine
     why_not: str = ""  # no record: why
+    #: MetaSchedule's time of the record on the static-shape workload; run_secs is the time of
+    #: the kernel build makes of it (any shape) where this machine could run it, else the same.
+    workload_secs: float = math.inf
 
 
 @dataclass
@@ -469,8 +472,8 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     repaired = repair_database(work_dir)
     if repaired:
         log(f"work dir: dropped {repaired} damaged database line(s) left by an interrupted run")
+    space.prepare()  # first: reading a database of tensorized records needs their intrinsics registered
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
-    space.prepare()
     target = space.target(spec.tvm_target)
     if spec.is_cuda:  # the runner's workers load candidates with NVRTC: it needs the CUDA headers
         _compat.ensure_cuda_headers()
@@ -496,17 +499,39 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
                         repaired=repaired)
     can_validate = _can_run_here(spec)
-    for task, recs in zip(tasks, _measured(db, [t.mod for t in tasks])):
-        result.trials += len(recs)
-        ok = sorted((r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN), key=records.mean_run_secs)
-        if ok and not can_validate and not any(t.record is not None for t in result.tiles):
-            log("records exported unvalidated: this machine has no GPU to check them on")
+    measured = [sorted((r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN), key=records.mean_run_secs)
+                for recs in _measured(db, [t.mod for t in tasks])]
+    result.trials = sum(len(recs) for recs in _measured(db, [t.mod for t in tasks]))
+    if any(measured) and not can_validate:
+        log("records exported unvalidated: this machine has no GPU to check them on")
+    # MetaSchedule measured each candidate on the workload specialised to the measured shape;
+    # build compiles the any-shape kernel (the even build where the lengths allow), whose ranking
+    # can differ. The best few of each tile (and the hand config) are timed as build makes them.
+    from .build import _fused_schedule
+
+    hand = _fused_schedule(spec, spec.tvm_target)[0]
+    best_tiles = sorted((i for i, ok in enumerate(measured) if ok), key=lambda i: records.mean_run_secs(measured[i][0]))
+    pool = [(i, rec) for i in best_tiles[:RERANK_TILES]
+            for rec in _rerank_pool(space, tasks[i], measured[i], hand)] if can_validate else []
+    deployed = {}
+    if len(pool) > 1:
+        log(f"timing {len(pool)} candidates as build compiles them (any shape) at the measured shape")
+        try:
+            times = deployed_times(spec, shape, [(tasks[i].tile, rec) for i, rec in pool], build_timeout)
+            deployed = {id(rec): secs for (_, rec), secs in zip(pool, times)}
+        except Exception as err:  # noqa: BLE001 - never fatal: the workload times rank them then
+            log(f"timing the built kernels failed ({_first_line(err)}); ranking on the workload times")
+    for i, (task, ok) in enumerate(zip(tasks, measured)):
+        ranked = sorted(ok, key=lambda r: (deployed.get(id(r), math.inf), records.mean_run_secs(r)))
         tile = TileResult(task.tile, None, math.inf, why_not="no candidate ran")
-        for rec in ok[:VALIDATE_TRIES]:
+        for rec in ranked[:VALIDATE_TRIES]:
             why = validate_record(spec, task.tile, rec) if can_validate else None
             if why is None:
+                static, secs = records.mean_run_secs(rec), deployed.get(id(rec))
+                if secs is not None and secs < records.FAILED_RUN:  # build ranks records by their run time
+                    rec = ms.database.TuningRecord(rec.trace, rec.workload, [secs], rec.target, rec.args_info)
                 tile = TileResult(task.tile, identify_config(space, task.tile, rec, task.mod),
-                                  records.mean_run_secs(rec), rec, validated=can_validate)
+                                  records.mean_run_secs(rec), rec, validated=can_validate, workload_secs=static)
                 break
             tile.why_not = f"its fastest records compute wrong results ({why})"
             _log_failure(work_dir / "failures.log", task.tile, f"validation: {why}")
@@ -639,6 +664,61 @@ def _faulty(sch_fn, tile):
 
 
 VALIDATE_TRIES = 3  # records per tile tried, fastest first
+RERANK_PER_TILE = 3  # records per tile timed as build compiles them (the fastest on the workload) ...
+RERANK_TILES = 2  # ... in the tiles whose best workload times are the lowest
+
+
+def _rerank_pool(space: Space, task, ok: list, hand) -> list:
+    """The records of one tile worth timing as ``build`` compiles them: the ``RERANK_PER_TILE``
+    fastest on the workload, and the hand config's (``hand``) where the search measured it."""
+    pool = list(ok[:RERANK_PER_TILE])
+    if (hand.block_m, hand.block_n) == tuple(task.tile) and len(ok) > len(pool):
+        target = _compat.structural_hash(space.schedule(task.mod["main"], hand).mod)
+        pool += [rec for rec in ok[RERANK_PER_TILE:] if scheduled_hash(rec) == target][:1]
+    return pool
+
+
+def deployed_times(spec: KernelSpec, shape: Shape, candidates: list, build_timeout: float = 120.0,
+                   reps: int = 10) -> list[float]:
+    """Seconds per call of each (tile, record)'s kernel as ``build`` compiles it: the trace replayed
+    on the any-shape definition (the even build where ``shape``'s lengths are tile multiples, as
+    ``attention`` picks it), run at ``shape``. Compiled in parallel; timed in turn (``reps``
+    rounds of one ``time_evaluator`` sample each) so that clock drift is shared. A candidate that
+    fails to build or run gets ``records.FAILED_RUN``."""
+    from . import definition as D
+
+    mods = []
+    for tile, rec in candidates:
+        even = spec.is_cuda and shape.seq_q % tile[0] == 0 and shape.seq_k % tile[1] == 0
+        sch = _compat.Schedule(D.fused_attention(spec.replace(even=even), *tile))
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        mods.append(sch.mod)
+    builder = ms.builder.LocalBuilder(max_workers=max(1, min(len(mods), os.cpu_count() or 1)),
+                                      timeout_sec=build_timeout, initializer=build_worker_init,
+                                      f_build=partial(build_candidate, pass_config=_pass_config(spec)))
+    built = builder.build([ms.builder.BuilderInput(m, spec.tvm_target) for m in mods])
+    dev = tvm.cuda(0) if spec.is_cuda else tvm.cpu()
+    rng = np.random.default_rng(0)
+    from .kernel import _numpy_dtype
+
+    h, hk, d = shape.heads, shape.heads_kv, spec.head_dim
+    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(_numpy_dtype(spec.dtype)), dev)
+            for s in ((shape.batch, shape.seq_q, h, d), (shape.batch, shape.seq_k, hk, d), (shape.batch, shape.seq_k, hk, d))]
+    args += [tvm.runtime.empty((shape.batch, shape.seq_q, h, d), spec.dtype, dev),
+             tvm.runtime.empty((shape.batch, h, shape.seq_q), "float32", dev), d ** -0.5]
+    timers, samples = {}, {}
+    for i, res in enumerate(built):
+        if res.error_msg is None:
+            try:
+                f = tvm.runtime.load_module(res.artifact_path).time_evaluator("main", dev, number=5, repeat=1)
+                f(*args)  # warm up (and load)
+                timers[i], samples[i] = f, []
+            except Exception:  # noqa: BLE001 - ranked last
+                pass
+    for _ in range(reps):
+        for i, f in timers.items():
+            samples[i].append(f(*args).mean)
+    return [float(np.median(samples[i])) if i in samples else records.FAILED_RUN for i in range(len(candidates))]
 #: Max |out - reference| a record may reach on the validation shape (P and O rounded to dtype).
 VALIDATE_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
 
@@ -717,15 +797,10 @@ def identify_config(space: Space, tile, record, mod) -> dict | None:
     """The schedule config a record's trace amounts to: the knob values for which the hand
     schedule function builds the same TensorIR. (None: no config does, which would mean the
     trace left the schedule function's path.)"""
-    import itertools
-
     sch = _compat.Schedule(mod)
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     func = mod["main"]
-    knobs = space.knobs(*tile)
-    names = list(knobs)
-    for values in itertools.product(*(knobs[n] for n in names)):
-        config = space.config(*tile, **dict(zip(names, values)))
+    for config in space.configs(tile):
         if _compat.structural_equal(space.schedule(func, config).mod, sch.mod):
             return records.config_dict(config)
     return None
@@ -771,7 +846,7 @@ def _export(result: TuneResult, space: Space, target, logs_dir: Path, schedules_
         "tiles": [
             {"config": t.config or {"block_m": t.tile[0], "block_n": t.tile[1]},
              "run_ms": round(t.run_secs * 1e3, 6), "tflops": round(flops / t.run_secs / 1e12, 6),
-             "validated": t.validated}
+             "workload_ms": round(t.workload_secs * 1e3, 6), "validated": t.validated}
             for t in tiles
         ],
     }
