@@ -66,14 +66,23 @@ def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
     mask) for lengths that are multiples of its tile, the general one for the rest. The tile is
     known before the even build exists (``build.planned_tile``), so lengths it does not divide
     never build it."""
+    chosen = build_for(spec, seq_q, seq_k)
+    if chosen is not spec:
+        kernel = get_kernel(chosen)
+        if kernel.accepts(seq_q, seq_k):  # the tile it was built with (a log may have changed)
+            return kernel
+    return get_kernel(spec)
+
+
+def build_for(spec: KernelSpec, seq_q: int, seq_k: int) -> KernelSpec:
+    """``spec``'s even build where it has one and its planned tile divides the lengths, else
+    ``spec`` itself (``_kernel_for``'s choice, before any kernel is built)."""
     plan = _even_plan(spec, str(logs_root())) if seq_q > 0 and seq_k > 0 else None
     if plan is not None:
         even, (block_m, block_n) = plan
         if seq_q % block_m == 0 and seq_k % block_n == 0:
-            kernel = get_kernel(even)
-            if kernel.accepts(seq_q, seq_k):  # the tile it was built with (a log may have changed)
-                return kernel
-    return get_kernel(spec)
+            return even
+    return spec
 
 
 @functools.lru_cache(maxsize=None)

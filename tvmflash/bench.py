@@ -87,8 +87,6 @@ def _hand_config():
     """The kernel ``attention`` would run with the tuning logs off (the hand config; the even build
     where the lengths allow), built into ``<cache>/hand-config``: tuned and hand kernels share a
     key, so they cannot share the cache. For comparing the two in one process."""
-    from . import records
-    from .build import planned_tile
     from .kernel import load
 
     kernels = {}
@@ -98,29 +96,24 @@ def _hand_config():
 
         spec, (_, sq, sk, _) = spec_for(q, k, v, causal=causal)
         if (spec, sq, sk) not in kernels:
-            with records.tuning_logs_off():
-                block_m, block_n = planned_tile(spec.replace(even=True))
-            chosen = spec.replace(even=True) if sq % block_m == 0 and sk % block_n == 0 else spec
-            kernels[spec, sq, sk] = load(hand_config_kernel(chosen) + ".so")
+            kernels[spec, sq, sk] = load(hand_config_kernel(spec, sq, sk) + ".so")
         return kernels[spec, sq, sk](q, k, v)
 
     return run
 
 
-def hand_config_kernel(spec) -> str:
-    """``<cache>/hand-config/<key>`` (add .so / .json): ``spec`` built from its hand config, once
-    per TVM version (as the kernel cache, without its lock)."""
+def hand_config_kernel(spec, seq_q: int, seq_k: int) -> str:
+    """``<cache>/hand-config/<key>`` (add .so / .json) of the build ``attention`` picks for
+    ``spec`` at these lengths (``api.build_for``) with the tuning logs off, built once per TVM
+    version."""
     import os
 
     from . import records
-    from .build import build
-    from .cache import _fresh, cache_dir
+    from .api import build_for
+    from .cache import cache_dir, ensure_built
 
-    base = os.path.join(cache_dir(), "hand-config", spec.key)
-    if not (os.path.exists(base + ".so") and _fresh(base + ".json")):
-        with records.tuning_logs_off():
-            build(spec, os.path.dirname(base))
-    return base
+    with records.tuning_logs_off():
+        return ensure_built(build_for(spec, seq_q, seq_k), os.path.join(cache_dir(), "hand-config"))
 
 
 def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True), heads: int = 16,

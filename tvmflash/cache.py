@@ -38,11 +38,12 @@ def _fresh(json_path: str) -> bool:
         return False
 
 
-def ensure_built(spec: KernelSpec) -> str:
-    """``<cache>/<key>`` (add .so / .json), built first unless this TVM version built it. Loads
-    nothing, so it serves a CUDA spec on a machine without a GPU (``tvmflash inspect``)."""
+def ensure_built(spec: KernelSpec, directory: str | None = None) -> str:
+    """``<directory>/<key>`` (add .so / .json; default directory: the cache), built first unless
+    this TVM version built it. Loads nothing, so it serves a CUDA spec on a machine without a GPU
+    (``tvmflash inspect``)."""
     key = spec.key
-    directory = cache_dir()
+    directory = directory or cache_dir()
     os.makedirs(directory, exist_ok=True)
     base = os.path.join(directory, key)
     with open(base + ".lock", "w") as lock_file:

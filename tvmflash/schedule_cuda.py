@@ -49,7 +49,8 @@ class FlashConfig:
                tile ahead of the tile computed (``_pipeline_kv_loop``); 1, synchronous loads.
     kv_buffers: shared-memory buffers each of K and V (stages 2; always 1 with stages 1).
                1: FlashAttention-2's order, K of tile j+1 is issued once S = Q K^T of tile j has
-               read K, V of tile j+1 once P V has (each load overlaps half an iteration);
+               read K, V of tile j+1 once P V has; K's load overlaps the softmax and P V, V's
+               is waited for with K's before S = Q K^T (TVM keeps one wait per stage, NOTES.md);
                2: double buffers, both loads of tile j+1 overlap all of tile j (more shared
                memory: 107 instead of 69 KiB at head dim 128).
     """

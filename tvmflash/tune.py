@@ -499,9 +499,10 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
                         repaired=repaired)
     can_validate = _can_run_here(spec)
+    all_recs = _measured(db, [t.mod for t in tasks])
+    result.trials = sum(len(recs) for recs in all_recs)
     measured = [sorted((r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN), key=records.mean_run_secs)
-                for recs in _measured(db, [t.mod for t in tasks])]
-    result.trials = sum(len(recs) for recs in _measured(db, [t.mod for t in tasks]))
+                for recs in all_recs]
     if any(measured) and not can_validate:
         log("records exported unvalidated: this machine has no GPU to check them on")
     # MetaSchedule measured each candidate on the workload specialised to the measured shape;
@@ -664,6 +665,8 @@ def _faulty(sch_fn, tile):
 
 
 VALIDATE_TRIES = 3  # records per tile tried, fastest first
+#: Max |out - reference| a record may reach on the validation shape (P and O rounded to dtype).
+VALIDATE_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
 RERANK_PER_TILE = 3  # records per tile timed as build compiles them (the fastest on the workload) ...
 RERANK_TILES = 2  # ... in the tiles whose best workload times are the lowest
 
@@ -698,14 +701,11 @@ def deployed_times(spec: KernelSpec, shape: Shape, candidates: list, build_timeo
                                       f_build=partial(build_candidate, pass_config=_pass_config(spec)))
     built = builder.build([ms.builder.BuilderInput(m, spec.tvm_target) for m in mods])
     dev = tvm.cuda(0) if spec.is_cuda else tvm.cpu()
-    rng = np.random.default_rng(0)
-    from .kernel import _numpy_dtype
-
-    h, hk, d = shape.heads, shape.heads_kv, spec.head_dim
-    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(_numpy_dtype(spec.dtype)), dev)
-            for s in ((shape.batch, shape.seq_q, h, d), (shape.batch, shape.seq_k, hk, d), (shape.batch, shape.seq_k, hk, d))]
-    args += [tvm.runtime.empty((shape.batch, shape.seq_q, h, d), spec.dtype, dev),
-             tvm.runtime.empty((shape.batch, h, shape.seq_q), "float32", dev), d ** -0.5]
+    b, sq, sk, h, d = shape.batch, shape.seq_q, shape.seq_k, shape.heads, spec.head_dim
+    # q, k, v as the runner measured the workload with (``_host_array``)
+    args = [tvm.runtime.tensor(_host_array(i, spec.dtype, s), dev)
+            for i, s in enumerate(((b, sq, h, d), (b, sk, shape.heads_kv, d), (b, sk, shape.heads_kv, d)))]
+    args += [tvm.runtime.empty((b, sq, h, d), spec.dtype, dev), tvm.runtime.empty((b, h, sq), "float32", dev), d**-0.5]
     timers, samples = {}, {}
     for i, res in enumerate(built):
         if res.error_msg is None:
@@ -719,8 +719,6 @@ def deployed_times(spec: KernelSpec, shape: Shape, candidates: list, build_timeo
         for i, f in timers.items():
             samples[i].append(f(*args).mean)
     return [float(np.median(samples[i])) if i in samples else records.FAILED_RUN for i in range(len(candidates))]
-#: Max |out - reference| a record may reach on the validation shape (P and O rounded to dtype).
-VALIDATE_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
 
 
 def _can_run_here(spec: KernelSpec) -> bool:
