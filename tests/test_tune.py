@@ -19,6 +19,7 @@ import pytest
 
 from tvmflash import KernelSpec, build, load, lower
 from tvmflash import _compat, records
+from tvmflash import nvcc as nvcc_mod
 from tvmflash import definition as D
 from tvmflash import space as SP
 from tvmflash import tune as TU
@@ -27,6 +28,7 @@ from tvmflash.build import _fused_schedule
 from tvmflash.cli import main
 from tvmflash.reference import attention_reference
 
+from conftest import NVCC
 from helpers import assert_close_to_reference, make_qkv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,6 +201,62 @@ def test_cuda_tensor_core_space_compiles():
     for i in range(16):
         for j in range(16):
             assert TU.fragment_lane_register(i, j) == tuple(tvm_layout(i, j))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_candidates_are_measured_as_the_machine_code_build_embeds(tmp_path):
+    """Where ``build`` embeds nvcc's fatbin, tuning's builder exports each candidate with the
+    fatbin of the same archs and flags in place of its CUDA source (NVRTC's code for the source
+    ran 5-15% slower on the H100 and ranked configs differently)."""
+    import tarfile
+
+    from tvm.support import cc
+
+    spec = KernelSpec(64, target="nvidia/nvidia-a100")
+    form, archs = TU.candidate_device_code(spec)
+    assert (form, archs) == ("fatbin", ("sm_80", "sm_90"))
+    space = SP.space_for(spec)
+    space.prepare()
+    mod = SP.workload(spec, (128, 64), SP.Shape(1, 256, 256, 2, 2))
+    sch = space.schedule(mod["main"], _fused_schedule(spec, spec.tvm_target)[0])
+    (result,) = TU._builder(spec, 1, 300).build([ms.builder.BuilderInput(sch.mod, space.target(spec.tvm_target))])
+    assert result.error_msg is None, result.error_msg
+    with tarfile.open(result.artifact_path) as tar:
+        tar.extractall(tmp_path / "x")
+    so = tmp_path / "candidate.so"
+    cc.create_shared(str(so), [str(f) for f in (tmp_path / "x").iterdir()])
+    fmt, code = _compat.embedded_cuda_code(str(so))
+    assert fmt == "fatbin"
+    assert {("elf", "sm_80"), ("elf", "sm_90")} <= set(nvcc_mod.fatbin_entries(code))
+
+
+def test_candidates_are_ranked_at_the_bench_lengths():
+    """On a GPU the best candidates are timed as built at 1k, 4k and 16k (the measured shape's
+    tokens and heads) and ranked by the geometric mean; the CPU ranks at the measured shape."""
+    gpu = KernelSpec(128, target="nvidia/nvidia-h100")
+    shapes = TU.rank_shapes(gpu, SP.default_shape(gpu))
+    assert [(s.batch, s.seq_q, s.seq_k, s.heads) for s in shapes] == [
+        (4, 4096, 4096, 16), (16, 1024, 1024, 16), (1, 16384, 16384, 16)]
+    cpu = KernelSpec(64)
+    assert TU.rank_shapes(cpu, SP.default_shape(cpu)) == [SP.default_shape(cpu)]
+    # faster at the measured length, slower overall: ranked second
+    a = TU.TileResult((128, 64), None, 1.0, secs_at={4096: 1.0, 1024: 0.5, 16384: 8.0})
+    b = TU.TileResult((128, 128), None, 1.1, secs_at={4096: 1.1, 1024: 0.3, 16384: 5.0})
+    untimed = TU.TileResult((64, 64), None, 0.1)
+    assert b.rank_secs == pytest.approx((1.1 * 0.3 * 5.0) ** (1 / 3))
+    assert sorted([untimed, a, b], key=TU.rank_key) == [b, a, untimed]
+    result = TU.TuneResult(gpu, shapes[0], "", 0, 0, 0, tiles=[untimed, a, b])
+    assert result.best is b
+
+
+def test_candidates_carry_the_source_where_build_would(monkeypatch):
+    """Without nvcc, ``build`` embeds the source (NVRTC compiles it when loaded): so do candidates."""
+    monkeypatch.setattr(nvcc_mod, "find_nvcc", lambda: None)
+    assert TU.candidate_device_code(KernelSpec(64, target="nvidia/nvidia-a100")) == ("source", ())
+    assert TU.candidate_device_code(KernelSpec(64, target="cpu"))[0] == "host"
+    with pytest.raises(ValueError, match="form: expected 'fatbin', 'source' or 'host', got 'cubin'"):
+        TU.export_candidate(None, "cubin")
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ _CAUSALS = {"off": (False,), "on": (True,), "both": (False, True)}
 
 def _tune_one(args, spec, tiles, work_dir, logs, schedules) -> int:
     from .space import default_shape
-    from .tune import tune
+    from .tune import rank_key, tune
 
     shape = default_shape(spec, args.seqlen, args.batch, args.heads)
     print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
@@ -133,14 +133,16 @@ def _tune_one(args, spec, tiles, work_dir, logs, schedules) -> int:
     print(f"tuned {spec.key} in {time.perf_counter() - t0:.0f} s: {res.trials} trials in the work dir "
           f"({res.measured_now} new, {res.failed_now} of them failed)")
     best = res.best
-    for t in sorted(res.tiles, key=lambda t: t.run_secs):
+    for t in sorted(res.tiles, key=rank_key):
         if t.config is None and t.record is None:
             print(f"  tile {t.tile[0]}x{t.tile[1]}: none ({t.why_not})")
             continue
         cfg = ", ".join(f"{k}={v}" for k, v in (t.config or {}).items() if k not in ("block_m", "block_n"))
         mark = "   <- best" if t is best else ""
+        at = ("  (as built: " + ", ".join(f"{n}: {secs * 1e3:.3f} ms" for n, secs in t.secs_at.items()) + ")"
+              if len(t.secs_at) > 1 else "")
         print(f"  tile {t.tile[0]}x{t.tile[1]}: {t.run_secs * 1e3:8.4f} ms  {flops / t.run_secs / 1e12:8.4f} TFLOP/s  "
-              f"{cfg}{mark}")
+              f"{cfg}{mark}{at}")
     for tile, why in res.skipped_tiles.items():
         print(f"  tile {tile[0]}x{tile[1]}: skipped ({why})")
     if best is None:

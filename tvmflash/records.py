@@ -160,7 +160,8 @@ def lookup(spec: KernelSpec, schedule: str, root: Path | None = None) -> tuple[T
 def load_variant(vdir: Path, spec: KernelSpec, schedule: str) -> tuple[TunedRecord | None, str]:
     """``lookup`` in one log directory: each tile's workload is rebuilt from the current
     definition (the measured shape and scale from tuning.json) and looked up by structural
-    hash; the fastest record that matches wins."""
+    hash; the first tile of tuning.json (``tune`` lists them best first) whose record matches
+    wins."""
     from .space import Shape, workload
 
     vdir = Path(vdir)
@@ -183,12 +184,13 @@ def load_variant(vdir: Path, spec: KernelSpec, schedule: str) -> tuple[TunedReco
             if record is None:
                 continue
             secs = mean_run_secs(record)
-            if secs < FAILED_RUN and (best is None or secs < best.run_secs):
+            if secs < FAILED_RUN:
                 best = TunedRecord(
                     spec, tile, dict(entry["config"]), record, secs, str(vdir), workload_hash(mod),
                     {"measured": {"shape": meta["shape"], "device": meta.get("device"), "trials": meta.get("trials"),
                                   "date": meta.get("date")}},
                 )
+                break
     except Exception as err:  # a damaged log must not break build: fall back, say why
         return None, f"the tuning log in {vdir} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     if best is None:

@@ -3,8 +3,9 @@
 Per kernel variant: one task per candidate tile shape (``space``: the tile is part of the
 TensorIR definition), each task the fused function specialised to the measured shape, searched
 by MetaSchedule's evolutionary search with an XGBoost cost model over the schedule's other knobs.
-Candidates are compiled the way ``build`` compiles (pass options, tvmflash's tirx pipeline) and
-run on this machine or on an RPC tracker's device.
+Candidates are compiled the way ``build`` compiles (pass options, tvmflash's tirx pipeline, and
+the device code: nvcc's machine code where ``build`` embeds it, ``export_candidate``) and run on
+this machine or on an RPC tracker's device.
 
 Faults: a candidate that fails to build, to run or runs past the timeout is logged to
 ``<work_dir>/failures.log`` and skipped; a tile whose design space cannot be generated is
@@ -26,6 +27,7 @@ import math
 import os
 import platform
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _compat, records
+from . import _compat, nvcc, records
 from ._compat import ms, tvm
 from .space import Shape, Space, default_shape, softmax_scale, space_for, workload
 from .spec import KernelSpec
@@ -78,6 +80,47 @@ def build_candidate(mod, target, _params=None, pass_config=None):
         mod = tvm.IRModule({**{gv.name_hint: f for gv, f in mod.functions.items()}, _HANG_MARKER: marker})
     with tvm.transform.PassContext(config=pass_config or {}), _compat.cuda_source_modules():
         return tvm.compile(mod, target=target, tir_pipeline=_compat.TIR_PIPELINE).mod
+
+
+def candidate_device_code(spec: KernelSpec) -> tuple[str, tuple[str, ...]]:
+    """(form, archs) of the device code that ``build`` embeds for ``spec`` by default, which
+    candidates are measured with: ('fatbin', the target's archs) where nvcc is found, else
+    ('source', ()) (NVRTC compiles it where it is loaded, as it would ``build``'s module)."""
+    from .build import _device_code_form
+
+    form = _device_code_form(spec, "auto", None) if spec.is_cuda else "host"
+    if form != "fatbin":
+        return form, ()
+    return form, nvcc.default_archs(_compat.cuda_arch(spec.tvm_target))
+
+
+def export_candidate(mod, form: str = "source", archs: tuple[str, ...] = ()) -> str:
+    """``LocalBuilder``'s f_export: a tar of the candidate (MetaSchedule's default), its CUDA
+    source replaced by nvcc's fatbin for ``archs`` when ``form`` is 'fatbin', compiled with
+    ``build``'s flags. Candidates are then measured as the machine code ``build`` ships: on the
+    H100, NVRTC's code for the same source (what a source module becomes when loaded) ran 5-15%
+    slower and ranked the configs differently (NOTES.md)."""
+    from tvm.support.tar import tar
+
+    pack = None
+    if form == "fatbin":
+        source = next((m.inspect_source() for m in mod.imports if m.kind == "cuda"), None)
+        if source is not None:
+            code, _ = nvcc.compile_source(source, "fatbin", archs, ptx_arch=archs[0])
+            pack = _compat.pack_imports_with_device_code(source, "fatbin", code)
+    elif form not in ("source", "host"):
+        raise ValueError(f"form: expected 'fatbin', 'source' or 'host', got {form!r}")
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod." + tar.output_format)
+    mod.export_library(path, fcompile=tar, fpack_imports=pack)
+    return path
+
+
+def _builder(spec: KernelSpec, max_workers: int, timeout: float):
+    """The ``LocalBuilder`` of candidates: compiled and exported as ``build`` does."""
+    form, archs = candidate_device_code(spec)
+    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=timeout, initializer=build_worker_init,
+                                   f_build=partial(build_candidate, pass_config=_pass_config(spec)),
+                                   f_export=partial(export_candidate, form=form, archs=archs))
 
 
 FRAGMENT_INDEX_MAP = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
@@ -412,6 +455,17 @@ class TileResult:
     #: MetaSchedule's time of the record on the static-shape workload; run_secs is the time of
     #: the kernel build makes of it (any shape) where this machine could run it, else the same.
     workload_secs: float = math.inf
+    #: {seq_len: seconds} of the kernel build makes of it at each of ``rank_shapes`` (same
+    #: tokens and heads), where it was timed; the ranking is their geometric mean (``rank_secs``)
+    secs_at: dict = field(default_factory=dict)
+
+    @property
+    def rank_secs(self) -> float:
+        """What tiles are ranked by: the geometric mean of ``secs_at`` where the kernel was
+        timed at several lengths, else ``run_secs``."""
+        if not self.secs_at:
+            return self.run_secs
+        return math.exp(sum(math.log(t) for t in self.secs_at.values()) / len(self.secs_at))
 
 
 @dataclass
@@ -431,7 +485,12 @@ class TuneResult:
     @property
     def best(self) -> TileResult | None:
         ok = [t for t in self.tiles if t.run_secs < records.FAILED_RUN]
-        return min(ok, key=lambda t: t.run_secs) if ok else None
+        return min(ok, key=rank_key) if ok else None
+
+
+def rank_key(tile: TileResult) -> tuple[float, float]:
+    """Timed at the ranking lengths first (by their geometric mean), then the rest by run time."""
+    return (tile.rank_secs if tile.secs_at else math.inf, tile.run_secs)
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
@@ -475,8 +534,8 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
     space.prepare()  # first: reading a database of tensorized records needs their intrinsics registered
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
     target = space.target(spec.tvm_target)
-    if spec.is_cuda:  # the runner's workers load candidates with NVRTC: it needs the CUDA headers
-        _compat.ensure_cuda_headers()
+    if candidate_device_code(spec)[0] == "source":  # the runner's workers compile them with NVRTC: it
+        _compat.ensure_cuda_headers()                 # needs the CUDA headers
 
     with _logs(work_dir / "logs"):
         # Step 3. One task per tile; a tile whose design space fails is skipped, never fatal.
@@ -507,32 +566,39 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
         log("records exported unvalidated: this machine has no GPU to check them on")
     # MetaSchedule measured each candidate on the workload specialised to the measured shape;
     # build compiles the any-shape kernel (the even build where the lengths allow), whose ranking
-    # can differ. The best few of each tile (and the hand config) are timed as build makes them.
+    # can differ, and serves every length. The best few of each tile (and the hand config) are
+    # timed as build makes them, at the measured shape and at the other ranking lengths.
     from .build import _fused_schedule
 
     hand = _fused_schedule(spec, spec.tvm_target)[0]
     best_tiles = sorted((i for i, ok in enumerate(measured) if ok), key=lambda i: records.mean_run_secs(measured[i][0]))
     pool = [(i, rec) for i in best_tiles[:RERANK_TILES]
             for rec in _rerank_pool(space, tasks[i], measured[i], hand)] if can_validate else []
-    deployed = {}
+    deployed = {}  # id(record) -> {seq_len: seconds}, all ranking lengths timed
     if len(pool) > 1:
-        log(f"timing {len(pool)} candidates as build compiles them (any shape) at the measured shape")
+        shapes = rank_shapes(spec, shape)
+        log(f"timing {len(pool)} candidates as build compiles them (any shape) at "
+            f"seqlen {', '.join(str(s.seq_q) for s in shapes)}")
         try:
-            times = deployed_times(spec, shape, [(tasks[i].tile, rec) for i, rec in pool], build_timeout)
-            deployed = {id(rec): secs for (_, rec), secs in zip(pool, times)}
+            times = deployed_times(spec, shapes, [(tasks[i].tile, rec) for i, rec in pool], build_timeout)
+            deployed = {id(rec): {s.seq_q: t for s, t in zip(shapes, secs)} for (_, rec), secs in zip(pool, times)
+                        if max(secs) < records.FAILED_RUN}
         except Exception as err:  # noqa: BLE001 - never fatal: the workload times rank them then
             log(f"timing the built kernels failed ({_first_line(err)}); ranking on the workload times")
     for i, (task, ok) in enumerate(zip(tasks, measured)):
-        ranked = sorted(ok, key=lambda r: (deployed.get(id(r), math.inf), records.mean_run_secs(r)))
+        ranked = sorted(ok, key=lambda r: (TileResult(task.tile, None, math.inf, secs_at=deployed[id(r)]).rank_secs
+                                           if id(r) in deployed else math.inf, records.mean_run_secs(r)))
         tile = TileResult(task.tile, None, math.inf, why_not="no candidate ran")
         for rec in ranked[:VALIDATE_TRIES]:
             why = validate_record(spec, task.tile, rec) if can_validate else None
             if why is None:
-                static, secs = records.mean_run_secs(rec), deployed.get(id(rec))
-                if secs is not None and secs < records.FAILED_RUN:  # build ranks records by their run time
-                    rec = ms.database.TuningRecord(rec.trace, rec.workload, [secs], rec.target, rec.args_info)
+                static, secs_at = records.mean_run_secs(rec), deployed.get(id(rec), {})
+                if secs_at:  # the exported record's run time: as built, at the measured shape
+                    rec = ms.database.TuningRecord(rec.trace, rec.workload, [secs_at[shape.seq_q]], rec.target,
+                                                   rec.args_info)
                 tile = TileResult(task.tile, identify_config(space, task.tile, rec, task.mod),
-                                  records.mean_run_secs(rec), rec, validated=can_validate, workload_secs=static)
+                                  records.mean_run_secs(rec), rec, validated=can_validate, workload_secs=static,
+                                  secs_at=secs_at)
                 break
             tile.why_not = f"its fastest records compute wrong results ({why})"
             _log_failure(work_dir / "failures.log", task.tile, f"validation: {why}")
@@ -607,9 +673,7 @@ def _search(spec, tasks: list, db, remaining: int, work_dir: Path, shape: Shape,
             work_dir=str(work_dir),
             max_trials_global=remaining,
             num_trials_per_iter=per_iter,
-            builder=ms.builder.LocalBuilder(max_workers=min(cores, per_iter), timeout_sec=build_timeout,
-                                            f_build=partial(build_candidate, pass_config=_pass_config(spec)),
-                                            initializer=build_worker_init),
+            builder=_builder(spec, min(cores, per_iter), build_timeout),
             runner=_runner(spec, rpc_tracker, rpc_key, run_timeout),
             database=db,
             cost_model=GuardedCostModel(ms.cost_model.XGBModel(num_tuning_cores=cores, adaptive_training=True),
@@ -681,44 +745,78 @@ def _rerank_pool(space: Space, task, ok: list, hand) -> list:
     return pool
 
 
-def deployed_times(spec: KernelSpec, shape: Shape, candidates: list, build_timeout: float = 120.0,
-                   reps: int = 10) -> list[float]:
-    """Seconds per call of each (tile, record)'s kernel as ``build`` compiles it: the trace replayed
-    on the any-shape definition (the even build where ``shape``'s lengths are tile multiples, as
-    ``attention`` picks it), run at ``shape``. Compiled in parallel; timed in turn (``reps``
-    rounds of one ``time_evaluator`` sample each) so that clock drift is shared. A candidate that
-    fails to build or run gets ``records.FAILED_RUN``."""
+#: Lengths (at the measured shape's tokens and heads) that the best candidates are timed at as
+#: built: ``build``'s kernel serves every length, and the bench grid spans these.
+RANK_SEQLENS = (1024, 4096, 16384)
+
+
+def rank_shapes(spec: KernelSpec, shape: Shape) -> list[Shape]:
+    """The measured shape first, then (on a GPU, for equal query and key lengths) the other
+    ``RANK_SEQLENS`` with the same tokens (batch * seqlen) and heads."""
+    shapes = [shape]
+    if spec.is_cuda and shape.seq_q == shape.seq_k:
+        tokens = shape.batch * shape.seq_q
+        shapes += [Shape(max(1, tokens // n), n, n, shape.heads, shape.heads_kv) for n in RANK_SEQLENS
+                   if n != shape.seq_q]
+    return shapes
+
+
+def deployed_times(spec: KernelSpec, shapes: list[Shape], candidates: list, build_timeout: float = 120.0,
+                   reps: int = 10) -> list[list[float]]:
+    """Seconds per call of each (tile, record)'s kernel as ``build`` compiles it, at each shape:
+    the trace replayed on the any-shape definition (the even build where a shape's lengths are
+    tile multiples, as ``attention`` picks it), exported as ``build`` exports it
+    (``export_candidate``). Compiled in parallel; at each shape timed in turn (``reps`` rounds
+    of one ``time_evaluator`` sample each) so that clock drift is shared. A candidate that fails
+    to build or run gets ``records.FAILED_RUN``."""
     from . import definition as D
 
+    def even(tile, shape):
+        return spec.is_cuda and shape.seq_q % tile[0] == 0 and shape.seq_k % tile[1] == 0
+
+    keys = sorted({(i, even(tile, sh)) for i, (tile, _) in enumerate(candidates) for sh in shapes})
     mods = []
-    for tile, rec in candidates:
-        even = spec.is_cuda and shape.seq_q % tile[0] == 0 and shape.seq_k % tile[1] == 0
-        sch = _compat.Schedule(D.fused_attention(spec.replace(even=even), *tile))
+    for i, is_even in keys:
+        tile, rec = candidates[i]
+        sch = _compat.Schedule(D.fused_attention(spec.replace(even=is_even), *tile))
         rec.trace.apply_to_schedule(sch, remove_postproc=False)
         mods.append(sch.mod)
-    builder = ms.builder.LocalBuilder(max_workers=max(1, min(len(mods), os.cpu_count() or 1)),
-                                      timeout_sec=build_timeout, initializer=build_worker_init,
-                                      f_build=partial(build_candidate, pass_config=_pass_config(spec)))
-    built = builder.build([ms.builder.BuilderInput(m, spec.tvm_target) for m in mods])
+    builder = _builder(spec, max(1, min(len(mods), os.cpu_count() or 1)), build_timeout)
+    built = dict(zip(keys, builder.build([ms.builder.BuilderInput(m, spec.tvm_target) for m in mods])))
     dev = tvm.cuda(0) if spec.is_cuda else tvm.cpu()
-    b, sq, sk, h, d = shape.batch, shape.seq_q, shape.seq_k, shape.heads, spec.head_dim
-    # q, k, v as the runner measured the workload with (``_host_array``)
-    args = [tvm.runtime.tensor(_host_array(i, spec.dtype, s), dev)
-            for i, s in enumerate(((b, sq, h, d), (b, sk, shape.heads_kv, d), (b, sk, shape.heads_kv, d)))]
-    args += [tvm.runtime.empty((b, sq, h, d), spec.dtype, dev), tvm.runtime.empty((b, h, sq), "float32", dev), d**-0.5]
-    timers, samples = {}, {}
-    for i, res in enumerate(built):
+    loaded = {}
+    for key, res in built.items():
         if res.error_msg is None:
             try:
-                f = tvm.runtime.load_module(res.artifact_path).time_evaluator("main", dev, number=5, repeat=1)
-                f(*args)  # warm up (and load)
+                loaded[key] = tvm.runtime.load_module(res.artifact_path)
+            except Exception:  # noqa: BLE001 - ranked last
+                pass
+    out = [[records.FAILED_RUN] * len(shapes) for _ in candidates]
+    for s_idx, shape in enumerate(shapes):
+        b, sq, sk, h, d = shape.batch, shape.seq_q, shape.seq_k, shape.heads, spec.head_dim
+        # q, k, v as the runner measured the workload with (``_host_array``)
+        args = [tvm.runtime.tensor(_host_array(i, spec.dtype, s), dev)
+                for i, s in enumerate(((b, sq, h, d), (b, sk, shape.heads_kv, d), (b, sk, shape.heads_kv, d)))]
+        args += [tvm.runtime.empty((b, sq, h, d), spec.dtype, dev), tvm.runtime.empty((b, h, sq), "float32", dev),
+                 d**-0.5]
+        timers, samples = {}, {}
+        for i, (tile, _) in enumerate(candidates):
+            mod = loaded.get((i, even(tile, shape)))
+            if mod is None:
+                continue
+            try:
+                f = mod.time_evaluator("main", dev, number=5, repeat=1)
+                f(*args)  # warm up
                 timers[i], samples[i] = f, []
             except Exception:  # noqa: BLE001 - ranked last
                 pass
-    for _ in range(reps):
-        for i, f in timers.items():
-            samples[i].append(f(*args).mean)
-    return [float(np.median(samples[i])) if i in samples else records.FAILED_RUN for i in range(len(candidates))]
+        for _ in range(reps):
+            for i, f in timers.items():
+                samples[i].append(f(*args).mean)
+        for i in samples:
+            out[i][s_idx] = float(np.median(samples[i]))
+        del args
+    return out
 
 
 def _can_run_here(spec: KernelSpec) -> bool:
@@ -826,9 +924,18 @@ def device_description(spec: KernelSpec, rpc_tracker: str | None) -> str:
     return f"{model} ({mcpu}, {os.cpu_count()} cores)"
 
 
+def _measured_code(spec: KernelSpec) -> dict | str:
+    """tuning.json's ``device_code``: the machine code the candidates were measured as."""
+    form, archs = candidate_device_code(spec)
+    if form != "fatbin":
+        return {"source": "NVRTC where measured", "host": "LLVM"}.get(form, form)
+    return {"form": form, "archs": list(archs), "nvcc": nvcc.nvcc_version(nvcc.require_nvcc("tuning")),
+            "flags": list(nvcc.FLAGS)}
+
+
 def _export(result: TuneResult, space: Space, target, logs_dir: Path, schedules_dir, rpc_tracker, flops):
     spec = result.spec
-    tiles = sorted((t for t in result.tiles if t.record is not None), key=lambda t: t.run_secs)
+    tiles = sorted((t for t in result.tiles if t.record is not None), key=rank_key)
     meta = {
         "key": spec.key,
         "spec": spec.to_dict(),
@@ -838,13 +945,16 @@ def _export(result: TuneResult, space: Space, target, logs_dir: Path, schedules_
         "softmax_scale": softmax_scale(spec),
         "trials": result.trials,
         "device": device_description(spec, rpc_tracker),
+        "device_code": _measured_code(spec),
         "tvm_version": _compat.TVM_VERSION,
         "tvm_ffi_version": _compat.TVM_FFI_VERSION,
         "date": records.now(),
         "tiles": [
             {"config": t.config or {"block_m": t.tile[0], "block_n": t.tile[1]},
              "run_ms": round(t.run_secs * 1e3, 6), "tflops": round(flops / t.run_secs / 1e12, 6),
-             "workload_ms": round(t.workload_secs * 1e3, 6), "validated": t.validated}
+             "workload_ms": round(t.workload_secs * 1e3, 6), "validated": t.validated,
+             **({"run_ms_at_seqlen": {str(n): round(secs * 1e3, 6) for n, secs in t.secs_at.items()}}
+                if t.secs_at else {})}
             for t in tiles
         ],
     }
