@@ -622,7 +622,8 @@ def test_committed_logs_replay(meta_path, rng, tmp_path):
     assert again is not None, why
     assert structural_equal(again.apply(func).mod, sch.mod)
     scope: dict = {}
-    exec((REPO / "schedules" / meta_path.parent.parent.name / f"{spec.key}.py").read_text(), scope)
+    # named by the key it was tuned under: a CPU key names the tuning machine's CPU, not this one's
+    exec((REPO / "schedules" / meta_path.parent.parent.name / f"{meta['key']}.py").read_text(), scope)
     readable = Schedule(func)
     scope["apply"](readable)
     assert structural_equal(readable.mod, sch.mod)
