@@ -1,5 +1,6 @@
 """The command line, run as a user would."""
 
+import collections
 import json
 import os
 import subprocess
@@ -77,3 +78,41 @@ def test_bench_without_gpu_says_what_it_needs(extra, capsys):
         pytest.skip("a GPU is present: bench would run")
     assert main(["bench", *extra]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_put_every_method_after_every_other_equally_often(n):
+    from tvmflash.bench import balanced_orders
+
+    orders = balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = collections.Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1, follows
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+
+
+def test_bench_samples_methods_in_balanced_orders(monkeypatch):
+    """Round r takes the methods in balanced order r, so no method always runs right after the
+    same one (a rotated order kept each method behind one neighbour: "tvmflash fused" always ran
+    after SDPA's cuDNN backend); a method that raises is reported, not sampled."""
+    torch = pytest.importorskip("torch")
+    from tvmflash import bench
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    seen = []
+    monkeypatch.setattr(bench, "_sample_ms", lambda fn, calls=10: (seen.append(fn()), float(len(seen)))[1])
+
+    def broken():
+        raise MemoryError("out of memory")
+
+    fns = {"a": lambda: "a", "oom": broken, "b": lambda: "b", "c": lambda: "c"}
+    times = bench._time_interleaved(fns, warmup=1, reps=6)
+    rounds = ["".join(seen[i:i + 3]) for i in range(0, 18, 3)]
+    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]
+    after = collections.Counter((x, y) for r in rounds for x, y in zip(r, r[1:]))
+    assert after == {tuple(pair): 2 for pair in ("ab", "bc", "ca", "cb", "ba", "ac")}
+    assert isinstance(times["oom"], MemoryError)
+    # medians of each method's sample values (the running count when it was sampled)
+    assert (times["a"], times["b"], times["c"]) == (10.0, 10.0, 8.5)

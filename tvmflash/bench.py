@@ -36,11 +36,32 @@ def _time_ms(fn, warmup: int = 3, reps: int = 10, calls: int = CALLS_PER_SAMPLE)
     return _time_interleaved({"fn": fn}, warmup, reps, calls)["fn"]
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` methods, one per round, in which every method comes directly after every
+    other one equally often (a Williams design: ``n`` orders for even ``n``, ``2n`` for odd ``n``).
+    Rotating one order would not do: each method would always follow the same neighbour."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(lo)
+            lo += 1
+        else:
+            first.append(hi)
+            hi -= 1
+    orders = [[(m + i) % n for m in first] for i in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 else orders
+
+
 def _time_interleaved(fns: dict, warmup: int = 3, reps: int = 10, calls: int = CALLS_PER_SAMPLE) -> dict:
     """{name: median ms per call} of several functions sampled in turn: sample r of each
     function is taken next to sample r of the others, so a drift of the GPU's clocks or
-    temperature during the measurement is shared, not charged to whichever runs first. A
-    function that raises (out of memory, an unsupported backend) gets its exception instead."""
+    temperature during the measurement is shared, and round r takes the functions in
+    ``balanced_orders``' order r, so each one follows every other one equally often. What runs
+    just before matters: on the H100 and the H200 a kernel sampled right after SDPA's cuDNN
+    backend (600+ TFLOP/s) read up to 11% slower at 16k, presumably clocks lowered by its power
+    draw; with a rotated order "tvmflash fused" always followed cuDNN and read 288 TFLOP/s where
+    the byte-identical hand-config kernel read 321. A function that raises (out of memory, an
+    unsupported backend) gets its exception instead."""
     import torch
 
     times, live = {}, {}
@@ -53,9 +74,11 @@ def _time_interleaved(fns: dict, warmup: int = 3, reps: int = 10, calls: int = C
         except Exception as err:  # noqa: BLE001 - reported in the table
             times[name] = err
             torch.cuda.empty_cache()
-    for _ in range(reps):
-        for name, fn in live.items():
-            times[name].append(_sample_ms(fn, calls))
+    names = list(live)
+    orders = balanced_orders(len(names)) if names else []
+    for r in range(reps if names else 0):
+        for i in orders[r % len(orders)]:
+            times[names[i]].append(_sample_ms(live[names[i]], calls))
     return {name: (statistics.median(t) if isinstance(t, list) else t) for name, t in times.items()}
 
 
