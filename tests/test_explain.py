@@ -158,3 +158,13 @@ def test_tensor_core_kernel_on_chip():
     assert r.threads == bm
     assert (bm + 2 * bn) * d * 2 <= r.shared_bytes <= 227 * 1024
     assert r.fused.buffer("K").read == (4096 // bm) * 4 * 16 * 4096 * d * 2
+
+
+def test_h200_is_the_h100_chip_with_faster_memory():
+    """The H200 runs the sm_90 kernels (TVM's nvidia-h100 target): same compute roof, HBM3e at
+    4.8 TB/s, so the ridge falls from ~295 to ~206 FLOP/B."""
+    h100, h200 = E.get_gpu("h100"), E.get_gpu("h200")
+    assert h200.target == h100.target and h200.peak_tflops == h100.peak_tflops
+    assert h200.ridge == pytest.approx(206.1, abs=0.1) and h100.ridge == pytest.approx(295.3, abs=0.1)
+    with pytest.raises(ValueError, match=r"gpu: expected one of \['a100', 'h100', 'h200'\], got 'b200'"):
+        E.get_gpu("b200")

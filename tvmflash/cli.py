@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="batch (default: tokens // seqlen)")
     p.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen when --batch is not given (default 16384)")
-    p.add_argument("--gpu", choices=("a100", "h100"), default="h100",
+    p.add_argument("--gpu", choices=("a100", "h100", "h200"), default="h100",
                    help="roofline figures and CUDA target (default h100)")
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth in TB/s (overrides the GPU's)")
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -12,7 +12,7 @@ kernels, for one spec and sequence length:
 2. what the fused kernel keeps on chip per thread block: shared memory from the allocations of the
    lowered TIR (after TVM merges and reuses them), registers per thread from ``ptxas -v``;
 3. each kernel's arithmetic intensity and roofline bound on a GPU (HBM bandwidth and fp16 dense
-   tensor-core peak; A100 and H100 built in, both overridable), and times measured by
+   tensor-core peak; A100, H100 and H200 built in, both overridable), and times measured by
    ``tvmflash bench --json`` on the same roofline;
 4. ``plot``: traffic and peak memory against sequence length, and the roofline, as a PNG.
 
@@ -56,6 +56,9 @@ class GPU:
 GPUS = {
     "a100": GPU("A100 SXM4 80GB", "nvidia/nvidia-a100", bandwidth_tbs=2.039, peak_tflops=312.0, memory_gb=80.0),
     "h100": GPU("H100 SXM5 80GB", "nvidia/nvidia-h100", bandwidth_tbs=3.35, peak_tflops=989.4, memory_gb=80.0),
+    # the H100's chip (sm_90, TVM has no tag of its own) with HBM3e: the same compute ceiling, a
+    # 1.4x higher memory one
+    "h200": GPU("H200 SXM 141GB", "nvidia/nvidia-h100", bandwidth_tbs=4.8, peak_tflops=989.4, memory_gb=141.0),
 }
 
 
@@ -177,7 +180,7 @@ def explain(
     algorithm, at ``seqlen`` (query and key length).
 
     batch: default ``max(1, tokens // seqlen)``; heads: query heads (kv heads = heads / spec.group).
-    gpu: 'a100', 'h100' or a ``GPU`` (``get_gpu`` overrides its figures); ``spec`` is lowered for
+    gpu: 'a100', 'h100', 'h200' or a ``GPU`` (``get_gpu`` overrides its figures); ``spec`` is lowered for
     its target. bench: a ``tvmflash bench --json`` file (or its loaded dict): the row of the same
     head dim, dtype, causal, seqlen, batch and heads gives the measured times. registers: run
     ``ptxas -v`` on the generated CUDA (when nvcc is on PATH) for the registers per thread.
