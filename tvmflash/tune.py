@@ -444,6 +444,13 @@ def _measured(db, mods) -> list[list]:
 # -- tuning ----------------------------------------------------------------------------------
 
 
+def geomean(values) -> float:
+    """The geometric mean of positive numbers (seconds at several lengths: each length counts the
+    same, whatever its time)."""
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 @dataclass
 class TileResult:
     tile: tuple[int, int]
@@ -463,9 +470,7 @@ class TileResult:
     def rank_secs(self) -> float:
         """What tiles are ranked by: the geometric mean of ``secs_at`` where the kernel was
         timed at several lengths, else ``run_secs``."""
-        if not self.secs_at:
-            return self.run_secs
-        return math.exp(sum(math.log(t) for t in self.secs_at.values()) / len(self.secs_at))
+        return geomean(self.secs_at.values()) if self.secs_at else self.run_secs
 
 
 @dataclass
@@ -586,8 +591,8 @@ def tune(spec: KernelSpec, *, trials: int, work_dir: str | os.PathLike, shape: S
         except Exception as err:  # noqa: BLE001 - never fatal: the workload times rank them then
             log(f"timing the built kernels failed ({_first_line(err)}); ranking on the workload times")
     for i, (task, ok) in enumerate(zip(tasks, measured)):
-        ranked = sorted(ok, key=lambda r: (TileResult(task.tile, None, math.inf, secs_at=deployed[id(r)]).rank_secs
-                                           if id(r) in deployed else math.inf, records.mean_run_secs(r)))
+        ranked = sorted(ok, key=lambda r: (geomean(deployed[id(r)].values()) if id(r) in deployed else math.inf,
+                                           records.mean_run_secs(r)))
         tile = TileResult(task.tile, None, math.inf, why_not="no candidate ran")
         for rec in ranked[:VALIDATE_TRIES]:
             why = validate_record(spec, task.tile, rec) if can_validate else None
