@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 
 import tvm
 from tvm import s_tir, tirx
@@ -155,6 +156,247 @@ def constant_async_waits():
     return tirx.transform.prim_func_pass(transform, opt_level=0, name="tvmflash.ConstantAsyncWaits")
 
 
+#: The name of the fused kernel's K/V loop variable (``definition.fused_attention``).
+KV_LOOP_VAR = "kb"
+
+
+def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
+    """A pass for after the software pipeline (run right before TVM's LoopPartition): K/V tiles
+    that need no mask run without one, as FlashAttention-2's ``n_masking_steps`` loop does.
+
+    The masks are the ``Select(visible, s, -inf)`` of ``definition._masked``; each term of
+    ``visible`` bounds the tile index ``kb``: for all rows and keys of the tile the term holds
+    while ``kb < U`` (``deduce_bound`` over the threads' and inner loops' ranges). Over the
+    pipeline's steady state ``kb < E``:
+
+    - a term with ``U >= E`` provably (the key bound: the steady state never holds the last,
+      partial tile) is dropped from the loop;
+    - the others (the causal bound) split the loop in two: tiles below ``min(U, E)`` run with no
+      mask, the rest (the diagonal tiles) keep it.
+
+    The pipeline's epilogue (the last tile) keeps every mask. TVM's own LoopPartition cannot do
+    this here: it leaves guards around the copied loop body that it cannot prove, and ThreadSync
+    then refuses the ``__syncthreads`` inside them ("Cannot insert syncs inside condition")."""
+    from tvm.sym import Analyzer, ConstIntBound, IntervalSet, ProofStrength, deduce_bound
+
+    def transform(func, mod, ctx):
+        analyzer = Analyzer()
+        for param in func.params:
+            ty = getattr(param, "ty", None)
+            for extent in ty.shape if isinstance(ty, tirx.BufferType) else ():
+                if isinstance(extent, tvm.ir.Var):  # shapes are sizes: >= 0
+                    analyzer.update(extent, ConstIntBound(0, ConstIntBound.POS_INF), True)
+        threads = {}
+
+        def never(extent):
+            return any(analyzer.can_prove(extent <= 0, strength)
+                       for strength in (ProofStrength.DEFAULT, ProofStrength.SYMBOLIC_BOUND))
+
+        def split(loop):
+            kb, E = loop.loop_var, loop.extent
+            terms = {}
+            for cond, ranges in _mask_conditions(loop.body):
+                relax = {**threads, **ranges}
+                for term in _and_terms(cond):
+                    if not _uses(term, kb):
+                        continue
+                    bound = deduce_bound(kb, term, {}, relax)
+                    if bound.is_nothing() or not _is_neg_inf(bound.min_value) or _is_pos_inf(bound.max_value):
+                        continue
+                    terms[term] = bound.max_value + 1
+            if not terms:
+                return loop
+            # the pipeline guards its statements by conditions on kb that hold for kb < E; proved
+            # here while the bound is E (StmtSimplify could not from the split loops' bounds)
+            with analyzer.constraint_scope(tirx.all(kb >= loop.min, kb < loop.min + E)):
+                loop = _with_body(loop, _drop_proven_guards(loop.body, analyzer))
+            everywhere = [t for t, u in terms.items() if analyzer.can_prove(u >= E, ProofStrength.SYMBOLIC_BOUND)]
+            rest = [u for t, u in terms.items() if t not in everywhere]
+            body = _replace_terms(loop.body, everywhere)
+            if not rest:
+                return _with_body(loop, body)
+            cut = tirx.min(tirx.max(functools.reduce(tirx.min, rest), 0), E)
+            unmasked = _replace_terms(body, [t for t in terms if t not in everywhere])
+            # a part that never runs is left out here: removed later, it would leave its copies
+            # of the mma fragments unused, and LowerWarpMemory fails on those ("Divide by zero")
+            if never(cut):
+                return _with_body(loop, body)
+            if never(E - cut):
+                return _with_body(loop, unmasked)
+            tail = tvm.ir.Var(kb.name + "_masked", "int32")
+            return tirx.SeqStmt([
+                tirx.For(kb, loop.min, cut, loop.kind, unmasked, loop.thread_binding, loop.annotations),
+                # the masked tiles: a loop from 0 (LowerWarpMemory fails on a loop from ``cut``)
+                tirx.For(tail, 0, E - cut, loop.kind, tirx.SeqStmt([tirx.Bind(kb, tail + cut), body]),
+                         loop.thread_binding, loop.annotations),
+            ])
+
+        def rewrite(stmt):
+            if isinstance(stmt, tirx.SeqStmt):
+                seq = [rewrite(s) for s in stmt.seq]
+                return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+            if isinstance(stmt, tirx.AttrStmt):
+                if stmt.attr_key == "thread_extent":
+                    analyzer.bind(stmt.node.var, tvm.ir.Range(0, stmt.value), allow_override=True)
+                    if str(stmt.node.thread_tag).startswith("threadIdx"):  # relaxed: all threads of a tile
+                        threads[stmt.node.var] = IntervalSet(0, stmt.value - 1)
+                body = rewrite(stmt.body)
+                return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+            if isinstance(stmt, tirx.IfThenElse):
+                then, other = rewrite(stmt.then_case), stmt.else_case and rewrite(stmt.else_case)
+                if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
+                    return stmt
+                return tirx.IfThenElse(stmt.condition, then, other)
+            if isinstance(stmt, tirx.For):
+                if stmt.loop_var.name == loop_name and _is_const(stmt.min, 0):
+                    return split(stmt)
+                body = rewrite(stmt.body)
+                return stmt if body.same_as(stmt.body) else _with_body(stmt, body)
+            return stmt
+
+        body = rewrite(func.body)
+        return func if body.same_as(func.body) else func.with_body(body)
+
+    return tvm.transform.Sequential(
+        [tirx.transform.prim_func_pass(transform, opt_level=0, name="tvmflash.UnmaskFullKVTiles"),
+         tirx.transform.ConvertSSA()])
+
+
+def _drop_proven_guards(stmt, analyzer):
+    """``stmt`` with each ``if`` whose condition ``analyzer`` proves replaced by its body."""
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_drop_proven_guards(s, analyzer) for s in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+    if isinstance(stmt, tirx.AttrStmt):
+        body = _drop_proven_guards(stmt.body, analyzer)
+        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+    if isinstance(stmt, tirx.IfThenElse) and analyzer.can_prove(stmt.condition):
+        return _drop_proven_guards(stmt.then_case, analyzer)
+    return stmt
+
+
+def _is_const(e, value) -> bool:
+    return isinstance(e, tirx.IntImm) and e.value == value
+
+
+def _is_neg_inf(e) -> bool:
+    return "neg_inf" in str(e)
+
+
+def _is_pos_inf(e) -> bool:
+    return "pos_inf" in str(e)
+
+
+def _with_body(loop, body):
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations,
+                    loop.step)
+
+
+def _and_terms(cond) -> list:
+    if isinstance(cond, tirx.And):
+        return _and_terms(cond.a) + _and_terms(cond.b)
+    return [cond]
+
+
+def _expr_children(e) -> tuple:
+    if isinstance(e, tvm.ir.Call):
+        return tuple(e.args)
+    if isinstance(e, tirx.Select):
+        return (e.condition, e.true_value, e.false_value)
+    if isinstance(e, (tirx.Cast, tirx.Broadcast)):
+        return (e.value,)
+    if isinstance(e, tirx.Not):
+        return (e.a,)
+    if hasattr(e, "a") and hasattr(e, "b"):
+        return (e.a, e.b)
+    return ()  # leaves, buffer loads (their indices hold no mask)
+
+
+def _uses(e, var) -> bool:
+    return e.same_as(var) or any(_uses(c, var) for c in _expr_children(e))
+
+
+def _is_mask(e) -> bool:
+    """``Select(visible, s, -inf)``: a masked score (``definition._masked``)."""
+    return (isinstance(e, tirx.Select) and isinstance(e.false_value, tirx.FloatImm)
+            and e.false_value.value == float("-inf"))
+
+
+def _mask_conditions(stmt, ranges=None) -> list:
+    """(condition, {inner loop var: IntervalSet}) of every mask stored in ``stmt``."""
+    from tvm.sym import IntervalSet
+
+    ranges = ranges or {}
+    found = []
+    if isinstance(stmt, tirx.SeqStmt):
+        for s in stmt.seq:
+            found += _mask_conditions(s, ranges)
+    elif isinstance(stmt, tirx.For):
+        inner = {**ranges, stmt.loop_var: IntervalSet(stmt.min, stmt.min + stmt.extent - 1)}
+        found += _mask_conditions(stmt.body, inner)
+    elif isinstance(stmt, tirx.AttrStmt):
+        found += _mask_conditions(stmt.body, ranges)
+    elif isinstance(stmt, tirx.IfThenElse):
+        found += _mask_conditions(stmt.then_case, ranges)
+        if stmt.else_case is not None:
+            found += _mask_conditions(stmt.else_case, ranges)
+    elif isinstance(stmt, tirx.BufferStore):
+        stack = [stmt.value]
+        while stack:
+            e = stack.pop()
+            if _is_mask(e):
+                found.append((e.condition, ranges))
+            stack.extend(_expr_children(e))
+    return found
+
+
+def _replace_terms(stmt, terms):
+    """``stmt`` with each mask term in ``terms`` (structurally equal) made true."""
+    if not terms:
+        return stmt
+
+    def expr(e):
+        if any(structural_equal(e, t) for t in terms):
+            return tirx.const(True, "bool")
+        kids = _expr_children(e)
+        if not kids:
+            return e
+        new = [expr(k) for k in kids]
+        if all(a.same_as(b) for a, b in zip(new, kids)):
+            return e
+        if isinstance(e, tvm.ir.Call):
+            return tvm.ir.Call(e.op, new, e.attrs, e.ty_args, ret_ty=e.ty)
+        if isinstance(e, tirx.Select):
+            return tirx.Select(*new)
+        if isinstance(e, tirx.Cast):
+            return tirx.Cast(e.dtype, new[0])
+        if isinstance(e, tirx.Broadcast):
+            return tirx.Broadcast(new[0], e.lanes)
+        return type(e)(*new)
+
+    def stmt_(s):
+        if isinstance(s, tirx.SeqStmt):
+            seq = [stmt_(x) for x in s.seq]
+            return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else tirx.SeqStmt(seq)
+        if isinstance(s, tirx.For):
+            body = stmt_(s.body)
+            return s if body.same_as(s.body) else _with_body(s, body)
+        if isinstance(s, tirx.AttrStmt):
+            body = stmt_(s.body)
+            return s if body.same_as(s.body) else tirx.AttrStmt(s.node, s.attr_key, s.value, body)
+        if isinstance(s, tirx.IfThenElse):
+            then, other = stmt_(s.then_case), s.else_case and stmt_(s.else_case)
+            if then.same_as(s.then_case) and (other is None or other.same_as(s.else_case)):
+                return s
+            return tirx.IfThenElse(s.condition, then, other)
+        if isinstance(s, tirx.BufferStore):
+            value = expr(s.value)
+            return s if value.same_as(s.value) else tirx.BufferStore(s.buffer, value, s.indices)
+        return s
+
+    return stmt_(stmt)
+
+
 def lower_all_warp_memory(max_runs: int = 64):
     """A device pass: TVM's LowerWarpMemory, run until it changes nothing.
 
@@ -176,14 +418,33 @@ def lower_all_warp_memory(max_runs: int = 64):
     return tvm.transform.module_pass(transform, opt_level=0, name="tvmflash.LowerAllWarpMemory")
 
 
+_PIPELINE_LOCK = threading.RLock()
+
+
 def _register_pipeline() -> str:
-    """TVM's s_tir pipeline with every warp-scope buffer lowered (``lower_all_warp_memory``)
-    and cp.async wait counts made constants (``constant_async_waits``)."""
+    """TVM's s_tir pipeline with K/V tiles that need no mask run without one
+    (``unmask_full_kv_tiles``), every warp-scope buffer lowered (``lower_all_warp_memory``) and
+    cp.async wait counts made constants (``constant_async_waits``)."""
     from tvm.s_tir import pipeline as s_pipeline
     from tvm.tirx import compilation_pipeline
 
     def factory():
-        pipeline, finalize_host, _ = s_pipeline.default_s_tir_pipeline()
+        default, finalize_host, _ = s_pipeline.default_s_tir_pipeline()
+
+        def pipeline(mod, ctx):
+            # TVM's pipeline, with ``unmask_full_kv_tiles`` before its LoopPartition: TVM builds
+            # the pass list inside its pipeline function, looking each pass up when it runs, so
+            # the name is swapped for the run (under a lock: one run at a time per process)
+            with _PIPELINE_LOCK:
+                loop_partition = s_tir.transform.LoopPartition
+                s_tir.transform.LoopPartition = lambda: tvm.ir.transform.Sequential(
+                    [unmask_full_kv_tiles(), loop_partition()])
+                try:
+                    return default(mod)
+                finally:
+                    s_tir.transform.LoopPartition = loop_partition
+
+        pipeline = tvm.transform.module_pass(pipeline, opt_level=0, name="tvmflash.STIRPipeline")
 
         def finalize_device():
             return tvm.ir.transform.Sequential(
@@ -384,12 +645,13 @@ def embedded_cuda_code(so_path: str) -> tuple[str, bytes]:
     raise ValueError(f"path: expected a module with a CUDA import, {so_path} has {[k for k, _ in modules]}")
 
 
-def lower_to_device(mod: tvm.IRModule, target: tvm.target.Target, pass_config: dict | None = None) -> tvm.IRModule:
+def lower_to_device(mod: tvm.IRModule, target: tvm.target.Target, pass_config: dict | None = None,
+                    instruments=()) -> tvm.IRModule:
     """The scheduled ``mod`` taken through the tirx pipeline ``tvm.compile`` runs (``TIR_PIPELINE``),
     up to code generation: kernels split from the host code, shared memory merged and reused.
     This is the TIR the CUDA source is printed from (what ``tvm.tirx.build`` does before codegen)."""
     host = tvm.target.Target("llvm") if tvm.runtime.enabled("llvm") else tvm.target.Target("c")
     mod = tirx.transform.BindTarget(target.with_host(host))(mod)
     pipeline, _, _ = tirx.get_tir_pipeline(TIR_PIPELINE)
-    with tvm.transform.PassContext(config=pass_config or {}):
+    with tvm.transform.PassContext(config=pass_config or {}, instruments=list(instruments)):
         return pipeline(mod)

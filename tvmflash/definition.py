@@ -163,7 +163,9 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                         vi, vd = T.axis.remap("SS", [i, d])
                         acc_o[vi, vd] = zero_f
 
-                # Causal: K/V tiles wholly above the diagonal are never visited.
+                # Causal: K/V tiles wholly above the diagonal are never visited. (The loop
+                # variable's name is API: ``_compat.unmask_full_kv_tiles`` finds the loop by it and
+                # runs the tiles that need no mask without one.)
                 for kb in T.serial(_num_kv_tiles(vqb, seq_q, seq_k, BM, BN, causal)):
                     # first key of this tile, bound twice: once for the loads and once for the
                     # masks, so that a software pipeline can run the loads a tile ahead
