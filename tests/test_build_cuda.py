@@ -237,36 +237,42 @@ def test_kv_tiles_are_loaded_one_tile_ahead_with_cp_async(kv_buffers, even, caus
     issued before the loop; in the loop, tile j+1's loads are in flight while tile j is computed;
     the last tile is computed after the loop. One buffer each (FlashAttention-2's order): K of
     tile j+1 is issued after S = Q K^T of tile j, V after P V; the wait before S covers both.
-    Two buffers: both issued at the top, each wait lets one group (tile j+1's) stay in flight."""
+    Two buffers: both issued at the top, each wait lets one group (tile j+1's) stay in flight.
+    Causal: the loop comes in two parts, the tiles below the diagonal and the diagonal ones
+    (``_compat.unmask_full_kv_tiles``), each pipelined the same way."""
     from tvmflash import schedule_cuda as S
 
     kernel = _kernel_body(KernelSpec(128, causal=causal, even=even, target="nvidia/nvidia-a100"),
                           S.FlashConfig(stages=2, kv_buffers=kv_buffers))
-    loop = kernel.index("for (int kb = 0;")
-    assert kernel[:loop].count("ptx_cp_async_legacy") == 2  # K and V of tile 0
+    loops = [m.start() for m in re.finditer(r"for \(int kb\w* = ", kernel)]
+    assert len(loops) == (2 if causal else 1), loops
+    assert kernel[:loops[0]].count("ptx_cp_async_legacy") == 2  # K and V of tile 0
     waits = re.findall(_WAIT, kernel)
-    assert waits == (["0", "0"] if kv_buffers == 1 else ["1", "0"]), waits
-    body = kernel[loop:[m.start() for m in re.finditer(_WAIT, kernel)][-1]]  # up to the last tile's wait
-    copies = [m.start() for m in re.finditer(r"ptx_cp_async_legacy\w*\(buf_dyn_shmem_ptr", body)]
-    mmas = [m.start() for m in re.finditer(r"mma\.sync", body)]
-    commits = [m.start() for m in re.finditer(r"commit_group\(\);", body)]
-    wait = re.search(_WAIT, body).start()
-    # one buffer each: K and V are issued at two places, each its own commit group; two: together
-    assert len(copies) == 2 and len(commits) == (2 if kv_buffers == 1 else 1), (copies, commits)
-    # a barrier follows the wait, before anyone reads the tile
-    assert body[wait:wait + 200].split(";")[1].strip() == "__syncthreads()", body[wait:wait + 200]
-    if kv_buffers == 1:
-        first_gemm_end = max(m for m in mmas if m < copies[0])
-        assert wait < first_gemm_end < copies[0] < copies[1], "K after S = Q K^T"
-        assert max(mmas) < copies[1], "V after P V"
-    else:
-        assert copies[1] < wait < min(mmas), "both loads issued before the wait and the GEMMs"
+    assert waits == (["0"] if kv_buffers == 1 else ["1"]) * len(loops) + ["0"], waits
+    last_wait = [m.start() for m in re.finditer(_WAIT, kernel)][-1]
+    for start, end in zip(loops, loops[1:] + [last_wait]):
+        body = kernel[start:end]  # one loop, up to the next one or to the last tile's wait
+        copies = [m.start() for m in re.finditer(r"ptx_cp_async_legacy\w*\(buf_dyn_shmem_ptr", body)]
+        mmas = [m.start() for m in re.finditer(r"mma\.sync", body)]
+        commits = [m.start() for m in re.finditer(r"commit_group\(\);", body)]
+        wait = re.search(_WAIT, body).start()
+        # one buffer each: K and V are issued at two places, each its own commit group; two: together
+        assert len(copies) == 2 and len(commits) == (2 if kv_buffers == 1 else 1), (copies, commits)
+        # a barrier follows the wait, before anyone reads the tile
+        assert body[wait:wait + 200].split(";")[1].strip() == "__syncthreads()", body[wait:wait + 200]
+        if kv_buffers == 1:
+            first_gemm_end = max(m for m in mmas if m < copies[0])
+            assert wait < first_gemm_end < copies[0] < copies[1], "K after S = Q K^T"
+            assert max(mmas) < copies[1], "V after P V"
+        else:
+            assert copies[1] < wait < min(mmas), "both loads issued before the wait and the GEMMs"
 
 
 def test_pipelined_static_causal_workload_compiles():
     """The static-shape workload MetaSchedule measures, causal and pipelined: InjectSoftwarePipeline
     leaves a wait count it could not prove (``if_then_else(True & True, 0, 0)``), which CUDA
-    codegen refuses; ``_compat.constant_async_waits`` makes every count a constant."""
+    codegen refuses; ``_compat.constant_async_waits`` makes every count a constant. (Three waits:
+    the K/V loop's two parts, below the diagonal and on it, and the last tile.)"""
     from tvmflash import _compat, schedule_cuda as S
     from tvmflash import space as SP
 
@@ -276,7 +282,7 @@ def test_pipelined_static_causal_workload_compiles():
     with tvm.transform.PassContext(config=S.PASS_CONFIG), _compat.cuda_source_modules():
         ex = tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
     cu = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
-    assert re.findall(_WAIT, cu[cu.index("__global__"):]) == ["0", "0"]
+    assert re.findall(_WAIT, cu[cu.index("__global__"):]) == ["0", "0", "0"]
 
 
 def test_synchronous_kv_loads_without_pipeline():
