@@ -153,6 +153,26 @@ def _kv_loops(stmt, found: dict):
             _kv_loops(child, found)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_any_length_build_keeps_its_fragments_in_registers(tmp_path, monkeypatch):
+    """The any-length build asks nvcc to unroll its fragment loops (``schedule_cuda.UNROLL_CONFIG``);
+    the even build leaves them to nvcc. Without the pragmas nvcc left loops of the head-dim-64
+    causal any-length build with a 128x128 tile (the committed sm90a record's) rolled, and its
+    fragments went to local memory: a 1904-byte stack frame (NOTES.md)."""
+    from tvmflash import nvcc, schedule_cuda as S
+
+    monkeypatch.setattr(S, "default_config", lambda target, d: S.FlashConfig(128, 128, 4, vec=4))
+    sources = {}
+    with records.tuning_logs_off():
+        for even in (False, True):
+            spec = KernelSpec(64, causal=True, even=even, target="nvidia/nvidia-h100")
+            build(spec, tmp_path)
+            sources[even] = (tmp_path / (spec.key + ".cu")).read_text()
+    assert "#pragma unroll" in sources[False] and "#pragma unroll" not in sources[True]
+    frame = nvcc.resources(sources[False], ["sm_90"])["sm_90"]["main_kernel"].stack_frame
+    assert frame <= SPILL_BUDGET, f"{frame} bytes of stack frame"
+
+
 @pytest.mark.parametrize("target", ["nvidia/nvidia-a100", "nvidia/nvidia-h100"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tensor_core_schedule(tmp_path, target, causal):

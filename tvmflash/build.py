@@ -97,7 +97,7 @@ def _fused_schedule(spec: KernelSpec, target):
     if schedule_cuda.supports(spec):
         return (schedule_cuda.default_config(target, spec.head_dim),
                 lambda func, cfg: schedule_cuda.schedule_fused_cuda(func, cfg, spec.dtype),
-                "schedule_cuda.schedule_fused_cuda", dict(schedule_cuda.PASS_CONFIG))
+                "schedule_cuda.schedule_fused_cuda", schedule_cuda.pass_config(spec))
     from . import schedule_cuda_simple
 
     return (schedule_cuda_simple.default_simple_config(spec.head_dim), schedule_cuda_simple.schedule_fused_cuda_simple,

@@ -36,6 +36,20 @@ from ._compat import Schedule, tirx
 #: cp.async (InjectPTXAsyncCopy rewrites only the stores under the pipeline's async scope).
 PASS_CONFIG = {"tirx.disable_cse_tir": True, "tirx.use_async_copy": True}
 
+#: The any-length build's extra: every loop nest of up to 1024 constant steps gets
+#: ``#pragma unroll`` (``explicit_unroll`` off: nvcc unrolls, the TIR stays small). The fragments
+#: are register arrays indexed by those loops; where nvcc left one rolled they went to local
+#: memory. Seen: the head-dim-64 causal any-length build with its tuned 128x128 tile, 1904 bytes of
+#: stack, 112.6 TFLOP/s against 197.0 unrolled at length 4000 (H200). The even builds are left to
+#: nvcc, which unrolls them itself: the pragmas cost them 1-4% at head dim 64 (NOTES.md).
+UNROLL_CONFIG = {"tirx.UnrollLoop": {"auto_max_step": 1024, "explicit_unroll": False}}
+
+
+def pass_config(spec) -> dict:
+    """The PassContext options ``spec``'s build needs (``PASS_CONFIG``; ``UNROLL_CONFIG`` too
+    unless the build is the even one)."""
+    return {**PASS_CONFIG, **({} if spec.even else UNROLL_CONFIG)}
+
 
 @dataclass(frozen=True)
 class FlashConfig:
