@@ -134,20 +134,7 @@ def constant_async_waits():
             if body.same_as(stmt.body) and value.same_as(stmt.value):
                 return stmt
             return tirx.AttrStmt(stmt.node, stmt.attr_key, value, body)
-        if isinstance(stmt, tirx.SeqStmt):
-            seq = [rewrite(s) for s in stmt.seq]
-            return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
-        if isinstance(stmt, tirx.For):
-            body = rewrite(stmt.body)
-            return stmt if body.same_as(stmt.body) else tirx.For(
-                stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations,
-                stmt.step)
-        if isinstance(stmt, tirx.IfThenElse):
-            then, other = rewrite(stmt.then_case), stmt.else_case and rewrite(stmt.else_case)
-            if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
-                return stmt
-            return tirx.IfThenElse(stmt.condition, then, other)
-        return stmt  # no cp.async wait is nested in other statements of the device code here
+        return _map_children(stmt, rewrite)  # no cp.async wait is nested in other statements here
 
     def transform(func, mod, ctx):
         body = rewrite(func.body)
@@ -178,6 +165,7 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
     this here: it leaves guards around the copied loop body that it cannot prove, and ThreadSync
     then refuses the ``__syncthreads`` inside them ("Cannot insert syncs inside condition")."""
     from tvm.sym import Analyzer, ConstIntBound, IntervalSet, ProofStrength, deduce_bound
+    from tvm.sym.int_set import neg_inf, pos_inf
 
     def transform(func, mod, ctx):
         analyzer = Analyzer()
@@ -201,7 +189,7 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
                     if not _uses(term, kb):
                         continue
                     bound = deduce_bound(kb, term, {}, relax)
-                    if bound.is_nothing() or not _is_neg_inf(bound.min_value) or _is_pos_inf(bound.max_value):
+                    if bound.is_nothing() or not bound.min_value.same_as(neg_inf()) or bound.max_value.same_as(pos_inf()):
                         continue
                     terms[term] = bound.max_value + 1
             if not terms:
@@ -232,27 +220,13 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
             ])
 
         def rewrite(stmt):
-            if isinstance(stmt, tirx.SeqStmt):
-                seq = [rewrite(s) for s in stmt.seq]
-                return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
-            if isinstance(stmt, tirx.AttrStmt):
-                if stmt.attr_key == "thread_extent":
-                    analyzer.bind(stmt.node.var, tvm.ir.Range(0, stmt.value), allow_override=True)
-                    if str(stmt.node.thread_tag).startswith("threadIdx"):  # relaxed: all threads of a tile
-                        threads[stmt.node.var] = IntervalSet(0, stmt.value - 1)
-                body = rewrite(stmt.body)
-                return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
-            if isinstance(stmt, tirx.IfThenElse):
-                then, other = rewrite(stmt.then_case), stmt.else_case and rewrite(stmt.else_case)
-                if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
-                    return stmt
-                return tirx.IfThenElse(stmt.condition, then, other)
-            if isinstance(stmt, tirx.For):
-                if stmt.loop_var.name == loop_name and _is_const(stmt.min, 0):
-                    return split(stmt)
-                body = rewrite(stmt.body)
-                return stmt if body.same_as(stmt.body) else _with_body(stmt, body)
-            return stmt
+            if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "thread_extent":
+                analyzer.bind(stmt.node.var, tvm.ir.Range(0, stmt.value), allow_override=True)
+                if str(stmt.node.thread_tag).startswith("threadIdx"):  # relaxed: all threads of a tile
+                    threads[stmt.node.var] = IntervalSet(0, stmt.value - 1)
+            if isinstance(stmt, tirx.For) and stmt.loop_var.name == loop_name and _is_const(stmt.min, 0):
+                return split(stmt)
+            return _map_children(stmt, rewrite)
 
         body = rewrite(func.body)
         return func if body.same_as(func.body) else func.with_body(body)
@@ -264,14 +238,10 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
 
 def _drop_proven_guards(stmt, analyzer):
     """``stmt`` with each ``if`` whose condition ``analyzer`` proves replaced by its body."""
-    if isinstance(stmt, tirx.SeqStmt):
-        seq = [_drop_proven_guards(s, analyzer) for s in stmt.seq]
-        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
-    if isinstance(stmt, tirx.AttrStmt):
-        body = _drop_proven_guards(stmt.body, analyzer)
-        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
     if isinstance(stmt, tirx.IfThenElse) and analyzer.can_prove(stmt.condition):
         return _drop_proven_guards(stmt.then_case, analyzer)
+    if isinstance(stmt, (tirx.SeqStmt, tirx.AttrStmt)):  # the pipeline's guards are not nested deeper
+        return _map_children(stmt, lambda s: _drop_proven_guards(s, analyzer))
     return stmt
 
 
@@ -279,12 +249,24 @@ def _is_const(e, value) -> bool:
     return isinstance(e, tirx.IntImm) and e.value == value
 
 
-def _is_neg_inf(e) -> bool:
-    return "neg_inf" in str(e)
-
-
-def _is_pos_inf(e) -> bool:
-    return "pos_inf" in str(e)
+def _map_children(stmt, f):
+    """``stmt`` with ``f`` applied to its child statements (the bodies of SeqStmt, AttrStmt,
+    IfThenElse and For); ``stmt`` itself where no child changed. Other statements are leaves."""
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [f(s) for s in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+    if isinstance(stmt, tirx.AttrStmt):
+        body = f(stmt.body)
+        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+    if isinstance(stmt, tirx.IfThenElse):
+        then, other = f(stmt.then_case), stmt.else_case and f(stmt.else_case)
+        if then.same_as(stmt.then_case) and (other is None or other.same_as(stmt.else_case)):
+            return stmt
+        return tirx.IfThenElse(stmt.condition, then, other)
+    if isinstance(stmt, tirx.For):
+        body = f(stmt.body)
+        return stmt if body.same_as(stmt.body) else _with_body(stmt, body)
+    return stmt
 
 
 def _with_body(loop, body):
@@ -375,24 +357,10 @@ def _replace_terms(stmt, terms):
         return type(e)(*new)
 
     def stmt_(s):
-        if isinstance(s, tirx.SeqStmt):
-            seq = [stmt_(x) for x in s.seq]
-            return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else tirx.SeqStmt(seq)
-        if isinstance(s, tirx.For):
-            body = stmt_(s.body)
-            return s if body.same_as(s.body) else _with_body(s, body)
-        if isinstance(s, tirx.AttrStmt):
-            body = stmt_(s.body)
-            return s if body.same_as(s.body) else tirx.AttrStmt(s.node, s.attr_key, s.value, body)
-        if isinstance(s, tirx.IfThenElse):
-            then, other = stmt_(s.then_case), s.else_case and stmt_(s.else_case)
-            if then.same_as(s.then_case) and (other is None or other.same_as(s.else_case)):
-                return s
-            return tirx.IfThenElse(s.condition, then, other)
         if isinstance(s, tirx.BufferStore):
             value = expr(s.value)
             return s if value.same_as(s.value) else tirx.BufferStore(s.buffer, value, s.indices)
-        return s
+        return _map_children(s, stmt_)
 
     return stmt_(stmt)
 
