@@ -198,13 +198,14 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
             # here while the bound is E (StmtSimplify could not from the split loops' bounds)
             with analyzer.constraint_scope(tirx.all(kb >= loop.min, kb < loop.min + E)):
                 loop = _with_body(loop, _drop_proven_guards(loop.body, analyzer))
-            everywhere = [t for t, u in terms.items() if analyzer.can_prove(u >= E, ProofStrength.SYMBOLIC_BOUND)]
-            rest = [u for t, u in terms.items() if t not in everywhere]
+            everywhere, local = [], []  # terms that hold over the whole loop, and the others
+            for term, u in terms.items():
+                (everywhere if analyzer.can_prove(u >= E, ProofStrength.SYMBOLIC_BOUND) else local).append(term)
             body = _replace_terms(loop.body, everywhere)
-            if not rest:
+            if not local:
                 return _with_body(loop, body)
-            cut = tirx.min(tirx.max(functools.reduce(tirx.min, rest), 0), E)
-            unmasked = _replace_terms(body, [t for t in terms if t not in everywhere])
+            cut = tirx.min(tirx.max(functools.reduce(tirx.min, [terms[t] for t in local]), 0), E)
+            unmasked = _replace_terms(body, local)
             # a part that never runs is left out here: removed later, it would leave its copies
             # of the mma fragments unused, and LowerWarpMemory fails on those ("Divide by zero")
             if never(cut):
