@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tvmflash.kernel import _numpy_dtype
+from tvmflash.spec import numpy_dtype
 
 # Tolerance per dtype, against the float64 reference on the same (rounded) inputs.
 TOLERANCE = {
@@ -15,7 +15,7 @@ LSE_ATOL = 1e-4  # lse is accumulated in float32 throughout
 
 
 def make_qkv(rng, batch, seq_q, seq_k, heads, heads_kv, head_dim, dtype, scale=1.0):
-    dt = _numpy_dtype(dtype)
+    dt = numpy_dtype(dtype)
     q = (rng.standard_normal((batch, seq_q, heads, head_dim)) * scale).astype(dt)
     k = rng.standard_normal((batch, seq_k, heads_kv, head_dim)).astype(dt)
     v = rng.standard_normal((batch, seq_k, heads_kv, head_dim)).astype(dt)
@@ -40,3 +40,24 @@ def assert_close_to_reference(out, lse, ref_out, ref_lse, dtype):
         if finite.any():
             lerr = np.abs(lse[finite] - ref_lse[finite]).max()
             assert lerr <= LSE_ATOL, f"max |lse - ref| = {lerr:.3e} > {LSE_ATOL:.0e}"
+
+
+def cuda_source(spec, config=None) -> str:
+    """The device source ``build`` compiles for ``spec`` (with ``config``: that config of its rule
+    under the rule's schedule and pass config), through the one compile path."""
+    from tvmflash.builder import compile_lowered, lower
+    from tvmflash.compiler import device_source
+    from tvmflash.tuning import records
+
+    with records.tuning_logs_off():
+        lowered = lower(spec, config)
+    return device_source(compile_lowered(lowered), spec)
+
+
+def spec_id(spec) -> str:
+    """A test id for ``spec`` that names no host: its key with the target as given ('cpu')."""
+    from tvmflash.spec import target_id
+
+    key = spec.key
+    tid = target_id(spec.target)
+    return key[: -len(tid)] + spec.target.replace("/", "-") if key.endswith(tid) else key

@@ -7,9 +7,13 @@ import subprocess
 import pytest
 import tvm
 
-from tvmflash import KernelSpec, build, lower, records
+from tvmflash import KernelSpec, build, lower
+from tvmflash.compiler import passes
+from tvmflash.rules import fused_cuda_mma as S
+from tvmflash.tuning import records
 
 from conftest import NVCC
+from helpers import cuda_source, spec_id
 
 VARIANTS = [
     dict(head_dim=64, dtype="float16", causal=False, group=1),
@@ -20,7 +24,7 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("target", ["nvidia/nvidia-a100", "nvidia/nvidia-h100"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: KernelSpec(**v).key)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: spec_id(KernelSpec(**v)))
 def test_fused_kernel_builds_for_cuda(tmp_path, target, variant):
     spec = KernelSpec(**variant, target=target)
     so, manifest = build(spec, tmp_path)
@@ -69,9 +73,8 @@ def test_nvcc_compiles_tensor_core_kernel_within_register_budget(tmp_path, arch)
     """The generated CUDA is valid for nvcc as well as NVRTC, and the tensor-core kernel keeps
     its tiles in registers. Since the softmax moved onto the fragments (S, P f32 and P f16 in
     registers beside acc_o), ptxas spills a few cold scalars at 255 registers; the bound below
-    keeps that from growing unnoticed (the issue's goal is 0: NOTES.md). The hand config, so that the
-    bound follows the schedule: a tuned record may pick another load width (the committed
-    nvidia-a100 causal one, 4 halves: 40 bytes, NOTES.md)."""
+    keeps that from growing unnoticed (docs/performance.md). The hand config, so that the bound
+    follows the schedule: a tuned record may pick another load width."""
     spec = KernelSpec(128, causal=True, target="nvidia/nvidia-a100")
     with records.tuning_logs_off():
         build(spec, tmp_path)
@@ -88,12 +91,9 @@ def test_nvcc_compiles_tensor_core_kernel_within_register_budget(tmp_path, arch)
     assert frames and max(frames) <= SPILL_BUDGET, res.stderr
 
 
-#: Bytes of spill stores / stack the tensor-core kernel may use (measured, head dim 128 causal,
-#: hand config, K/V by cp.async, nvcc 13.0.88, the plain flags above: 56 / 40 on sm_80, 76 / 48
-#: on sm_90. Session 6 moved it from 28 / 16 and 16 / 8: the tiles below the diagonal run in a
-#: loop of their own without the mask (``unmask_full_kv_tiles``, 1-4% faster on the H200), and the
-#: any-length build's loops carry ``#pragma unroll`` (``UNROLL_CONFIG``; this build's speed
-#: unchanged, 1.002-1.008x), NOTES.md. The issue's goal is 0.)
+#: Bytes of spill stores / stack the tensor-core kernel may use (head dim 128 causal, hand config,
+#: the plain flags above): a few cold scalars spill at the fast tile, as in FlashAttention-2's own
+#: kernel; the bound keeps it from growing unnoticed (the figures: docs/performance.md).
 SPILL_BUDGET = 80
 
 
@@ -102,9 +102,9 @@ SPILL_BUDGET = 80
 def test_only_boundary_tiles_pay_for_the_mask(head_dim, causal):
     """The K/V loop of the pipelined kernel (its steady state; the last tile runs after it) keeps
     no key-bound mask, and causal splits it in two: tiles below the diagonal without the mask,
-    the diagonal tiles with it (``_compat.unmask_full_kv_tiles``). The any-length build, hand
-    config; the masks stay where they are due: in the masked loop and in the last tile."""
-    from tvmflash import _compat
+    the diagonal tiles with it (``compiler.passes.unmask_full_kv_tiles``). The any-length build,
+    hand config; the masks stay where they are due: in the masked loop and in the last tile."""
+    from tvmflash.compiler import lower_to_device
 
     spec = KernelSpec(head_dim, causal=causal, target="nvidia/nvidia-h100")
     with records.tuning_logs_off():
@@ -117,14 +117,14 @@ def test_only_boundary_tiles_pay_for_the_mask(head_dim, causal):
             if info.name == "tvmflash.UnmaskFullKVTiles":
                 after["func"] = next(iter(mod.functions.values()))
 
-    _compat.lower_to_device(lowered.mod, spec.tvm_target, lowered.pass_config, instruments=[Capture()])
+    lower_to_device(lowered.mod, spec.tvm_target, lowered.pass_config, instruments=[Capture()])
     loops = {}
     _kv_loops(after["func"].body, loops)
     masks = {name: _live_masks(loop.body) for name, loop in loops.items()}
     assert masks.get("kb") == 0, masks  # the unmasked tiles
     if causal:
         assert masks.get("kb_masked", 0) > 0, masks  # the diagonal tiles
-        terms = [t for c, _ in _compat._mask_conditions(loops["kb_masked"].body) for t in _compat._and_terms(c)
+        terms = [t for c, _ in passes.mask_conditions(loops["kb_masked"].body) for t in passes.and_terms(c)
                  if not isinstance(t, tvm.tirx.IntImm)]
         assert not any("seq_k" in str(t) and " < seq_k" in str(t) for t in terms), terms  # key bound dropped
     else:
@@ -136,10 +136,8 @@ def _live_masks(stmt) -> int:
     """Masks (``Select(visible, s, -inf)``) in ``stmt`` whose condition is not constant true."""
     from tvm import tirx
 
-    from tvmflash import _compat
-
-    conds = [c for c, _ in _compat._mask_conditions(stmt)]
-    return sum(any(not isinstance(t, tirx.IntImm) for t in _compat._and_terms(c)) for c in conds)
+    conds = [c for c, _ in passes.mask_conditions(stmt)]
+    return sum(any(not isinstance(t, tirx.IntImm) for t in passes.and_terms(c)) for c in conds)
 
 
 def _kv_loops(stmt, found: dict):
@@ -157,19 +155,15 @@ def _kv_loops(stmt, found: dict):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_any_length_build_keeps_its_fragments_in_registers(tmp_path, monkeypatch):
-    """The any-length build asks nvcc to unroll its fragment loops (``schedule_cuda.UNROLL_CONFIG``);
-    the even build leaves them to nvcc. Without the pragmas nvcc left loops of the head-dim-64
-    causal any-length build with a 128x128 tile (the committed sm90a record's) rolled, and its
-    fragments went to local memory: a 1904-byte stack frame (NOTES.md)."""
-    from tvmflash import nvcc, schedule_cuda as S
+    """The any-length build asks nvcc to unroll its fragment loops (``UNROLL_CONFIG`` in its rule's
+    pass config); the even build leaves them to nvcc. Without the pragmas nvcc left loops of the
+    head-dim-64 causal any-length build with a 128x128 tile (the committed sm90a record's) rolled,
+    and its fragments went to local memory (a 1904-byte stack frame)."""
+    from tvmflash.compiler import nvcc
 
-    monkeypatch.setattr(S, "default_config", lambda target, d: S.FlashConfig(128, 128, 4, vec=4))
-    sources = {}
-    with records.tuning_logs_off():
-        for even in (False, True):
-            spec = KernelSpec(64, causal=True, even=even, target="nvidia/nvidia-h100")
-            build(spec, tmp_path)
-            sources[even] = (tmp_path / (spec.key + ".cu")).read_text()
+    config = S.FlashConfig(128, 128, 4, vec=4)
+    sources = {even: cuda_source(KernelSpec(64, causal=True, even=even, target="nvidia/nvidia-h100"), config)
+               for even in (False, True)}
     assert "#pragma unroll" in sources[False] and "#pragma unroll" not in sources[True]
     frame = nvcc.resources(sources[False], ["sm_90"])["sm_90"]["main_kernel"].stack_frame
     assert frame <= SPILL_BUDGET, f"{frame} bytes of stack frame"
@@ -183,7 +177,7 @@ def test_tensor_core_schedule(tmp_path, target, causal):
     pipeline's epilogue holds its own copies of the Q/K/V fragments, ``..._warp_ptr_1``)."""
     spec = KernelSpec(128, causal=causal, group=2, target=target)
     _, manifest = build(spec, tmp_path)
-    assert json.loads(open(manifest).read())["schedule"]["function"] == "schedule_cuda.schedule_fused_cuda"
+    assert json.loads(open(manifest).read())["schedule"]["rule"] == "fused_cuda_mma"
     cu = (tmp_path / (spec.key + ".cu")).read_text()
     assert "mma.sync.aligned.m16n8k16" in cu and "ldmatrix" in cu
     arrays = {name: int(n) for name, n in re.findall(r"alignas\(\d+\) \w+ (\w+_warp_ptr\w*)\[(\d+)\]", cu)}
@@ -219,33 +213,25 @@ def test_plain_schedule_binds_query_rows_to_threads():
 def test_software_pipeline_needs_a_tile_count_of_at_least_one(monkeypatch):
     """Reproducer: the pipelined schedule on the definition without the clamp (the causal tile
     count max(ceildiv(last_key, block_n), 0) can be 0; TVM cannot prove the non-causal one >= 1)."""
-    from tvmflash import _compat, definition as D, schedule_cuda as S
     from tvmflash._compat import tirx
+    from tvmflash.definition import fused
 
     def unclamped(qb, seq_q, seq_k, BM, BN, causal):
         if not causal:
             return tirx.ceildiv(seq_k, BN)
         return tirx.max(tirx.ceildiv(tirx.min(seq_k, (qb + 1) * BM + seq_k - seq_q), BN), 0)
 
-    monkeypatch.setattr(D, "_num_kv_tiles", unclamped)
-    spec = KernelSpec(128, target="nvidia/nvidia-a100")
-    cfg = S.FlashConfig(stages=2)
-    sch = S.schedule_fused_cuda(D.fused_attention(spec, cfg.block_m, cfg.block_n), cfg)
+    monkeypatch.setattr(fused, "_num_kv_tiles", unclamped)
     try:
-        with tvm.transform.PassContext(config=S.PASS_CONFIG):
-            tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+        cuda_source(KernelSpec(128, target="nvidia/nvidia-a100"), S.FlashConfig(stages=2))
     except tvm.error.InternalError as err:  # any other failure is a real one
         assert "Cannot insert syncs inside condition" in str(err), str(err)[-500:]
         raise
 
 
 def _kernel_body(spec, cfg) -> str:
-    from tvmflash import _compat, definition as D, schedule_cuda as S
-
-    sch = S.schedule_fused_cuda(D.fused_attention(spec, cfg.block_m, cfg.block_n), cfg, spec.dtype)
-    with tvm.transform.PassContext(config=S.PASS_CONFIG), _compat.cuda_source_modules():
-        ex = tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
-    cu = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
+    """The kernel's CUDA as ``build`` compiles ``spec`` with ``cfg`` (its rule's pass config)."""
+    cu = cuda_source(spec, cfg)
     return cu[cu.index("__global__"):]
 
 
@@ -261,9 +247,7 @@ def test_kv_tiles_are_loaded_one_tile_ahead_with_cp_async(kv_buffers, even, caus
     tile j+1 is issued after S = Q K^T of tile j, V after P V; the wait before S covers both.
     Two buffers: both issued at the top, each wait lets one group (tile j+1's) stay in flight.
     Causal: the loop comes in two parts, the tiles below the diagonal and the diagonal ones
-    (``_compat.unmask_full_kv_tiles``), each pipelined the same way."""
-    from tvmflash import schedule_cuda as S
-
+    (``compiler.passes.unmask_full_kv_tiles``), each pipelined the same way."""
     kernel = _kernel_body(KernelSpec(128, causal=causal, even=even, target="nvidia/nvidia-a100"),
                           S.FlashConfig(stages=2, kv_buffers=kv_buffers))
     loops = [m.start() for m in re.finditer(r"for \(int kb\w* = ", kernel)]
@@ -293,24 +277,20 @@ def test_kv_tiles_are_loaded_one_tile_ahead_with_cp_async(kv_buffers, even, caus
 def test_pipelined_static_causal_workload_compiles():
     """The static-shape workload MetaSchedule measures, causal and pipelined: InjectSoftwarePipeline
     leaves a wait count it could not prove (``if_then_else(True & True, 0, 0)``), which CUDA
-    codegen refuses; ``_compat.constant_async_waits`` makes every count a constant. (Three waits:
-    the K/V loop's two parts, below the diagonal and on it, and the last tile.)"""
-    from tvmflash import _compat, schedule_cuda as S
-    from tvmflash import space as SP
+    codegen refuses; ``compiler.passes.constant_async_waits`` makes every count a constant. (Three
+    waits: the K/V loop's two parts, below the diagonal and on it, and the last tile.)"""
+    from tvmflash.compiler import compile_module, device_source
+    from tvmflash.tuning import space as SP
 
     spec = KernelSpec(128, causal=True, target="nvidia/nvidia-h100")
     func = SP.workload(spec, (128, 64), SP.Shape(4, 4096, 4096, 16, 16))["main"]
-    sch = S.schedule_fused_cuda(func, S.FlashConfig(stages=2))
-    with tvm.transform.PassContext(config=S.PASS_CONFIG), _compat.cuda_source_modules():
-        ex = tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
-    cu = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
+    sch = S.RULE.apply(func, S.FlashConfig(stages=2))
+    cu = device_source(compile_module(sch.mod, spec.tvm_target, S.RULE.pass_config(spec)), spec)
     assert re.findall(_WAIT, cu[cu.index("__global__"):]) == ["0", "0", "0"]
 
 
 def test_synchronous_kv_loads_without_pipeline():
     """stages 1: plain vector loads of K and V, no cp.async anywhere."""
-    from tvmflash import schedule_cuda as S
-
     kernel = _kernel_body(KernelSpec(128, target="nvidia/nvidia-a100"), S.FlashConfig(stages=1))
     assert "cp.async" not in kernel and "cp_async" not in kernel
     assert S.FlashConfig(stages=1, kv_buffers=2) == S.FlashConfig(stages=1, kv_buffers=1)

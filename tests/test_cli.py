@@ -82,7 +82,7 @@ def test_bench_without_gpu_says_what_it_needs(extra, capsys):
 
 @pytest.mark.parametrize("n", range(1, 8))
 def test_balanced_orders_put_every_method_after_every_other_equally_often(n):
-    from tvmflash.bench import balanced_orders
+    from tvmflash.analysis.bench import balanced_orders
 
     orders = balanced_orders(n)
     assert all(sorted(order) == list(range(n)) for order in orders)
@@ -97,7 +97,7 @@ def test_bench_samples_methods_in_balanced_orders(monkeypatch):
     same one (a rotated order kept each method behind one neighbour: "tvmflash fused" always ran
     after SDPA's cuDNN backend); a method that raises is reported, not sampled."""
     torch = pytest.importorskip("torch")
-    from tvmflash import bench
+    from tvmflash.analysis import bench
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from tvmflash import KernelSpec, _compat, build, nvcc
-from tvmflash.nvcc import parse_ptxas
+from tvmflash import KernelSpec, build
+from tvmflash.compiler import device_code, nvcc
+from tvmflash.compiler.nvcc import parse_ptxas
 
 from conftest import NVCC
 
@@ -25,7 +26,7 @@ def _built(tmp_path, **kw):
 @needs_nvcc
 def test_fatbin_for_sm80_and_sm90_is_in_the_exported_library(tmp_path):
     so, manifest = _built(tmp_path, device_code="fatbin")
-    fmt, code = _compat.embedded_cuda_code(so)
+    fmt, code = device_code.embedded_cuda_code(so)
     assert fmt == "fatbin"
     device = manifest["device_code"]
     assert device["form"] == "fatbin" and device["archs"] == ["sm_80", "sm_90"] and device["ptx"] == "compute_80"
@@ -44,7 +45,7 @@ def test_fatbin_for_sm80_and_sm90_is_in_the_exported_library(tmp_path):
 @needs_nvcc
 def test_ptx_form_embeds_nul_terminated_ptx(tmp_path):
     so, manifest = _built(tmp_path, device_code="ptx", device_archs="sm_86")
-    fmt, code = _compat.embedded_cuda_code(so)
+    fmt, code = device_code.embedded_cuda_code(so)
     assert fmt == "ptx" and manifest["device_code"]["archs"] == ["sm_86"]
     assert code.endswith(b"\0") and b".target sm_86" in code and b".entry main_kernel(" in code
 
@@ -54,7 +55,7 @@ def test_without_nvcc_auto_embeds_the_source(tmp_path, monkeypatch):
     so, manifest = _built(tmp_path)
     assert manifest["device_code"]["form"] == "source"
     assert "nvcc not found" in manifest["device_code"]["why"] and "NVRTC" in manifest["device_code"]["load_needs"]
-    assert _compat.embedded_cuda_code(so) == ("cuda", manifest["source"].encode())
+    assert device_code.embedded_cuda_code(so) == ("cuda", manifest["source"].encode())
 
 
 def test_without_nvcc_asking_for_fatbin_names_what_is_missing(tmp_path, monkeypatch):
@@ -67,7 +68,7 @@ def test_without_nvcc_asking_for_fatbin_names_what_is_missing(tmp_path, monkeypa
 def test_explicit_source_form(tmp_path):
     so, manifest = _built(tmp_path, device_code="source")
     assert manifest["device_code"]["form"] == "source" and "why" not in manifest["device_code"]
-    fmt, code = _compat.embedded_cuda_code(so)
+    fmt, code = device_code.embedded_cuda_code(so)
     assert fmt == "cuda" and code.decode() == manifest["source"]
 
 
@@ -93,7 +94,7 @@ def test_build_leaves_tvm_callback_and_environment_as_they_were(tmp_path, monkey
     assert os.environ["TVM_COMPILE_FORCE_FALLBACK"] == "0"
     monkeypatch.delenv("TVM_COMPILE_FORCE_FALLBACK")
     with pytest.raises(RuntimeError, match="inside"):
-        with _compat.cuda_source_modules():
+        with device_code.cuda_source_modules():
             assert os.environ["TVM_COMPILE_FORCE_FALLBACK"] == "1"
             raise RuntimeError("inside")
     assert "TVM_COMPILE_FORCE_FALLBACK" not in os.environ

@@ -3,14 +3,16 @@ the tile, no bound checks. The same numbers as the general kernel, a refusal for
 and ``attention`` choosing between the two on a GPU."""
 
 import re
-import sys
 
 import numpy as np
 import pytest
 
-from tvmflash import KernelSpec, api, get_kernel, lower
-from tvmflash.kernel import Kernel
-from tvmflash.reference import attention_reference
+from tvmflash import KernelSpec, get_kernel, lower
+from tvmflash.builder import plan
+from tvmflash.definition import attention_reference
+from tvmflash.runtime import api
+from tvmflash.runtime.kernel import Kernel
+from tvmflash.tuning import records
 
 from helpers import assert_close_to_reference, make_qkv
 
@@ -53,9 +55,10 @@ def test_spec_even_key_and_conflicts():
 
 
 def _cuda_source(spec: KernelSpec) -> str:
-    from tvmflash.build import compile_lowered, _device_source
+    from tvmflash.builder import compile_lowered
+    from tvmflash.compiler import device_source
 
-    return _device_source(compile_lowered(lower(spec)), spec)
+    return device_source(compile_lowered(lower(spec)), spec)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -71,14 +74,6 @@ def test_cuda_even_kernel_has_no_bound_checks(head_dim):
         assert not re.search(r"\(\(int\)blockIdx\.\w\) [%/]", cu), "integer division of a block index"
 
 
-@pytest.fixture
-def fresh_plans():
-    """The dispatch's per-spec plans (tile included) computed anew in the test, and dropped after."""
-    api._even_plan.cache_clear()
-    yield
-    api._even_plan.cache_clear()
-
-
 def _stub_kernel(spec, tile):
     """A Kernel whose manifest says it was built with ``tile`` (nothing to call)."""
     manifest = {"spec": spec.to_dict(), "functions": ["main"],
@@ -86,29 +81,27 @@ def _stub_kernel(spec, tile):
     return Kernel({"main": None}, manifest)
 
 
-@pytest.mark.parametrize("seq_q, seq_k, built_tile, asked, chosen", [
-    (4096, 4096, (128, 64), ["even"], "even"),  # tile multiples: the even kernel, nothing else built
-    (4096, 4048, (128, 64), ["general"], "general"),  # the planned tile does not divide: never built
-    (0, 4096, (128, 64), ["general"], "general"),
-    # the planned tile divides, the built one (an older log's) does not: built, refused
-    (4096, 4032, (128, 128), ["even", "general"], "general"),
+@pytest.mark.parametrize("seq_q, seq_k, chosen", [
+    (4096, 4096, "even"),  # tile multiples: the even kernel, nothing else built
+    (4096, 4048, "general"),  # the planned tile does not divide: the even one is never built
+    (0, 4096, "general"),
 ])
-def test_attention_dispatch(monkeypatch, fresh_plans, seq_q, seq_k, built_tile, asked, chosen):
+def test_attention_dispatch(monkeypatch, seq_q, seq_k, chosen):
+    """``attention`` picks the build by the plan's tile (the hand config's 128x64 here) before
+    anything is built, and asks the cache for that one kernel only."""
     got = []
 
     def fake_get_kernel(spec):
         got.append("even" if spec.even else "general")
-        return _stub_kernel(spec, built_tile)
+        return _stub_kernel(spec, (128, 64))
 
     monkeypatch.setattr(api, "get_kernel", fake_get_kernel)
-    # (the module: the package's ``build`` attribute is the function)
-    monkeypatch.setattr(sys.modules["tvmflash.build"], "planned_tile", lambda spec: (128, 64))
     spec = KernelSpec(128, target="nvidia/nvidia-h100")
-    kernel = api._kernel_for(spec, seq_q, seq_k)
-    assert got == asked and kernel.spec.even == (chosen == "even")
-    got.clear()
-    assert not api._kernel_for(KernelSpec(128), 4096, 4096).spec.even, "CPU kernels stay general"
-    assert not api._kernel_for(spec.replace(shape=(1, 4096, 4096, 2)), 4096, 4096).spec.even
+    with records.tuning_logs_off():
+        kernel = api.kernel_for(spec, seq_q, seq_k)
+        assert got == [chosen] and kernel.spec.even == (chosen == "even")
+        assert not api.kernel_for(KernelSpec(128), 4096, 4096).spec.even, "CPU kernels stay general"
+        assert not api.kernel_for(spec.replace(shape=(1, 4096, 4096, 2)), 4096, 4096).spec.even
 
 
 def test_planned_tile_reads_the_log_without_building(monkeypatch):
@@ -116,13 +109,10 @@ def test_planned_tile_reads_the_log_without_building(monkeypatch):
     tuning.json (the committed H100 log of head dim 64 chose 128x128), else the hand config."""
     import json
 
-    from tvmflash import records
-    from tvmflash.build import planned_tile
-
     spec = KernelSpec(64, target="nvidia/nvidia-h100", even=True)
     meta = json.loads((records.variant_dir(records.logs_root(), spec.replace(even=False)) / records.METADATA)
                       .read_text())
     best = meta["tiles"][0]["config"]
-    assert planned_tile(spec) == (best["block_m"], best["block_n"])
+    assert plan(spec).tile == (best["block_m"], best["block_n"]) and plan(spec).source == "tuned record"
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", "off")
-    assert planned_tile(spec) == (128, 64)
+    assert plan(spec).tile == (128, 64) and plan(spec).source == "hand config"

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from tvmflash import KernelSpec, roofline as E
-from tvmflash.bench import write_json
+from tvmflash import KernelSpec
+from tvmflash.analysis import roofline as E
+from tvmflash.analysis.bench import write_json
 from tvmflash.cli import main
 
 from conftest import NVCC
@@ -98,7 +99,7 @@ def test_bench_json_puts_measurements_on_the_roofline(tmp_path):
 
 
 def test_registers_na_without_nvcc(monkeypatch):
-    from tvmflash.build import lower
+    from tvmflash.builder import lower
 
     monkeypatch.setattr(E.nvcc, "find_nvcc", lambda: None)
     lowered = lower(SPEC.replace(target="nvidia/nvidia-h100"))
@@ -108,7 +109,7 @@ def test_registers_na_without_nvcc(monkeypatch):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_registers_from_ptxas():
-    from tvmflash.build import lower
+    from tvmflash.builder import lower
 
     regs, note = E.ptxas_registers(lower(SPEC.replace(target="nvidia/nvidia-a100")))
     assert 16 <= regs <= 255 and note.startswith("ptxas -v, sm_80")

@@ -50,10 +50,10 @@ def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group,
     out, lse = tvmflash.attention(q, k, v, causal=causal, return_lse=True, algorithm=algorithm)
     torch.cuda.synchronize()
     if algorithm == "fused":  # the even build where the lengths are multiples of the tile
-        from tvmflash.api import _kernel_for, spec_for
+        from tvmflash.runtime.api import kernel_for, spec_for
 
         even = (head_dim, seq_q, seq_k) in {(128, 256, 512), (64, 512, 128)}
-        assert _kernel_for(spec_for(q, k, v, causal=causal)[0], seq_q, seq_k).spec.even == even
+        assert kernel_for(spec_for(q, k, v, causal=causal)[0], seq_q, seq_k).spec.even == even
     ref = _torch_reference(q, k, v, causal)
     plain = _torch_reference(q, k, v, causal, dtype=dt)
     err = (out.double() - ref).abs().max().item()
@@ -135,13 +135,13 @@ def test_even_kernel_gives_the_general_kernels_bits(head_dim, causal):
     import torch
 
     from tvmflash import get_kernel
-    from tvmflash.api import _kernel_for, _target_for
+    from tvmflash.runtime.api import kernel_for, target_for
 
     q = torch.randn(2, 512, 8, head_dim, device="cuda", dtype=torch.float16)
     k = torch.randn(2, 1024, 4, head_dim, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
-    spec = KernelSpec(head_dim, causal=causal, group=2, target=_target_for("cuda:0"))
-    assert _kernel_for(spec, 512, 1024).spec.even
+    spec = KernelSpec(head_dim, causal=causal, group=2, target=target_for("cuda:0"))
+    assert kernel_for(spec, 512, 1024).spec.even
     out, lse = tvmflash.attention(q, k, v, causal=causal, return_lse=True)
     general_out, general_lse = get_kernel(spec)(q, k, v, return_lse=True)
     assert torch.equal(out, general_out) and torch.equal(lse, general_lse)

@@ -11,7 +11,7 @@ import pytest
 
 import tvmflash
 from tvmflash import KernelSpec
-from tvmflash.nvcc import find_nvcc
+from tvmflash.compiler.nvcc import find_nvcc
 
 from helpers import LSE_ATOL, TOLERANCE
 

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from tvmflash import KernelSpec, build, nvcc
+from tvmflash import KernelSpec, build
+from tvmflash.compiler import nvcc
 from tvmflash.cli import main
-from tvmflash.kernel import Kernel, manifest_resources
+from tvmflash.runtime.kernel import Kernel, manifest_resources
 
 from conftest import NVCC
 

@@ -7,7 +7,7 @@ import pytest
 
 import tvmflash
 from tvmflash import KernelSpec, get_kernel
-from tvmflash.reference import attention_reference
+from tvmflash.definition import attention_reference
 
 from helpers import assert_close_to_reference, make_qkv
 

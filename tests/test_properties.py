@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvmflash import KernelSpec, get_kernel
-from tvmflash.reference import attention_reference
+from tvmflash.definition import attention_reference
 
 from helpers import assert_close_to_reference, make_qkv
 

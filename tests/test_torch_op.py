@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 import tvmflash  # noqa: E402
 import tvmflash.torch_ops  # noqa: E402,F401  (registers the op)
-from tvmflash.reference import attention_reference  # noqa: E402
+from tvmflash.definition import attention_reference  # noqa: E402
 
 from helpers import assert_close_to_reference  # noqa: E402
 

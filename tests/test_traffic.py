@@ -10,7 +10,7 @@ import math
 import pytest
 
 from tvmflash import definition as D
-from tvmflash import traffic
+from tvmflash.analysis import traffic
 from tvmflash._compat import T
 from tvmflash.spec import KernelSpec
 

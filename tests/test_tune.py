@@ -6,6 +6,7 @@ One test (marker ``gpu``) tunes a tiny CUDA run."""
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,18 +19,18 @@ import numpy as np
 import pytest
 
 from tvmflash import KernelSpec, build, load, lower
-from tvmflash import _compat, records
-from tvmflash import nvcc as nvcc_mod
+from tvmflash import _compat
 from tvmflash import definition as D
-from tvmflash import space as SP
-from tvmflash import tune as TU
-from tvmflash._compat import Schedule, ms, structural_equal, tvm
-from tvmflash.build import _fused_schedule
 from tvmflash.cli import main
-from tvmflash.reference import attention_reference
+from tvmflash.compiler import compile_module, device_code, nvcc as nvcc_mod
+from tvmflash.definition import attention_reference
+from tvmflash.rules import base as rules_base, rule_for
+from tvmflash._compat import Schedule, ms, structural_equal, tvm
+from tvmflash.tuning import TuneOptions, measure, rank, records, search, tune
+from tvmflash.tuning import space as SP
 
 from conftest import NVCC
-from helpers import assert_close_to_reference, make_qkv
+from helpers import assert_close_to_reference, make_qkv, spec_id
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = SP.Shape(1, 128, 128, 2, 2)  # small enough for a shared 2-core CI machine
@@ -37,7 +38,7 @@ SHAPE = SP.Shape(1, 128, 128, 2, 2)  # small enough for a shared 2-core CI machi
 
 def _run(mod, spec: KernelSpec, q, k, v):
     """Compile a scheduled fused module for this CPU and run it (default softmax scale)."""
-    ex = tvm.compile(mod, target=_compat.host_cpu_target(), tir_pipeline=_compat.TIR_PIPELINE)
+    ex = compile_module(mod, _compat.host_cpu_target(), rule_for(spec).pass_config(spec))
     b, sq, h, d = q.shape
     args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
     args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((b, h, sq), "float32"))]
@@ -72,12 +73,13 @@ def _replay(trace, spec, tile):
     KernelSpec(32), KernelSpec(64, causal=True), KernelSpec(128, group=4), KernelSpec(256, dtype="bfloat16"),
     KernelSpec(128, target="nvidia/nvidia-a100"), KernelSpec(128, target="nvidia/nvidia-h100", causal=True),
     KernelSpec(64, target="nvidia/nvidia-a100"), KernelSpec(256, target="nvidia/nvidia-a100", dtype="bfloat16"),
-], ids=lambda s: s.key)
+], ids=spec_id)
 def test_hand_config_is_a_point_of_the_space(spec):
-    """Tuned and hand-config builds share one schedule function; the space holds the hand config."""
-    cfg, _, name, _ = _fused_schedule(spec, spec.tvm_target)
+    """Tuned and hand-config builds share one schedule rule; the space holds the hand config."""
+    rule = rule_for(spec)
+    cfg = rule.default_config(spec)
     space = SP.space_for(spec)
-    assert space.name == name
+    assert space.name == rule.name
     tile = (cfg.block_m, cfg.block_n)
     assert tile in space.tiles, f"hand tile {tile} not among {space.tiles}"
     for knob, candidates in space.knobs(*tile).items():
@@ -100,7 +102,7 @@ def test_workload_is_static_the_built_function_is_not():
 
 
 @pytest.mark.parametrize("spec", [KernelSpec(64, causal=True, group=2), KernelSpec(32, dtype="bfloat16")],
-                         ids=lambda s: s.key)
+                         ids=spec_id)
 def test_sampled_trace_replays_on_the_dynamic_function(spec, rng):
     """A trace found on the workload (static shapes) is a schedule of the dynamic function:
     compiled, it is correct on other lengths, batch and heads than those measured."""
@@ -117,10 +119,10 @@ def test_mutated_decision_changes_the_schedule_and_names_its_config():
     space = SP.space_for(spec)
     mod = SP.workload(spec, tile, SHAPE)
     sch = _sampled(spec, tile, seed=3)
-    mutated = TU.MutateCategorical(seed=0).apply(sch.trace)
+    mutated = search.MutateCategorical(seed=0).apply(sch.trace)
     assert mutated is not None
-    before = TU.identify_config(space, tile, types.SimpleNamespace(trace=sch.trace), mod)
-    after = TU.identify_config(space, tile, types.SimpleNamespace(trace=mutated), mod)
+    before = rank.identify_config(space, tile, types.SimpleNamespace(trace=sch.trace), mod)
+    after = rank.identify_config(space, tile, types.SimpleNamespace(trace=mutated), mod)
     assert before is not None and after is not None and before != after
     # the config is the sampled decisions, in the order the knobs are sampled
     decided = [inst.attrs[0][int(sch.trace.decisions[inst])] for inst in sch.trace.insts
@@ -132,11 +134,11 @@ def test_mutated_decision_changes_the_schedule_and_names_its_config():
 
 
 def test_enumerated_space_is_one_design_space_per_config():
-    """Schedule functions that build their own Schedule (the CUDA ones) get a design space per
+    """Rules whose schedule builds its own Schedule (the CUDA ones) get a design space per
     config value; each replays on the dynamic function and compiles for CUDA (no GPU needed)."""
     spec = KernelSpec(32, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
-    assert space.name == "schedule_cuda_simple.schedule_fused_cuda_simple" and space.apply is None
+    assert space.name == "fused_cuda_plain" and space.apply is None
     tile = space.tiles[0]
     spaces = space.sch_fn(tile)(Schedule(SP.workload(spec, tile, SHAPE)))
     assert len(spaces) == space.size(tile) >= 1
@@ -150,13 +152,14 @@ def test_verify_gpu_code_needs_the_opt_in_shared_memory_limit():
     spec = KernelSpec(128, target="nvidia/nvidia-a100")
     target = SP.space_for(spec).target(spec.tvm_target)
     assert int(spec.tvm_target.attrs["max_shared_memory_per_block"]) == 49152
-    assert int(target.attrs["max_shared_memory_per_block"]) == SP.SHARED_MEMORY_OPT_IN["sm_80"]
+    assert int(target.attrs["max_shared_memory_per_block"]) == rules_base.SHARED_MEMORY_OPT_IN["sm_80"]
     assert str(target.attrs["arch"]) == "sm_80"
 
 
 #: (tile, kv_buffers) of the head-dim-128 space that TVM 0.27 cannot compile: StorageRewrite
 #: shares one shared.dyn allocation between a float16 and a float32 buffer ("tvm_access_ptr
-#: element type must match the source buffer", NOTES.md). Tuning logs them as failed candidates.
+#: element type must match the source buffer", docs/tvm-0.27.md). Tuning logs them as failed
+#: candidates.
 STORAGE_REWRITE_FAILS = {((128, 128), 2), ((64, 64), 2)}
 
 
@@ -165,10 +168,10 @@ def test_cuda_tensor_core_space_compiles():
     """Every design space of the tensor-core schedule (each tile, each knob value) replays on the
     dynamic function, compiles to mma.sync CUDA and passes VerifyGPUCode unless its shared memory
     exceeds the arch's (double-buffered K/V of 128 keys at head dim 128 on sm_80): what
-    `tvmflash tune --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU. (~3 min.)"""
+    `tvmflash tune --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU."""
     spec = KernelSpec(128, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
-    space.prepare()
+    rule_for(spec).prepare(spec)
     target = space.target(spec.tvm_target)
     row = (spec.head_dim + 8) * 2  # bytes per padded row of a Q/K/V tile (storage_align)
     for tile in space.tiles:
@@ -181,26 +184,28 @@ def test_cuda_tensor_core_space_compiles():
             verify = ms.postproc.VerifyGPUCode()
             verify._initialize_with_tune_context(ctx)
             tiles_bytes = tile[0] * row + 2 * config.kv_buffers * tile[1] * row
-            fits = tiles_bytes <= SP.SHARED_MEMORY_OPT_IN["sm_80"] and (tile, config.kv_buffers) not in STORAGE_REWRITE_FAILS
+            fits = (tiles_bytes <= rules_base.SHARED_MEMORY_OPT_IN["sm_80"]
+                    and (tile, config.kv_buffers) not in STORAGE_REWRITE_FAILS)
             assert verify.apply(sch) == fits, f"VerifyGPUCode on {config} ({tiles_bytes} bytes of Q/K/V tiles)"
             dyn = _replay(sch.trace, spec, tile)
-            with tvm.transform.PassContext(config=dict(_fused_schedule(spec, spec.tvm_target)[3])):
-                if (tile, config.kv_buffers) in STORAGE_REWRITE_FAILS:
-                    with pytest.raises(tvm.error.InternalError, match="tvm_access_ptr element type must match"):
-                        tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
-                    continue
-                ex = tvm.compile(dyn.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+            pass_config = rule_for(spec).pass_config(spec)
+            if (tile, config.kv_buffers) in STORAGE_REWRITE_FAILS:
+                with pytest.raises(tvm.error.InternalError, match="tvm_access_ptr element type must match"):
+                    compile_module(dyn.mod, spec.tvm_target, pass_config)
+                continue
+            ex = compile_module(dyn.mod, spec.tvm_target, pass_config)
             cuda = next(m for m in ex.mod.imports if m.kind == "cuda").inspect_source()
             assert "mma.sync.aligned.m16n8k16" in cuda
     # MetaSchedule's build workers compile without TVM's intrinsics module (our own index map)
-    builder = ms.builder.LocalBuilder(max_workers=1, initializer=TU.build_worker_init,
-                                      f_build=functools.partial(TU.build_candidate, pass_config=TU._pass_config(spec)))
+    builder = ms.builder.LocalBuilder(max_workers=1, initializer=measure.build_worker_init,
+                                      f_build=functools.partial(measure.build_candidate,
+                                                                pass_config=rule_for(spec).pass_config(spec)))
     (result,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     assert result.error_msg is None, result.error_msg
     from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as tvm_layout
     for i in range(16):
         for j in range(16):
-            assert TU.fragment_lane_register(i, j) == tuple(tvm_layout(i, j))
+            assert measure.fragment_lane_register(i, j) == tuple(tvm_layout(i, j))
 
 
 @pytest.mark.slow
@@ -214,19 +219,19 @@ def test_candidates_are_measured_as_the_machine_code_build_embeds(tmp_path):
     from tvm.support import cc
 
     spec = KernelSpec(64, target="nvidia/nvidia-a100")
-    form, archs = TU.candidate_device_code(spec)
+    form, archs = measure.candidate_device_code(spec)
     assert (form, archs) == ("fatbin", ("sm_80", "sm_90"))
     space = SP.space_for(spec)
-    space.prepare()
+    rule_for(spec).prepare(spec)
     mod = SP.workload(spec, (128, 64), SP.Shape(1, 256, 256, 2, 2))
-    sch = space.schedule(mod["main"], _fused_schedule(spec, spec.tvm_target)[0])
-    (result,) = TU._builder(spec, 1, 300).build([ms.builder.BuilderInput(sch.mod, space.target(spec.tvm_target))])
+    sch = space.schedule(mod["main"], rule_for(spec).default_config(spec))
+    (result,) = measure.make_builder(spec, 1, 300).build([ms.builder.BuilderInput(sch.mod, space.target(spec.tvm_target))])
     assert result.error_msg is None, result.error_msg
     with tarfile.open(result.artifact_path) as tar:
         tar.extractall(tmp_path / "x")
     so = tmp_path / "candidate.so"
     cc.create_shared(str(so), [str(f) for f in (tmp_path / "x").iterdir()])
-    fmt, code = _compat.embedded_cuda_code(str(so))
+    fmt, code = device_code.embedded_cuda_code(str(so))
     assert fmt == "fatbin"
     assert {("elf", "sm_80"), ("elf", "sm_90")} <= set(nvcc_mod.fatbin_entries(code))
 
@@ -235,28 +240,28 @@ def test_candidates_are_ranked_at_the_bench_lengths():
     """On a GPU the best candidates are timed as built at 1k, 4k and 16k (the measured shape's
     tokens and heads) and ranked by the geometric mean; the CPU ranks at the measured shape."""
     gpu = KernelSpec(128, target="nvidia/nvidia-h100")
-    shapes = TU.rank_shapes(gpu, SP.default_shape(gpu))
+    shapes = rank.rank_shapes(gpu, SP.default_shape(gpu))
     assert [(s.batch, s.seq_q, s.seq_k, s.heads) for s in shapes] == [
         (4, 4096, 4096, 16), (16, 1024, 1024, 16), (1, 16384, 16384, 16)]
     cpu = KernelSpec(64)
-    assert TU.rank_shapes(cpu, SP.default_shape(cpu)) == [SP.default_shape(cpu)]
+    assert rank.rank_shapes(cpu, SP.default_shape(cpu)) == [SP.default_shape(cpu)]
     # faster at the measured length, slower overall: ranked second
-    a = TU.TileResult((128, 64), None, 1.0, secs_at={4096: 1.0, 1024: 0.5, 16384: 8.0})
-    b = TU.TileResult((128, 128), None, 1.1, secs_at={4096: 1.1, 1024: 0.3, 16384: 5.0})
-    untimed = TU.TileResult((64, 64), None, 0.1)
+    a = rank.TileResult((128, 64), None, 1.0, secs_at={4096: 1.0, 1024: 0.5, 16384: 8.0})
+    b = rank.TileResult((128, 128), None, 1.1, secs_at={4096: 1.1, 1024: 0.3, 16384: 5.0})
+    untimed = rank.TileResult((64, 64), None, 0.1)
     assert b.rank_secs == pytest.approx((1.1 * 0.3 * 5.0) ** (1 / 3))
-    assert sorted([untimed, a, b], key=TU.rank_key) == [b, a, untimed]
-    result = TU.TuneResult(gpu, shapes[0], "", 0, 0, 0, tiles=[untimed, a, b])
+    assert sorted([untimed, a, b], key=rank.rank_key) == [b, a, untimed]
+    result = rank.TuneResult(gpu, shapes[0], "", 0, 0, 0, tiles=[untimed, a, b])
     assert result.best is b
 
 
 def test_candidates_carry_the_source_where_build_would(monkeypatch):
     """Without nvcc, ``build`` embeds the source (NVRTC compiles it when loaded): so do candidates."""
     monkeypatch.setattr(nvcc_mod, "find_nvcc", lambda: None)
-    assert TU.candidate_device_code(KernelSpec(64, target="nvidia/nvidia-a100")) == ("source", ())
-    assert TU.candidate_device_code(KernelSpec(64, target="cpu"))[0] == "host"
+    assert measure.candidate_device_code(KernelSpec(64, target="nvidia/nvidia-a100")) == ("source", ())
+    assert measure.candidate_device_code(KernelSpec(64, target="cpu"))[0] == "host"
     with pytest.raises(ValueError, match="form: expected 'fatbin', 'source' or 'host', got 'cubin'"):
-        TU.export_candidate(None, "cubin")
+        measure.export_candidate(None, "cubin")
 
 
 @pytest.mark.slow
@@ -265,21 +270,22 @@ def test_cuda_log_round_trip_builds(tmp_path, monkeypatch):
     readable schedule and `build`: the tensor-core trace replays from disk and compiles."""
     spec = KernelSpec(128, causal=True, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
-    space.prepare()
+    rule_for(spec).prepare(spec)
     tile, shape = (128, 32), SP.Shape(1, 1024, 1024, 16, 16)
     mod = SP.workload(spec, tile, shape)
     sch = space.sch_fn(tile)(Schedule(mod))[1]
     db = ms.database.MemoryDatabase()
     record = ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [2e-3], space.target(spec.tvm_target),
                                       ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
-    config = TU.identify_config(space, tile, record, mod)
+    config = rank.identify_config(space, tile, record, mod)
     assert config == {"block_m": 128, "block_n": 32, "num_warps": 4, "vec": 8, "stages": 2, "kv_buffers": 2}
-    meta = {"key": spec.key, "spec": spec.to_dict(), "schedule": space.name, "shape": shape.to_dict(),
+    meta = {"key": spec.key, "spec": spec.to_dict(), "rule": space.name, "shape": shape.to_dict(),
             "softmax_scale": SP.softmax_scale(spec), "trials": 1, "device": "none (test)",
             "tvm_version": _compat.TVM_VERSION, "tvm_ffi_version": _compat.TVM_FFI_VERSION, "date": records.now(),
             "tiles": [{"config": config, "run_ms": 2.0, "tflops": shape.flops(spec) / 2e-3 / 1e12}]}
     records.write_variant(tmp_path / "logs", spec, meta, [record])
-    py = records.write_schedule_py(tmp_path / "sched.py", spec, space.name, meta["tiles"][0], meta, record.trace)
+    py = records.write_schedule_py(tmp_path / "sched.py", spec, space.name, meta["tiles"][0], meta, record.trace,
+                                   "tuning_logs/x")
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
     _, manifest = build(spec, tmp_path / "out")
     schedule = json.loads(Path(manifest).read_text())["schedule"]
@@ -306,15 +312,20 @@ def _fake_records(db, spec, tile, n, shape=SHAPE, secs=1e-3):
     return mod
 
 
-def test_validation_rejects_a_wrong_schedule():
+def test_validation_rejects_a_wrong_schedule(monkeypatch):
     """MetaSchedule measures time only; before a record reaches the logs it is checked against
     the reference. A schedule made wrong on purpose (P stored as int8) fails the check."""
     spec = KernelSpec(32, causal=True)
     tile = (32, 64)
     sch = _sampled(spec, tile, seed=5)
-    assert TU.validate_record(spec, tile, types.SimpleNamespace(trace=sch.trace)) is None
+    assert rank.validate_record(spec, tile, types.SimpleNamespace(trace=sch.trace)) is None
     sch.unsafe_set_dtype(D.P_CAST, 0, "int8")
-    why = TU.validate_record(spec, tile, types.SimpleNamespace(trace=sch.trace))
+    # replayed as build replays a log's trace: an instruction the rule never writes is refused
+    why = rank.validate_record(spec, tile, types.SimpleNamespace(trace=sch.trace))
+    assert why is not None and "UnsafeSetDType instruction, which rule fused_cpu never writes" in why
+    monkeypatch.setattr(type(rule_for(spec)), "trace_instructions",
+                        rule_for(spec).trace_instructions | {"UnsafeSetDType"})
+    why = rank.validate_record(spec, tile, types.SimpleNamespace(trace=sch.trace))
     assert why is not None and "max |out - ref|" in why
 
 
@@ -327,19 +338,19 @@ def test_repair_database_drops_a_line_cut_by_a_kill(tmp_path):
     path.write_text(text + text.splitlines()[0][:40])  # a record cut short
     with pytest.raises(Exception):
         ms.database.JSONDatabase(work_dir=str(tmp_path), allow_missing=False)
-    assert TU.repair_database(tmp_path) == 1
+    assert search.repair_database(tmp_path) == 1
     assert path.read_text() == text
     assert len(ms.database.JSONDatabase(work_dir=str(tmp_path), allow_missing=False)) == 2
-    assert TU.repair_database(tmp_path) == 0
+    assert search.repair_database(tmp_path) == 0
 
 
-def _write_log(root, spec, tile=(32, 64), n=3, shape=SHAPE, schedule="schedule_cpu.schedule_fused_cpu"):
+def _write_log(root, spec, tile=(32, 64), n=3, shape=SHAPE, rule="fused_cpu"):
     """A log as `tvmflash tune` writes it, from fake records."""
     db = ms.database.MemoryDatabase()
     mod = _fake_records(db, spec, tile, n, shape)
     best = db.get_top_k(db.commit_workload(mod), 1)[0]
-    config = TU.identify_config(SP.space_for(spec), tile, best, mod)
-    meta = {"key": spec.key, "spec": spec.to_dict(), "schedule": schedule, "shape": shape.to_dict(),
+    config = rank.identify_config(SP.space_for(spec), tile, best, mod)
+    meta = {"key": spec.key, "spec": spec.to_dict(), "rule": rule, "shape": shape.to_dict(),
             "softmax_scale": SP.softmax_scale(spec), "trials": n, "device": "test", "tvm_version": "x",
             "tvm_ffi_version": "x", "date": records.now(),
             "tiles": [{"config": config, "run_ms": 1.0, "tflops": 1.0}]}
@@ -364,21 +375,44 @@ def test_build_uses_the_log_else_says_why(tmp_path, monkeypatch, rng):
     so, manifest = build(spec, tmp_path / "out")
     schedule = json.loads(Path(manifest).read_text())["schedule"]
     assert schedule["source"] == "tuned record" and schedule["config"] == config
-    assert schedule["function"] == "schedule_cpu.schedule_fused_cpu" and schedule["database"] == str(vdir)
+    assert schedule["rule"] == "fused_cpu" and schedule["database"] == str(vdir)
+    tuned = lower(spec)
     q, k, v = make_qkv(rng, 2, 113, 77, 4, 2, 32, "float16")
     out, lse = load(so)(q, k, v, return_lse=True)
     assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=True), "float16")
 
-    # a log of another schedule function, or whose workload no longer matches the definition
+    # a log of another rule: the hand config, saying why
     meta_path = vdir / records.METADATA
     meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "schedule": "schedule_cpu.other"}))
-    assert "this build uses schedule_cpu.schedule_fused_cpu" in lower(spec).tuning["tuning"]
-    meta_path.write_text(json.dumps({**meta, "shape": {**meta["shape"], "seq_q": 129}}))
-    assert "matches the current TensorIR definition" in lower(spec).tuning["tuning"]
+    _rewrite(meta_path, {**meta, "rule": "fused_cpu_other"})
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "hand config"
+    assert "tuned for rule 'fused_cpu_other', this build uses 'fused_cpu'" in lowered.tuning["tuning"]
+    # a record that no longer matches the definition (here: tuning.json names another measured
+    # shape) or a database that cannot be read: the record's own config under the rule's schedule,
+    # saying so, never silently the hand config; the same kernel, as the config is the trace's
+    _rewrite(meta_path, {**meta, "shape": {**meta["shape"], "seq_q": 129}})
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "tuned config" and lowered.config == config, lowered.tuning
+    assert "matches the current TensorIR definition" in lowered.tuning["tuning"]
+    _rewrite(meta_path, meta)
     (vdir / (records.WORKLOADS + records.XZ)).write_text("not xz\n")
-    meta_path.write_text(json.dumps(meta))
-    assert "could not be read" in lower(spec).tuning["tuning"]
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "tuned config" and "not an xz file" in lowered.tuning["tuning"]
+    assert structural_equal(lowered.mod, tuned.mod)
+    # a tuning.json that is no JSON: the hand config, saying why
+    meta_path.write_bytes(b"\x00\xff binary")
+    lowered = lower(spec)
+    assert lowered.tuning["source"] == "hand config" and "could not be read" in lowered.tuning["tuning"]
+    assert str(meta_path) in lowered.tuning["tuning"]
+
+
+def _rewrite(path: Path, meta: dict) -> None:
+    """Rewrite a tuning.json in place, its modification time moved on (build's plan is cached
+    while the file's inode, size and modification time stay)."""
+    st = path.stat()
+    path.write_text(json.dumps(meta))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
 
 def test_even_build_replays_the_general_log(tmp_path, monkeypatch, rng):
@@ -441,11 +475,11 @@ def _record_lines(work):
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.slow
-def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
-    """`tvmflash tune` end to end: SIGKILL mid-run, resume (no committed record lost, a record
-    cut by the kill dropped, nothing measured twice, exactly --trials in all), export, build from
-    the log, correct on lengths never measured."""
+@pytest.fixture(scope="module")
+def tuned_work(tmp_path_factory):
+    """One `tvmflash tune` run on the CPU, SIGKILLed mid-run and resumed: the work dir every
+    end-to-end tuning test starts from (each on its own copy), and what the runs printed."""
+    tmp_path = tmp_path_factory.mktemp("tuned")
     work, logs, sched = tmp_path / "work", tmp_path / "logs", tmp_path / "schedules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "first.log", "w") as log:
@@ -456,16 +490,31 @@ def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
             while len(_record_lines(work)) < 2:
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.time() < deadline, "no record committed in 10 minutes"
-                time.sleep(0.5)
+                time.sleep(0.2)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the tuner and its build/run workers
             proc.wait()
     committed = _record_lines(work)
-    assert 2 <= len(committed) < 6
     with open(work / records.RECORDS, "a") as fh:  # as if killed in the middle of a write
         fh.write(committed[-1][: len(committed[-1]) // 2])
-
     res = subprocess.run(_tune_cmd(work, logs, sched, 6), capture_output=True, text=True, env=env, timeout=900)
+    return types.SimpleNamespace(work=work, logs=logs, sched=sched, committed=committed, res=res)
+
+
+def _copy_work(tuned_work, tmp_path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(tuned_work.work, work, ignore=shutil.ignore_patterns("logs"))
+    return work
+
+
+@pytest.mark.slow
+def test_tune_killed_resumed_then_built(tuned_work, monkeypatch, rng):
+    """`tvmflash tune` end to end: SIGKILL mid-run, resume (no committed record lost, a record
+    cut by the kill dropped, nothing measured twice, exactly --trials in all), export, build from
+    the log, correct on lengths never measured."""
+    work, logs, sched, committed, res = (tuned_work.work, tuned_work.logs, tuned_work.sched, tuned_work.committed,
+                                         tuned_work.res)
+    assert 2 <= len(committed) < 6
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "dropped 1 damaged database line" in res.stdout
     assert f"resuming: {len(committed)} trial(s) already" in res.stdout
@@ -474,14 +523,14 @@ def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
     lines = _record_lines(work)
     assert lines[: len(committed)] == committed and len(lines) == 6
     db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
-    hashes = [TU.scheduled_hash(rec) for rec in db.get_all_tuning_records()]
+    hashes = [search.scheduled_hash(rec) for rec in db.get_all_tuning_records()]
     assert len(set(hashes)) == 6, "a candidate was measured twice"
 
     spec = KernelSpec(32)
     vdir = records.variant_dir(logs, spec)
     meta = json.loads((vdir / records.METADATA).read_text())
-    assert meta["trials"] == 6 and meta["shape"] == {"batch": 8, "seq_q": 128, "seq_k": 128, "heads": 2,
-                                                      "heads_kv": 2}
+    assert meta["trials"] == 6 and meta["rule"] == "fused_cpu"
+    assert meta["shape"] == {"batch": 8, "seq_q": 128, "seq_k": 128, "heads": 2, "heads_kv": 2}
     assert meta["tvm_version"] == _compat.TVM_VERSION and meta["tvm_ffi_version"] == _compat.TVM_FFI_VERSION
     assert len(records.open_database(vdir)) == 1  # pruned: best per tile
     # run_ms: the exported record's time as build compiles it (timed after the search, here on the
@@ -495,31 +544,87 @@ def test_tune_killed_resumed_then_built(tmp_path, monkeypatch, rng):
     lowered = lower(spec)
     assert lowered.tuning["source"] == "tuned record" and lowered.config == meta["tiles"][0]["config"]
     _check_numerics(lowered.mod, spec, rng, seq_q=300, seq_k=41, heads=3)
-    # the readable schedule is the same schedule
+    # the readable schedule is the same schedule, and says where it comes from
+    text = (sched / records.target_id("cpu") / f"{spec.key}.py").read_text()
+    assert "Generated by `tvmflash tune`" in text and f"tuning_logs/{records.target_id('cpu')}/{spec.key}/" in text
     scope: dict = {}
-    exec((sched / records.target_id("cpu") / f"{spec.key}.py").read_text(), scope)
+    exec(text, scope)
     sch = Schedule(D.fused_attention(spec, 32, 64))
     scope["apply"](sch)
     assert structural_equal(sch.mod, lowered.mod)
 
 
+@tvm.ir.utils.derived_object
+class _FaultyBuilder(ms.builder.PyBuilder):
+    """The tuner's builder, except that candidates whose TensorIR holds ``fail`` fail to build
+    and those holding ``hang`` are noted (``hangs``: their artifacts) for ``_FaultyRunner``."""
+
+    def __init__(self, inner, fail: str, hang: str, hangs: set):
+        self.inner, self.fail, self.hang, self.hangs = inner, fail, hang, hangs
+
+    def build(self, build_inputs):
+        scripts = [inp.mod.script() for inp in build_inputs]
+        real = [i for i, text in enumerate(scripts) if self.fail not in text]
+        results = [ms.builder.BuilderResult(None, "injected build failure (test)") for _ in build_inputs]
+        for i, res in zip(real, self.inner.build([build_inputs[i] for i in real])):
+            results[i] = res
+            if self.hang in scripts[i] and res.error_msg is None:
+                self.hangs.add(res.artifact_path)
+        return results
+
+
+@tvm.ir.utils.derived_object
+class _FaultyRunner(ms.runner.PyRunner):
+    """The tuner's runner, except that noted candidates run on a runner whose evaluator sleeps
+    past the timeout (a hanging kernel)."""
+
+    def __init__(self, inner, hanging, hangs: set):
+        self.inner, self.hanging, self.hangs = inner, hanging, hangs
+
+    def run(self, runner_inputs):
+        stuck = [i for i, inp in enumerate(runner_inputs) if inp.artifact_path in self.hangs]
+        fine = [i for i in range(len(runner_inputs)) if i not in stuck]
+        futures = [None] * len(runner_inputs)
+        for group, runner in ((stuck, self.hanging), (fine, self.inner)):
+            if group:
+                for i, fut in zip(group, runner.run([runner_inputs[i] for i in group])):
+                    futures[i] = fut
+        return futures
+
+
 @pytest.mark.slow
-def test_faulty_candidates_are_skipped_never_fatal(tmp_path, monkeypatch):
+def test_faulty_candidates_are_skipped_never_fatal(tuned_work, tmp_path, monkeypatch):
     """A candidate whose build raises, one whose run hangs past the timeout and a tile whose
-    design space raises: each logged and skipped, the others tuned."""
-    monkeypatch.setenv(TU.FAULT_ENV, "raise:acc_s = T.sblock_alloc_buffer((16, 32));"
-                                     "hang:acc_s = T.sblock_alloc_buffer((32, 32));space:64x64")
-    spec = KernelSpec(64)
-    res = TU.tune(spec, trials=3, work_dir=tmp_path, shape=SHAPE, tiles=[(16, 32), (32, 32), (32, 64), (64, 64)],
-                  trials_per_iter=1, run_timeout=5, logs_dir=tmp_path / "logs", progress=False, seed=0,
-                  log=lambda msg: None)
+    design space raises: each logged and skipped, the others tuned (faults injected by wrapping
+    the tuner's builder, runner and design space; production code has no fault hooks)."""
+    import cloudpickle
+
+    import tune_faults
+    from tvmflash.tuning import tuner as tune_mod
+
+    cloudpickle.register_pickle_by_value(tune_faults)  # the runner's workers cannot import tests/
+    hangs: set = set()
+    make_builder, make_runner, space_for = measure.make_builder, measure.make_runner, tune_mod.space_for
+    monkeypatch.setattr(measure, "make_builder", lambda *a, **kw: _FaultyBuilder(
+        make_builder(*a, **kw), "acc_s = T.sblock_alloc_buffer((16, 32))", "acc_s = T.sblock_alloc_buffer((32, 32))",
+        hangs))
+    monkeypatch.setattr(measure, "make_runner", lambda spec, tracker, key, timeout: _FaultyRunner(
+        make_runner(spec, tracker, key, timeout),
+        ms.runner.LocalRunner(timeout_sec=timeout, f_run_evaluator=tune_faults.hang), hangs))
+    monkeypatch.setattr(tune_mod, "space_for", lambda spec: tune_faults.broken_space(space_for(spec), (64, 64)))
+    work = _copy_work(tuned_work, tmp_path)
+    spec = KernelSpec(32)
+    done = len(_record_lines(work))
+    res = tune(spec, TuneOptions(trials=done + 3, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2),
+                                 tiles=[(16, 32), (32, 32), (32, 64), (64, 64)], trials_per_iter=1, run_timeout=5,
+                                 logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
     # the task scheduler's first round gives each task one trial
     assert res.measured_now == 3 and res.failed_now == 2
     assert "injected design-space failure" in res.skipped_tiles[(64, 64)]
     by_tile = {t.tile: t for t in res.tiles}
     assert by_tile[(16, 32)].record is None and by_tile[(32, 32)].record is None
     assert res.best.tile == (32, 64) and res.best.run_secs < records.FAILED_RUN
-    failures = (tmp_path / "failures.log").read_text()
+    failures = (work / "failures.log").read_text()
     assert "tile 16x32" in failures and "injected build failure" in failures
     assert "tile 32x32" in failures and "Timeout" in failures
     meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
@@ -527,24 +632,27 @@ def test_faulty_candidates_are_skipped_never_fatal(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_wrong_records_never_reach_the_logs(tmp_path, monkeypatch):
-    """The fastest record failing validation, the next one is exported instead."""
-    real, calls = TU.validate_record, []
+def test_wrong_records_never_reach_the_logs(tuned_work, tmp_path, monkeypatch):
+    """The fastest record failing validation, the next one is exported instead (the work dir's
+    records: nothing new is measured)."""
+    real, calls = rank.validate_record, []
 
     def first_is_wrong(spec, tile, record):
         calls.append(records.mean_run_secs(record))
         return "wrong on purpose (test)" if len(calls) == 1 else real(spec, tile, record)
 
-    monkeypatch.setattr(TU, "validate_record", first_is_wrong)
+    monkeypatch.setattr(rank, "validate_record", first_is_wrong)
+    work = _copy_work(tuned_work, tmp_path)
     spec = KernelSpec(32)
-    res = TU.tune(spec, trials=2, work_dir=tmp_path, shape=SHAPE, tiles=[(32, 64)], trials_per_iter=2,
-                  logs_dir=tmp_path / "logs", progress=False, seed=0, log=lambda msg: None)
+    res = tune(spec, TuneOptions(trials=6, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
+                                 logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
+    assert res.measured_now == 0
     # tried in the order of their times as built; the second one tried is exported
     assert len(calls) == 2 and calls[0] != calls[1]
     assert res.best.workload_secs == calls[1] and res.best.validated
     meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
     assert meta["tiles"][0]["workload_ms"] == pytest.approx(calls[1] * 1e3, rel=1e-5) and meta["tiles"][0]["validated"]
-    assert "validation: wrong on purpose (test)" in (tmp_path / "failures.log").read_text()
+    assert "validation: wrong on purpose (test)" in (work / "failures.log").read_text()
 
 
 def _free_port() -> int:
@@ -554,8 +662,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_tune_through_rpc_tracker(tmp_path, monkeypatch, rng):
-    """Measured by an RPC server registered with a tracker, both on loopback (free ports)."""
+def test_tune_through_rpc_tracker(tuned_work, tmp_path, monkeypatch, rng):
+    """Measured by an RPC server registered with a tracker, both on loopback (free ports): the
+    work dir's run resumed there, two more trials."""
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker
 
@@ -563,15 +672,16 @@ def test_tune_through_rpc_tracker(tmp_path, monkeypatch, rng):
     tracker = Tracker(host="127.0.0.1", port=port, port_end=port + 1, silent=True)
     procs = [tracker.proc]
     server = None
+    work = _copy_work(tuned_work, tmp_path)
+    spec = KernelSpec(32)
     try:
         port = _free_port()
         server = Server(host="127.0.0.1", port=port, port_end=port + 1, tracker_addr=("127.0.0.1", tracker.port),
                         key="tvmflash-test", silent=True)
         procs.append(server.proc)
-        spec = KernelSpec(32, causal=True, group=2)
-        res = TU.tune(spec, trials=2, work_dir=tmp_path, shape=SP.Shape(1, 128, 128, 4, 2), tiles=[(32, 64)],
-                      rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="tvmflash-test", logs_dir=tmp_path / "logs",
-                      progress=False, seed=0, log=lambda msg: None)
+        res = tune(spec, TuneOptions(trials=8, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
+                                     rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="tvmflash-test",
+                                     logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
     finally:
         if server is not None:
             server.terminate()
@@ -579,7 +689,7 @@ def test_tune_through_rpc_tracker(tmp_path, monkeypatch, rng):
     assert not any(p.is_alive() for p in procs), "the RPC server or tracker outlived the test"
     assert res.measured_now == 2 and res.failed_now == 0 and res.best.run_secs < records.FAILED_RUN
     meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
-    assert meta["device"] == f"RPC device via tracker 127.0.0.1:{tracker.port}"
+    assert meta["device"] == f"RPC device via tracker 127.0.0.1:{tracker.port}" and meta["trials"] == 8
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
     lowered = lower(spec)
     assert lowered.tuning["source"] == "tuned record"
@@ -600,36 +710,40 @@ def test_committed_logs_replay(meta_path, rng, tmp_path):
     matches schedules/<target>/<key>.py, and (CPU logs) is correct on this machine's CPU."""
     meta = json.loads(meta_path.read_text())
     spec = KernelSpec.from_dict(meta["spec"])
+    rule = rule_for(spec)
     space = SP.space_for(spec)
-    space.prepare()
+    rule.prepare(spec)
     # on this TVM version the database loads and each record replays on the workload it measured
     stored = records.open_database(meta_path.parent).get_all_tuning_records()
     assert len(stored) == len(meta["tiles"])
     for record in stored:
-        record.trace.apply_to_schedule(Schedule(record.workload.mod), remove_postproc=False)
-    # a stale log (the definition changed since tuning) fails here: build would quietly fall
-    # back to the hand config; retune the variant (`tvmflash tune`, its spec from tuning.json)
-    tuned, why = records.load_variant(meta_path.parent, spec, meta["schedule"])
-    assert tuned is not None, why
+        records.replay(rule, spec, record.trace, record.workload.mod, "a committed record")
+    # a stale log (the definition changed since tuning) fails here: build would fall back to the
+    # record's config, no longer its trace; retune the variant (`tvmflash tune`, its spec from
+    # tuning.json)
+    entry, why = records.read_entry(meta_path.parent, spec, rule)
+    assert entry is not None, why
+    tuned = records.load_record(spec, rule, entry)
     assert tuned.config == meta["tiles"][0]["config"]
     mod = SP.workload(spec, tuned.tile, SP.Shape(**meta["shape"]), meta["softmax_scale"])
-    assert TU.identify_config(space, tuned.tile, tuned.record, mod) == tuned.config
+    assert rank.identify_config(space, tuned.tile, tuned.record, mod) == tuned.config
     func = D.fused_attention(spec, *tuned.tile)
-    sch = tuned.apply(func)
+    sch = records.replay(rule, spec, tuned.record.trace, func, "the committed record")
     # through a JSON database written and read again on this TVM version
     records.write_variant(tmp_path, spec, meta, [tuned.record])
-    again, why = records.load_variant(records.variant_dir(tmp_path, spec), spec, meta["schedule"])
-    assert again is not None, why
-    assert structural_equal(again.apply(func).mod, sch.mod)
+    vdir = records.variant_dir(tmp_path, spec)
+    again = records.load_record(spec, rule, records.read_entry(vdir, spec, rule)[0])
+    assert structural_equal(records.replay(rule, spec, again.record.trace, func, "again").mod, sch.mod)
     scope: dict = {}
     # named by the key it was tuned under: a CPU key names the tuning machine's CPU, not this one's
-    exec((REPO / "schedules" / meta_path.parent.parent.name / f"{meta['key']}.py").read_text(), scope)
+    text = (REPO / "schedules" / meta_path.parent.parent.name / f"{meta['key']}.py").read_text()
+    assert f"from the best record of tuning_logs/{meta_path.parent.parent.name}/{meta['key']}/" in text
+    exec(text, scope)
     readable = Schedule(func)
     scope["apply"](readable)
     assert structural_equal(readable.mod, sch.mod)
     if spec.is_cuda:
-        with tvm.transform.PassContext(config=dict(_fused_schedule(spec, spec.tvm_target)[3])):
-            tvm.compile(sch.mod, target=spec.tvm_target, tir_pipeline=_compat.TIR_PIPELINE)
+        compile_module(sch.mod, spec.tvm_target, rule.pass_config(spec))
     else:
         _check_numerics(sch.mod, spec, rng, heads=4 * spec.group)
 
@@ -648,12 +762,12 @@ def test_tune_cuda_tiny_run_then_build(tmp_path, monkeypatch):
     """A few trials of the tensor-core schedule measured on the GPU, then built from the log."""
     import torch
 
-    from tvmflash.api import _target_for
+    from tvmflash.runtime.api import target_for
 
-    spec = KernelSpec(128, target=_target_for("cuda:0"))
-    res = TU.tune(spec, trials=3, work_dir=tmp_path / "work", shape=SP.Shape(1, 1024, 1024, 16, 16),
-                  tiles=[(128, 64), (128, 32)], logs_dir=tmp_path / "logs", schedules_dir=tmp_path / "sched",
-                  progress=False, seed=0)
+    spec = KernelSpec(128, target=target_for("cuda:0"))
+    res = tune(spec, TuneOptions(trials=3, work_dir=tmp_path / "work", shape=SP.Shape(1, 1024, 1024, 16, 16),
+                                 tiles=[(128, 64), (128, 32)], logs_dir=tmp_path / "logs",
+                                 schedules_dir=tmp_path / "sched", progress=False, seed=0))
     assert res.best is not None and res.best.run_secs < 1.0, [(t.tile, t.run_secs) for t in res.tiles]
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
     so, manifest = build(spec, tmp_path / "out")

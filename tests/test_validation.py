@@ -132,7 +132,7 @@ def test_bad_softmax_scale_and_causal(qkv):
 def test_kernel_refuses_arrays_on_another_device(qkv):
     # a CUDA kernel given CPU arrays must say so, not crash
     q, k, v = qkv
-    from tvmflash.kernel import Kernel
+    from tvmflash.runtime.kernel import Kernel
 
     class FakeModule:
         def __getitem__(self, name):

@@ -1,17 +1,18 @@
 """tvmflash: FlashAttention built the TVM way.
 
-Pipeline, one module each: ``definition`` (attention in TensorIR) -> ``schedule_*`` (schedule
-primitives) -> ``build`` (compile, export) -> ``kernel`` (load, call); ``cache`` and ``api`` on
-top, ``cli`` for the command line; ``traffic`` and ``roofline`` count what the kernels move
-(``explain``).
+The package reads as its pipeline: ``definition`` (attention in TensorIR) -> ``rules`` (schedule
+rules in a registry: primitives and tunables per kernel family) -> ``compiler`` (tvmflash's TIR
+passes, the pipeline, the device code) -> ``builder`` (plan, lower, artifacts) -> ``runtime``
+(kernel, cache, ``attention``); ``tuning`` (MetaSchedule) and ``analysis`` (traffic, explain,
+bench) beside them; ``cli`` for the command line, ``torch_ops`` for the PyTorch op.
 """
 
-from .api import attention
-from .build import build, lower
-from .cache import cache_dir, get_kernel
-from .kernel import Kernel, load
-from .reference import attention_reference
-from .roofline import explain
+from .analysis.roofline import explain
+from .builder import build, lower
+from .definition import attention_reference
+from .runtime.api import attention
+from .runtime.cache import cache_dir, get_kernel
+from .runtime.kernel import Kernel, load
 from .spec import KernelSpec
 
 __all__ = [

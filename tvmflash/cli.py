@@ -51,7 +51,7 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from .builder import build
 
     spec = _spec_from_args(args, args.target)
     t0 = time.perf_counter()
@@ -79,13 +79,13 @@ def cmd_build(args) -> int:
 def cmd_tune(args) -> int:
     """MetaSchedule tuning of fused kernels, one variant after another in this process (TVM's
     CUDA intrinsics load once); the best record per tile goes to the logs."""
-    from .space import parse_tiles
+    from .tuning.space import parse_tiles
 
     for flag, value in (("--trials", args.trials), ("--seqlen", args.seqlen), ("--batch", args.batch),
                         ("--heads", args.heads), ("--trials-per-iter", args.trials_per_iter)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
-    from . import records
+    from .tuning import records
 
     specs = [_spec_from_args(argparse.Namespace(**{**vars(args), "head_dim": d, "causal": c}), target)
              for target in args.target for d in args.head_dim for c in _CAUSALS[args.causal]]
@@ -113,18 +113,21 @@ _CAUSALS = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def _tune_one(args, spec, tiles, work_dir, logs, schedules) -> int:
-    from .space import default_shape
-    from .tune import rank_key, tune
+    from .tuning import TuneOptions, tune
+    from .tuning.rank import rank_key
+    from .tuning.space import default_shape
 
     shape = default_shape(spec, args.seqlen, args.batch, args.heads)
     print(f"tuning {spec.key} for {spec.target}: batch {shape.batch}, seqlen {shape.seq_q}, "
           f"{shape.heads}/{shape.heads_kv} heads, {args.trials} trials, work dir {work_dir}")
     t0 = time.perf_counter()
     try:
-        res = tune(spec, trials=args.trials, work_dir=work_dir, shape=shape, tiles=tiles, seed=args.seed,
-                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, logs_dir=logs,
-                   schedules_dir=schedules, trials_per_iter=args.trials_per_iter,
-                   build_timeout=args.build_timeout, run_timeout=args.run_timeout, progress=not args.no_progress)
+        options = TuneOptions(trials=args.trials, work_dir=work_dir, shape=shape, tiles=tiles, seed=args.seed,
+                              rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, logs_dir=logs,
+                              schedules_dir=schedules, trials_per_iter=args.trials_per_iter,
+                              build_timeout=args.build_timeout, run_timeout=args.run_timeout,
+                              progress=not args.no_progress)
+        res = tune(spec, options)
     except KeyboardInterrupt:
         print(f"interrupted: the measured trials are in {work_dir}; run the same command again to resume",
               file=sys.stderr)
@@ -158,10 +161,10 @@ def cmd_demo(args) -> int:
     CPU, run the CPU kernel on random inputs against the float64 reference."""
     import numpy as np
 
-    from .build import build
-    from .kernel import _numpy_dtype, load
-    from .reference import attention_reference
-    from .spec import KernelSpec
+    from .builder import build
+    from .definition import attention_reference
+    from .runtime.kernel import load
+    from .spec import KernelSpec, numpy_dtype
 
     out_dir = args.output
     print(f"tvmflash demo: fused attention, head_dim {args.head_dim}, {args.dtype}, causal={args.causal}")
@@ -178,7 +181,7 @@ def cmd_demo(args) -> int:
     kernel = load(paths["cpu"][0])
     rng = np.random.default_rng(args.seed)
     b, sq, sk, h = 2, 257, 300, 4
-    np_dtype = _numpy_dtype(args.dtype)
+    np_dtype = numpy_dtype(args.dtype)
     q = rng.standard_normal((b, sq, h, args.head_dim)).astype(np_dtype)
     k = rng.standard_normal((b, sk, h, args.head_dim)).astype(np_dtype)
     v = rng.standard_normal((b, sk, h, args.head_dim)).astype(np_dtype)
@@ -198,7 +201,7 @@ def cmd_demo(args) -> int:
 
 def _resolve_artifact(ref: str) -> str:
     """A .so/.json path, a path without extension, or a key in the cache directory."""
-    from .cache import cache_dir
+    from .runtime.cache import cache_dir
 
     base = ref
     for ext in (".so", ".json", ".cu"):
@@ -220,7 +223,7 @@ def _inspected_artifact(args) -> str:
         if given:
             raise ValueError(f"PATH: expected either a built kernel or spec flags, got {args.path!r} and {given}")
         return _resolve_artifact(args.path)
-    from .cache import ensure_built
+    from .runtime.cache import ensure_built
 
     for flag, dest in _INSPECT_SPEC_FLAGS:
         if getattr(args, dest, None) is None:
@@ -239,13 +242,13 @@ def cmd_inspect(args) -> int:
     with open(base + ".json") as fh:
         manifest = json.load(fh)
     if args.ptx:
-        from .kernel import manifest_ptx
+        from .runtime.kernel import manifest_ptx
 
         print(manifest_ptx(manifest, args.arch, what="--ptx"))
         return 0
     if args.resources:
-        from .kernel import manifest_resources
-        from .nvcc import format_resources
+        from .compiler.nvcc import format_resources
+        from .runtime.kernel import manifest_resources
 
         table, origin = manifest_resources(manifest, args.arch, what="--resources")
         print(f"{manifest['key']}: {origin}")
@@ -265,7 +268,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench, print_table
+    from .analysis.bench import bench, print_table
 
     try:
         import torch
@@ -276,7 +279,7 @@ def cmd_bench(args) -> int:
               f"{'no torch' if torch is None else 'torch ' + torch.__version__ + ', no GPU'})", file=sys.stderr)
         return 2
     if args.memory:
-        from .bench import peak_memory, print_memory_table
+        from .analysis.bench import peak_memory, print_memory_table
 
         rows = peak_memory(seqlens=args.seqlens, head_dim=args.head_dims[0], heads=args.heads, dtype=args.dtype)
         print()
@@ -290,7 +293,7 @@ def cmd_bench(args) -> int:
     print()
     print_table(rows, methods)
     if args.json:
-        from .bench import write_json
+        from .analysis.bench import write_json
 
         write_json(args.json, rows, methods, dtype=args.dtype, heads=args.heads, tokens=args.tokens, reps=args.reps)
         print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
@@ -298,7 +301,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .roofline import explain, get_gpu, plot
+    from .analysis.roofline import explain, get_gpu, plot
     from .spec import KernelSpec
 
     spec = KernelSpec(head_dim=args.head_dim, dtype=args.dtype, causal=args.causal, group=args.gqa)
@@ -322,10 +325,10 @@ def cmd_env(args) -> int:
     print(f"python     {sys.version.split()[0]}")
     print(f"tvm        {_compat.TVM_VERSION}")
     print(f"tvm-ffi    {_compat.TVM_FFI_VERSION}")
-    from .cache import cache_dir
+    from .runtime.cache import cache_dir
 
     print(f"cache      {cache_dir()}")
-    from . import nvcc
+    from .compiler import nvcc
 
     tool = nvcc.find_nvcc()
     print(f"nvcc       {tool} ({nvcc.nvcc_version(tool)})" if tool else

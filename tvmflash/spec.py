@@ -27,6 +27,17 @@ def canonical_dtype(dtype) -> str:
     return name
 
 
+def numpy_dtype(dtype: str):
+    """The numpy dtype of 'float16' / 'bfloat16' (``ml_dtypes.bfloat16``) / 'float32'."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
 def target_id(target) -> str:
     """The short target part of a key: ``sm80`` / ``sm90a`` for CUDA, ``cpu_<mcpu>`` for llvm."""
     t = _compat.make_target(target)
@@ -52,7 +63,7 @@ class KernelSpec:
     shape:     None (default): one kernel serves every batch, length and head count. Or
                (batch, seqlen_q, seqlen_k, heads): a kernel compiled for that shape only (fused
                algorithm). With every extent known the compiler drops the bound checks and the
-               index arithmetic (on the H100 ~10% over the even build at head dim 128, NOTES.md).
+               index arithmetic.
     even:      (fused, any shape) seqlen_q and seqlen_k are multiples of the kernel's tile
                (block_m, block_n): the kernel has no bound checks and no key-padding mask, and
                refuses other lengths (FlashAttention-2's ``Is_even_MN``). ``attention`` picks it by

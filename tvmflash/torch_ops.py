@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import attention
+from .runtime.api import attention
 
 __all__ = ["attention_fwd"]
 

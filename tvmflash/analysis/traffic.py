@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._compat import s_tir, tirx, tvm
+from .._compat import s_tir, tirx, tvm
 
 #: Most grid points evaluated at once (numpy arrays of this many int64s); larger grids go in slices.
 MAX_GRID = 1 << 22

@@ -1,6 +1,6 @@
-"""Attention in TensorIR: the fused FlashAttention forward and the standard three-kernel baseline.
+"""The fused FlashAttention forward in TensorIR: one program per query tile.
 
-Fused (FlashAttention, Dao et al. 2022; FlashAttention-2, Dao 2023), one program per query tile:
+FlashAttention (Dao et al. 2022), FlashAttention-2 (Dao 2023):
 
     for each K/V tile j:                      # online softmax (Milakov & Gimelshein 2018)
         S      = Q_tile K_tile^T                  (mask: key padding, causal)
@@ -22,10 +22,6 @@ a spatial or reduction block that schedule primitives accept. Tiles
 "tile" block: S and P never exist outside it. Schedules choose where they live (registers,
 shared memory, tensor-core fragments) and how the loops map to hardware.
 
-Standard ("Algorithm 0"): three functions, ``qk`` writes S = Q K^T (float32) to global memory,
-``softmax`` reads S, applies the scale and the mask, and writes P (input dtype) and the
-log-sum-exp, ``pv`` reads P and writes O = P V. It is the honest baseline: each step a separate kernel over global memory.
-
 Layout, as FlashAttention: q, o  [batch, seqlen_q, heads, head_dim];
 k, v [batch, seqlen_k, heads_kv, head_dim] with heads = heads_kv * group; lse [batch, heads,
 seqlen_q] in float32, natural log. Rows with no visible key (causal with seqlen_q > seqlen_k)
@@ -34,11 +30,17 @@ give O = 0 and lse = -inf.
 
 from __future__ import annotations
 
-from ._compat import T, tirx, tvm
-from .spec import KernelSpec
+from .._compat import T, tirx
+from ..spec import KernelSpec
+from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
-LN2 = 0.6931471805599453  # ln(2): log(x) == log2(x) * ln(2)
+__all__ = [
+    "TILE", "Q_LOAD", "K_LOAD", "V_LOAD", "INIT_M", "INIT_L", "INIT_O", "S_GEMM_TILE",
+    "O_GEMM_TILE", "ROW_MAX_TILE", "ROW_SUM_TILE", "EPILOGUE", "S_GEMM", "S_STORE", "ROW_MAX",
+    "RUNNING_MAX", "ALPHA", "P_EXP", "P_CAST", "ROW_SUM", "L_UPDATE", "STATE_UPDATE", "O_GEMM",
+    "O_STAGE", "O_STORE", "LSE_STORE", "KV_LOOP_VAR", "fused_attention",
+    "specialize_shape", "shape_binding",
+]
 
 # TIR block names are API: schedules and tests look blocks up by these names.
 TILE = "tile"
@@ -68,17 +70,9 @@ O_STAGE = "O_stage"
 O_STORE = "O_store"
 LSE_STORE = "lse_store"
 
-# Blocks of the standard algorithm's three functions.
-STD_QK = "qk"
-STD_SOFTMAX = "softmax"
-STD_PV = "pv"
-STD_ROW_MAX = "row_max"
-STD_ROW_SUM = "row_sum"
-STD_P = "P"
-STD_LSE = "lse"
-STD_O_CAST = "O_cast"
-
-NEG_INF = float("-inf")
+#: The K/V loop's variable. A name the compiler relies on: ``compiler.passes.unmask_full_kv_tiles``
+#: finds the loop over K/V tiles by it.
+KV_LOOP_VAR = "kb"
 
 
 def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFunc:
@@ -164,8 +158,8 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                         acc_o[vi, vd] = zero_f
 
                 # Causal: K/V tiles wholly above the diagonal are never visited. (The loop
-                # variable's name is API: ``_compat.unmask_full_kv_tiles`` finds the loop by it and
-                # runs the tiles that need no mask without one.)
+                # variable is named ``KV_LOOP_VAR``: the compiler finds the loop by it and runs the
+                # tiles that need no mask without one.)
                 for kb in T.serial(_num_kv_tiles(vqb, seq_q, seq_k, BM, BN, causal)):
                     # first key of this tile, bound twice: once for the loads and once for the
                     # masks, so that a software pipeline can run the loads a tile ahead
@@ -203,7 +197,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                                 vi, vj = T.axis.remap("SR", [i, j])
                                 with T.init():  # the max reducer's identity (rfactor knows it)
                                     m_tile[vi] = T.min_value("float32")
-                                m_tile[vi] = T.max(m_tile[vi], _masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even))
+                                m_tile[vi] = T.max(m_tile[vi], masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even))
                     for i in range(BM):
                         with T.sblock(RUNNING_MAX):
                             vi = T.axis.remap("S", [i])
@@ -211,12 +205,12 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                     for i in range(BM):
                         with T.sblock(ALPHA):
                             vi = T.axis.remap("S", [i])
-                            alpha[vi] = T.exp2((m_i[vi] - _finite(m_new[vi])) * (sm_scale * T.float32(LOG2E)))
+                            alpha[vi] = T.exp2((m_i[vi] - finite(m_new[vi])) * (sm_scale * T.float32(LOG2E)))
                     for i, j in T.grid(BM, BN):
                         with T.sblock(P_EXP):
                             vi, vj = T.axis.remap("SS", [i, j])
                             P_f32[vi, vj] = T.exp2(
-                                (_masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even) - _finite(m_new[vi]))
+                                (masked(S_tile[vi, vj], vqb * BM + vi, kv0 + vj, seq_q, seq_k, causal, even) - finite(m_new[vi]))
                                 * (sm_scale * T.float32(LOG2E))
                             )
                     with T.sblock(ROW_SUM_TILE):
@@ -317,157 +311,7 @@ def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
     return tirx.max(tirx.ceildiv(last_key, BN), 1)
 
 
-def _visible(row, col, seq_q, seq_k, causal: bool, even: bool = False):
-    """Whether query ``row`` attends to key ``col`` (None: always, a non-causal even kernel)."""
-    below = col <= row + seq_k - seq_q if causal else None
-    if even:  # every key column exists
-        return below
-    inside = col < seq_k
-    return inside if below is None else tirx.all(inside, below)
-
-
-def _masked(s, row, col, seq_q, seq_k, causal: bool, even: bool = False):
-    """Score ``s`` of (row, col), or -inf where the query does not see the key."""
-    visible = _visible(row, col, seq_q, seq_k, causal, even)
-    return s if visible is None else tirx.Select(visible, s, tirx.const(NEG_INF, "float32"))
-
-
 def _guarded(even: bool, inside, value, dtype: str):
     """A tile element loaded from global memory: zero past the end, unless the kernel is even."""
     return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
 
-
-def _finite(m):
-    """The row max to subtract: 0 for a row that has seen no key yet (max = -inf), so that
-    exp2(-inf - (-inf)) never produces NaN (FlashAttention's ``Check_inf``)."""
-    return tirx.Select(m == tirx.const(NEG_INF, "float32"), tirx.const(0.0, "float32"), m)
-
-
-# ---------------------------------------------------------------------------------------------
-# The standard algorithm: S and P written to global memory, three functions.
-# ---------------------------------------------------------------------------------------------
-
-
-def standard_attention(spec: KernelSpec) -> tvm.IRModule:
-    """Three TensorIR functions: ``qk``, ``softmax`` and ``pv`` (see the module docstring)."""
-    D = spec.head_dim
-    dtype = spec.dtype
-    G = spec.group
-    causal = spec.causal
-    neg_inf = tirx.const(NEG_INF, "float32")
-    zero_f = tirx.const(0.0, "float32")
-
-    @T.prim_func(s_tir=True)
-    def qk(
-        q_h: T.handle,  # [batch, seq_q, heads, head_dim]
-        k_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
-        s_h: T.handle,  # [batch, heads, seq_q, seq_k], float32: Q K^T, unscaled
-    ):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        seq_k = T.int32()
-        heads = T.int32()
-        heads_kv = T.int32()
-        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-        S = T.match_buffer(s_h, (batch, heads, seq_q, seq_k), "float32")
-        for b, h, i, j, d in T.grid(batch, heads, seq_q, seq_k, D):
-            with T.sblock(STD_QK):
-                vb, vh, vi, vj, vd = T.axis.remap("SSSSR", [b, h, i, j, d])
-                with T.init():
-                    S[vb, vh, vi, vj] = zero_f
-                S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", Q[vb, vi, vh, vd]) * T.Cast(
-                    "float32", K[vb, vj, vh // G, vd]
-                )
-
-    def scaled(S, sm_scale, b, h, i, j):
-        """S in log2 units, masked: read by each softmax stage (no extra pass over S)."""
-        seq_q, seq_k = S.shape[2], S.shape[3]
-        return tirx.Select(
-            _visible(i, j, seq_q, seq_k, causal),
-            S[b, h, i, j] * (sm_scale * tirx.const(LOG2E, "float32")),
-            neg_inf,
-        )
-
-    @T.prim_func(s_tir=True)
-    def softmax(
-        s_h: T.handle,  # [batch, heads, seq_q, seq_k], float32: Q K^T, unscaled
-        p_h: T.handle,  # [batch, heads, seq_q, seq_k], dtype
-        lse_h: T.handle,  # [batch, heads, seq_q], float32, natural log
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        seq_k = T.int32()
-        heads = T.int32()
-        S = T.match_buffer(s_h, (batch, heads, seq_q, seq_k), "float32")
-        P = T.match_buffer(p_h, (batch, heads, seq_q, seq_k), dtype)
-        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
-        row_max = T.alloc_buffer((batch, heads, seq_q), "float32")
-        row_sum = T.alloc_buffer((batch, heads, seq_q), "float32")
-        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
-            with T.sblock(STD_ROW_MAX):
-                vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
-                with T.init():
-                    row_max[vb, vh, vi] = neg_inf
-                row_max[vb, vh, vi] = T.max(row_max[vb, vh, vi], scaled(S, sm_scale, vb, vh, vi, vj))
-        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
-            with T.sblock(STD_ROW_SUM):
-                vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
-                with T.init():
-                    row_sum[vb, vh, vi] = zero_f
-                row_sum[vb, vh, vi] = row_sum[vb, vh, vi] + T.exp2(
-                    scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])
-                )
-        for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
-            with T.sblock(STD_P):
-                vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                P[vb, vh, vi, vj] = T.Cast(
-                    dtype,
-                    T.Select(
-                        row_sum[vb, vh, vi] == zero_f,
-                        zero_f,
-                        T.exp2(scaled(S, sm_scale, vb, vh, vi, vj) - _finite(row_max[vb, vh, vi])) / row_sum[vb, vh, vi],
-                    ),
-                )
-        for b, h, i in T.grid(batch, heads, seq_q):
-            with T.sblock(STD_LSE):
-                vb, vh, vi = T.axis.remap("SSS", [b, h, i])
-                LSE[vb, vh, vi] = T.Select(
-                    row_sum[vb, vh, vi] == zero_f,
-                    neg_inf,
-                    (row_max[vb, vh, vi] + T.log2(row_sum[vb, vh, vi])) * T.float32(LN2),
-                )
-
-    @T.prim_func(s_tir=True)
-    def pv(
-        p_h: T.handle,  # [batch, heads, seq_q, seq_k], dtype
-        v_h: T.handle,  # [batch, seq_k, heads_kv, head_dim]
-        o_h: T.handle,  # [batch, seq_q, heads, head_dim]
-    ):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        seq_k = T.int32()
-        heads = T.int32()
-        heads_kv = T.int32()
-        P = T.match_buffer(p_h, (batch, heads, seq_q, seq_k), dtype)
-        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
-        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
-        acc = T.alloc_buffer((batch, heads, seq_q, D), "float32")
-        for b, h, i, d, j in T.grid(batch, heads, seq_q, D, seq_k):
-            with T.sblock(STD_PV):
-                vb, vh, vi, vd, vj = T.axis.remap("SSSSR", [b, h, i, d, j])
-                with T.init():
-                    acc[vb, vh, vi, vd] = zero_f
-                acc[vb, vh, vi, vd] = acc[vb, vh, vi, vd] + T.Cast("float32", P[vb, vh, vi, vj]) * T.Cast(
-                    "float32", V[vb, vj, vh // G, vd]
-                )
-        for b, i, h, d in T.grid(batch, seq_q, heads, D):
-            with T.sblock(STD_O_CAST):
-                vb, vi, vh, vd = T.axis.remap("SSSS", [b, i, h, d])
-                O[vb, vi, vh, vd] = T.Cast(dtype, acc[vb, vh, vi, vd])
-
-    return tvm.IRModule({STD_QK: qk, STD_SOFTMAX: softmax, STD_PV: pv})

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
+from ..builder import build_for
+from ..spec import KernelSpec
 from . import validate as V
 from .cache import get_kernel
-from .records import logs_root
-from .spec import KernelSpec
 
 
-def _target_for(device: str) -> str:
+def target_for(device: str) -> str:
     """The target of the GPU holding the inputs (tag where TVM has one), or 'cpu'."""
     if device == "cpu":
         return "cpu"
@@ -37,8 +35,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     Returns the same kind of array, and with ``return_lse`` also lse [batch, heads, seqlen_q]
     (float32, natural log; -inf for rows that see no key).
     static_shape: compile (once, cached) a kernel for exactly this shape: bound checks and
-    index arithmetic fold away (on the H100 ~10% over the even build at head dim 128, NOTES.md); a
-    new shape builds anew.
+    index arithmetic fold away; a new shape builds anew.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
@@ -48,7 +45,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     V.check_scale(softmax_scale, spec.head_dim)
     if static_shape:
         spec = spec.replace(shape=(b, sq, sk, h))
-    return _kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
+    return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
 
 
 def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused"):
@@ -56,43 +53,13 @@ def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused"):
     heads))."""
     _, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(q, k, v)
     spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
-                      target=_target_for(device))
+                      target=target_for(device))
     return spec, (b, sq, sk, h)
 
 
-def _kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
-    """The kernel that runs ``spec`` at these lengths. A CUDA fused kernel of any shape comes in
-    two builds, as FlashAttention-2's ``Is_even_MN``: an even one (no bound checks, no key-padding
-    mask) for lengths that are multiples of its tile, the general one for the rest. The tile is
-    known before the even build exists (``build.planned_tile``), so lengths it does not divide
-    never build it."""
-    chosen = build_for(spec, seq_q, seq_k)
-    if chosen is not spec:
-        kernel = get_kernel(chosen)
-        if kernel.accepts(seq_q, seq_k):  # the tile it was built with (a log may have changed)
-            return kernel
-    return get_kernel(spec)
-
-
-def build_for(spec: KernelSpec, seq_q: int, seq_k: int) -> KernelSpec:
-    """``spec``'s even build where it has one and its planned tile divides the lengths, else
-    ``spec`` itself (``_kernel_for``'s choice, before any kernel is built)."""
-    plan = _even_plan(spec, str(logs_root())) if seq_q > 0 and seq_k > 0 else None
-    if plan is not None:
-        even, (block_m, block_n) = plan
-        if seq_q % block_m == 0 and seq_k % block_n == 0:
-            return even
-    return spec
-
-
-@functools.lru_cache(maxsize=None)
-def _even_plan(spec: KernelSpec, logs: str):
-    """(the even spec, its planned tile) where ``spec`` has an even build (CUDA, fused, any
-    shape), else None; once per spec and tuning-log root (``logs``: part of the key only), as
-    ``attention`` asks on every call."""
-    if not (spec.is_cuda and spec.algorithm == "fused" and spec.shape is None):
-        return None
-    from .build import planned_tile
-
-    even = spec.replace(even=True)
-    return even, planned_tile(even)
+def kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):
+    """The loaded kernel that runs ``spec`` at these lengths: a CUDA fused kernel of any shape
+    comes in two builds, as FlashAttention-2's ``Is_even_MN``, an even one (no bound checks, no
+    key-padding mask) for lengths that are multiples of its tile and the general one for the
+    rest (``builder.build_for``: the plan's tile decides, before anything is built)."""
+    return get_kernel(build_for(spec, seq_q, seq_k))

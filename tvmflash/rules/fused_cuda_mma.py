@@ -25,10 +25,13 @@ stage pipeline).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from . import definition as D
-from . import intrinsics as I
-from ._compat import Schedule, tirx
+from .. import definition as D
+from .._compat import Schedule, ms, tirx
+from ..spec import KernelSpec
+from . import mma_intrinsics as I
+from .base import COMMON_INSTRUCTIONS, ScheduleRule, Space, bind_grid, dynamic_shared_memory_target
 
 #: PassContext options the schedule needs at compile time. CSE would hide threadIdx.x inside
 #: let-bound indices of the fragment rescale, which LowerWarpMemory then cannot lower.
@@ -39,16 +42,10 @@ PASS_CONFIG = {"tirx.disable_cse_tir": True, "tirx.use_async_copy": True}
 #: The any-length build's extra: every loop nest of up to 1024 constant steps gets
 #: ``#pragma unroll`` (``explicit_unroll`` off: nvcc unrolls, the TIR stays small). The fragments
 #: are register arrays indexed by those loops; where nvcc left one rolled they went to local
-#: memory. Seen: the head-dim-64 causal any-length build with its tuned 128x128 tile, 1904 bytes of
-#: stack, 112.6 TFLOP/s against 197.0 unrolled at length 4000 (H200). The even builds are left to
-#: nvcc, which unrolls them itself: the pragmas cost them 1-4% at head dim 64 (NOTES.md).
+#: memory (the head-dim-64 causal any-length build with its tuned 128x128 tile did). The even
+#: builds are left to nvcc, which unrolls them itself and runs them faster without the pragmas
+#: (docs/performance.md).
 UNROLL_CONFIG = {"tirx.UnrollLoop": {"auto_max_step": 1024, "explicit_unroll": False}}
-
-
-def pass_config(spec) -> dict:
-    """The PassContext options ``spec``'s build needs (``PASS_CONFIG``; ``UNROLL_CONFIG`` too
-    unless the build is the even one)."""
-    return {**PASS_CONFIG, **({} if spec.even else UNROLL_CONFIG)}
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class FlashConfig:
     kv_buffers: shared-memory buffers each of K and V (stages 2; always 1 with stages 1).
                1: FlashAttention-2's order, K of tile j+1 is issued once S = Q K^T of tile j has
                read K, V of tile j+1 once P V has; K's load overlaps the softmax and P V, V's
-               is waited for with K's before S = Q K^T (TVM keeps one wait per stage, NOTES.md);
+               is waited for with K's before S = Q K^T (TVM keeps one wait per stage, docs/tvm-0.27.md);
                2: double buffers, both loads of tile j+1 overlap all of tile j (more shared
                memory: 107 instead of 69 KiB at head dim 128).
     """
@@ -89,35 +86,12 @@ class FlashConfig:
             object.__setattr__(self, "kv_buffers", 1)
 
 
-def default_config(target, head_dim: int) -> FlashConfig:
-    """Hand-chosen tiles (FlashAttention-2's for sm_80/sm_90 forward)."""
-    if head_dim <= 128:
-        return FlashConfig(block_m=128, block_n=64, num_warps=4)
-    return FlashConfig(block_m=64, block_n=32, num_warps=2)
-
-
 #: Head dims the tensor-core schedule serves: multiples of the 16-wide mma k step whose
 #: accumulator (block_m x head_dim floats over num_warps warps) fits the register file, and that
 #: passed the GPU tests. (96 builds and compiles too, but has not run on a GPU yet; 32 fails in
 #: TVM 0.27's StorageRewrite: it shares one shared.dyn allocation between a float16 and a float32
 #: buffer, "tvm_access_ptr element type must match the source buffer". Both take the plain schedule.)
 HEAD_DIMS = (64, 128)
-
-
-def supports(spec) -> bool:
-    """Whether this schedule serves ``spec`` (else the plain CUDA schedule does)."""
-    return spec.dtype in I.MMA_DTYPES and spec.head_dim in HEAD_DIMS
-
-
-def bind_grid(sch: Schedule):
-    """One thread block per (query tile, head, batch) on a 3-D grid (blockIdx.x, .y, .z), as
-    FlashAttention-2 launches: each block reads its coordinates directly, where one fused
-    blockIdx.x over symbolic extents would cost integer divisions in every address. Batch and
-    heads are then capped at 65535 (``kernel.GRID_YZ_MAX``, checked at call time)."""
-    b, h, qb = sch.get_loops(D.TILE)
-    sch.bind(qb, "blockIdx.x")
-    sch.bind(h, "blockIdx.y")
-    sch.bind(b, "blockIdx.z")
 
 
 def _bind_rows(sch: Schedule, loop, config: FlashConfig):
@@ -270,85 +244,6 @@ def _row_reduce_on_fragments(sch: Schedule, name: str, config: FlashConfig):
     _bind_rows(sch, row, config)
 
 
-def schedule_fused_cuda(func: tirx.PrimFunc, config: FlashConfig, dtype: str = "float16") -> Schedule:
-    sch = Schedule(func)
-    intrin = I.intrinsics(dtype)
-
-    # Step 1. One thread block per (batch, head, query tile).
-    bind_grid(sch)
-
-    # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
-    # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max
-    # and sum one row per thread in registers; what crosses between the two thread mappings
-    # (the new max, alpha, the partial row reductions) in shared memory.
-    for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.RUNNING_MAX, D.ALPHA, D.O_STAGE):
-        sch.set_scope(block, 0, "shared.dyn")
-    for block in (D.INIT_M, D.INIT_L, D.ROW_MAX, D.ROW_SUM, D.L_UPDATE):
-        sch.set_scope(block, 0, "local")
-    # (S stores its 16x16 tiles in another order than acc_s and P: StorageRewrite would otherwise
-    # reuse the source of an element-wise copy in place, and LowerWarpMemory cannot lower a warp
-    # buffer that aliases another.)
-    for block, layout in ((D.S_STORE, _fragment_map_t), (D.P_EXP, _fragment_map), (D.P_CAST, _fragment_map)):
-        sch.set_scope(block, 0, "warp")
-        sch.transform_layout(block, ("write", 0), layout)
-
-    # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
-    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
-        sch.storage_align(name, 0, axis=0, factor=64, offset=8)
-
-    # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
-    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
-        _cooperative(sch, name, config)
-
-    # Step 4. S = Q K^T on tensor cores, the accumulator in mma fragments.
-    _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
-    sch.set_scope(D.S_GEMM, 0, "warp")
-    sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
-    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
-    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
-
-    # Step 5. The online softmax on the fragments (FlashAttention-2): element-wise stages run on
-    # the fragment layout, each thread on the scores it holds; row max and row sum are reduced
-    # per thread and then across the four lanes of a row; the running state, one row per thread.
-    for name in (D.S_STORE, D.P_EXP, D.P_CAST):
-        _on_fragments(sch, name, config)
-    for name in (D.ROW_MAX, D.ROW_SUM):
-        _row_reduce_on_fragments(sch, name, config)
-    for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.RUNNING_MAX, 1), (D.ALPHA, 1), (D.L_UPDATE, 1),
-                      (D.STATE_UPDATE, 1), (D.LSE_STORE, 0)):
-        _bind_rows(sch, sch.get_loops(name)[row], config)
-    # the epilogue reads l_i with the store's thread mapping: a shared copy
-    o_store = sch.get_sblock(D.O_STORE)
-    l_copy = sch.cache_read(o_store, _read_index(sch, o_store, "l_i"), "shared.dyn")
-    _bind_rows(sch, sch.get_loops(l_copy)[-1], config)
-
-    # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
-    # alpha in place (its thread/register layout made explicit), then acc_o += P V with P
-    # taken straight from the registers the softmax left it in.
-    sch.set_scope(D.INIT_O, 0, "warp")
-    sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
-    (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
-    ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
-    sch.bind(ty, "threadIdx.y")
-    sch.tensorize(mi, intrin["fill"])
-    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
-    # the update does not read alpha (only the init does): drop it so the mma pattern matches
-    sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
-    sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
-    sch.transform_block_layout(o_init, lambda i, j: I.fragment_layout(i, j))
-    tx, local = sch.get_loops(o_init)[-2:]
-    sch.bind(tx, "threadIdx.x")
-    sch.unroll(local)
-
-    # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
-    _store_fragments(sch, D.O_STAGE, intrin["store_shared"], config)
-    _cooperative(sch, D.O_STORE, config, vectorize=False)
-
-    # Step 8. The K/V loads run ahead of the tile computed, asynchronously (cp.async).
-    _pipeline_kv_loop(sch, config)
-    return sch
-
-
 #: The K/V loop body as InjectSoftwarePipeline sees it (scope blocks flattened): the loads' key
 #: offset (``kv_load``), the K load, the V load, the masks' key offset (``kv0``), S = Q K^T (init,
 #: GEMM), then the softmax and acc_o += P V: 22 statements. The pass checks the annotations'
@@ -380,3 +275,152 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     sch.annotate(kb, "software_pipeline_stage", [0 if i in _LOADS else 1 for i in range(KV_LOOP_BODY)])
     sch.annotate(kb, "software_pipeline_order", [body.index(i) for i in range(KV_LOOP_BODY)])
     sch.annotate(kb, "software_pipeline_async_stages", [0])
+
+
+def _hand_config(head_dim: int) -> FlashConfig:
+    """Hand-chosen tiles (FlashAttention-2's for sm_80/sm_90 forward)."""
+    if head_dim <= 128:
+        return FlashConfig(block_m=128, block_n=64, num_warps=4)
+    return FlashConfig(block_m=64, block_n=32, num_warps=2)
+
+
+def _knobs(bm: int, bn: int) -> dict:
+    # halves per global load/store: 16 or 8 bytes; the K/V pipeline: cp.async one tile ahead
+    # into one buffer each (FlashAttention-2's order) or two, or synchronous loads
+    return {"vec": (8, 4), "stages": (2, 1), "kv_buffers": (1, 2)}
+
+
+#: The tiles tuning tries (block_m = 32 * num_warps). Left out, as they fail to compile: 64x128
+#: (StorageRewrite aliases an f16 and an f32 shared.dyn buffer, docs/tvm-0.27.md) and block_n = 16
+#: ("Cannot access address of warp memory directly"). VerifyGPUCode drops what exceeds the GPU's
+#: shared memory.
+TILES = ((128, 64), (128, 32), (128, 96), (128, 128), (64, 64), (64, 32))
+
+
+@dataclass(frozen=True)
+class FusedCudaMma(ScheduleRule):
+    """The fused kernel on tensor cores (ldmatrix + mma.sync), sm_80 and newer."""
+
+    name: ClassVar[str] = "fused_cuda_mma"
+    config_type: ClassVar[type] = FlashConfig
+    even_builds: ClassVar[bool] = True
+    trace_instructions: ClassVar[frozenset] = COMMON_INSTRUCTIONS | {
+        "Annotate", "Bind", "Blockize", "CacheRead", "CacheWrite", "ComputeAt", "DecomposeReduction", "Fuse",
+        "RFactor", "Reorder", "SetScope", "Split", "StorageAlign", "Tensorize", "TransformBlockLayout",
+        "TransformLayout", "Unroll", "UnsafeHideBufferAccess", "Vectorize"}
+    trace_annotations: ClassVar[frozenset] = frozenset(
+        {"software_pipeline_stage", "software_pipeline_order", "software_pipeline_async_stages"})
+
+    def supports(self, spec: KernelSpec) -> bool:
+        return (spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES
+                and spec.head_dim in HEAD_DIMS)
+
+    def default_config(self, spec: KernelSpec) -> FlashConfig:
+        return _hand_config(spec.head_dim)
+
+    def pass_config(self, spec: KernelSpec) -> dict:
+        """``PASS_CONFIG``; ``UNROLL_CONFIG`` too unless the build is the even one."""
+        return {**PASS_CONFIG, **({} if spec.even else UNROLL_CONFIG)}
+
+    def prepare(self, spec: KernelSpec) -> None:
+        I.intrinsics(spec.dtype)
+
+    def trace_intrinsics(self, spec: KernelSpec) -> frozenset:
+        return frozenset(I.intrinsics(spec.dtype).values())
+
+    def space(self, spec: KernelSpec) -> Space:
+        return Space(
+            name=self.name,
+            tiles=TILES,
+            knobs=_knobs,
+            config=lambda bm, bn, **kw: FlashConfig(block_m=bm, block_n=bn, num_warps=bm // 32, **kw),
+            schedule=self.apply,
+            postprocs=lambda: [ms.postproc.VerifyGPUCode()],
+            target=dynamic_shared_memory_target,
+        )
+
+    def apply(self, func: tirx.PrimFunc, config: FlashConfig) -> Schedule:
+        sch = Schedule(func)
+        intrin = I.intrinsics(_dtype(func))
+
+        # Step 1. One thread block per (batch, head, query tile).
+        bind_grid(sch)
+
+        # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
+        # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max
+        # and sum one row per thread in registers; what crosses between the two thread mappings
+        # (the new max, alpha, the partial row reductions) in shared memory.
+        for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.RUNNING_MAX, D.ALPHA, D.O_STAGE):
+            sch.set_scope(block, 0, "shared.dyn")
+        for block in (D.INIT_M, D.INIT_L, D.ROW_MAX, D.ROW_SUM, D.L_UPDATE):
+            sch.set_scope(block, 0, "local")
+        # (S stores its 16x16 tiles in another order than acc_s and P: StorageRewrite would otherwise
+        # reuse the source of an element-wise copy in place, and LowerWarpMemory cannot lower a warp
+        # buffer that aliases another.)
+        for block, layout in ((D.S_STORE, _fragment_map_t), (D.P_EXP, _fragment_map), (D.P_CAST, _fragment_map)):
+            sch.set_scope(block, 0, "warp")
+            sch.transform_layout(block, ("write", 0), layout)
+
+        # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
+        for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+            sch.storage_align(name, 0, axis=0, factor=64, offset=8)
+
+        # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
+        for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+            _cooperative(sch, name, config)
+
+        # Step 4. S = Q K^T on tensor cores, the accumulator in mma fragments.
+        _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
+        sch.set_scope(D.S_GEMM, 0, "warp")
+        sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
+        sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
+        sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
+
+        # Step 5. The online softmax on the fragments (FlashAttention-2): element-wise stages run on
+        # the fragment layout, each thread on the scores it holds; row max and row sum are reduced
+        # per thread and then across the four lanes of a row; the running state, one row per thread.
+        for name in (D.S_STORE, D.P_EXP, D.P_CAST):
+            _on_fragments(sch, name, config)
+        for name in (D.ROW_MAX, D.ROW_SUM):
+            _row_reduce_on_fragments(sch, name, config)
+        for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.RUNNING_MAX, 1), (D.ALPHA, 1), (D.L_UPDATE, 1),
+                          (D.STATE_UPDATE, 1), (D.LSE_STORE, 0)):
+            _bind_rows(sch, sch.get_loops(name)[row], config)
+        # the epilogue reads l_i with the store's thread mapping: a shared copy
+        o_store = sch.get_sblock(D.O_STORE)
+        l_copy = sch.cache_read(o_store, _read_index(sch, o_store, "l_i"), "shared.dyn")
+        _bind_rows(sch, sch.get_loops(l_copy)[-1], config)
+
+        # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
+        # alpha in place (its thread/register layout made explicit), then acc_o += P V with P
+        # taken straight from the registers the softmax left it in.
+        sch.set_scope(D.INIT_O, 0, "warp")
+        sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
+        (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
+        ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
+        sch.bind(ty, "threadIdx.y")
+        sch.tensorize(mi, intrin["fill"])
+        o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
+        # the update does not read alpha (only the init does): drop it so the mma pattern matches
+        sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
+        sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
+        sch.transform_block_layout(o_init, lambda i, j: I.fragment_layout(i, j))
+        tx, local = sch.get_loops(o_init)[-2:]
+        sch.bind(tx, "threadIdx.x")
+        sch.unroll(local)
+
+        # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
+        _store_fragments(sch, D.O_STAGE, intrin["store_shared"], config)
+        _cooperative(sch, D.O_STORE, config, vectorize=False)
+
+        # Step 8. The K/V loads run ahead of the tile computed, asynchronously (cp.async).
+        _pipeline_kv_loop(sch, config)
+        return sch
+
+
+def _dtype(func: tirx.PrimFunc) -> str:
+    """The dtype of q (the first argument): the operands' dtype, which picks the intrinsics."""
+    return str(func.params[0].ty.dtype)
+
+
+RULE = FusedCudaMma()

@@ -11,16 +11,17 @@ import json
 import os
 import re
 
-from . import _compat, nvcc
+from .. import _compat
+from .._compat import tvm
+from ..compiler import nvcc
+from ..spec import KernelSpec, numpy_dtype
 from . import validate as V
-from ._compat import tvm
-from .spec import KernelSpec
 
 
 #: Largest element count an int32-indexed TensorIR buffer can address.
 INT32_MAX = 2**31 - 1
 #: CUDA's limit on gridDim.y and gridDim.z, where the fused CUDA kernel puts heads and batch
-#: (``schedule_cuda.bind_grid``).
+#: (``rules.base.bind_grid``).
 GRID_YZ_MAX = 65535
 
 
@@ -167,7 +168,7 @@ class _Arrays:
         if self.kind == "numpy":
             import numpy as np
 
-            return np.empty(shape, dtype=_numpy_dtype(dtype))
+            return np.empty(shape, dtype=numpy_dtype(dtype))
         return tvm.runtime.empty(shape, dtype, _tvm_device(self.device))
 
     def to_tvm(self, x):
@@ -183,16 +184,6 @@ class _Arrays:
         """Copy a result back where the kernel wrote a staging copy (numpy)."""
         if self.kind == "numpy":
             dst[...] = t.numpy()
-
-
-def _numpy_dtype(dtype: str):
-    import numpy as np
-
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
 
 
 def _tvm_device(device: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .spec import DTYPES, SUPPORTED_HEAD_DIMS, canonical_dtype
+from ..spec import DTYPES, SUPPORTED_HEAD_DIMS, canonical_dtype
 
 INT32_MAX = 2**31 - 1
 

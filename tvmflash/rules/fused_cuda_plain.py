@@ -1,7 +1,7 @@
 """A plain CUDA schedule of the fused TensorIR: one thread per query row, no tensor cores.
 
 It is the portable fallback (any CUDA target, any head dim) and the reference point for the
-tensor-core schedule in ``schedule_cuda``: the same TensorIR, only the mapping differs.
+tensor-core rule ``fused_cuda_mma``: the same TensorIR, only the mapping differs.
 Thread block = one query tile of ``block_m`` rows; K/V tiles are staged in shared memory by
 all threads together; the running state (m_i, l_i, acc_o) lives in each thread's registers.
 """
@@ -9,23 +9,21 @@ all threads together; the running state (m_i, l_i, acc_o) lives in each thread's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from . import definition as D
-from ._compat import Schedule, tirx
-from .schedule_cuda import bind_grid
+from .. import definition as D
+from .._compat import Schedule, ms, tirx
+from ..spec import KernelSpec
+from .base import COMMON_INSTRUCTIONS, ScheduleRule, Space, bind_grid
 
 
 @dataclass(frozen=True)
-class SimpleCudaConfig:
+class PlainCudaConfig:
     block_m: int = 64  # threads per block, one query row each
     block_n: int = 32
 
 
-def default_simple_config(head_dim: int) -> SimpleCudaConfig:
-    return SimpleCudaConfig(block_m=64, block_n=32 if head_dim <= 128 else 16)
-
-
-def schedule_fused_cuda_simple(func: tirx.PrimFunc, config: SimpleCudaConfig) -> Schedule:
+def schedule(func: tirx.PrimFunc, config: PlainCudaConfig) -> Schedule:
     sch = Schedule(func)
     BM = config.block_m
 
@@ -74,3 +72,39 @@ def _row_loop(sch: Schedule, name: str):
             return loop
     raise ValueError(f"{name}: expected a loop named 'i' over the query rows, got "
                      f"{[sch.get(loop).loop_var.name for loop in sch.get_loops(name)]}")
+
+
+@dataclass(frozen=True)
+class FusedCudaPlain(ScheduleRule):
+    """The fused kernel without tensor cores: any CUDA target, any head dim, either dtype."""
+
+    name: ClassVar[str] = "fused_cuda_plain"
+    config_type: ClassVar[type] = PlainCudaConfig
+    even_builds: ClassVar[bool] = True
+    trace_instructions: ClassVar[frozenset] = COMMON_INSTRUCTIONS | {"Bind", "Fuse", "SetScope", "Split"}
+
+    def supports(self, spec: KernelSpec) -> bool:
+        return spec.algorithm == "fused" and spec.is_cuda
+
+    def default_config(self, spec: KernelSpec) -> PlainCudaConfig:
+        return PlainCudaConfig(block_m=64, block_n=32 if spec.head_dim <= 128 else 16)
+
+    def apply(self, func: tirx.PrimFunc, config: PlainCudaConfig) -> Schedule:
+        return schedule(func, config)
+
+    def space(self, spec: KernelSpec) -> Space:
+        itemsize = 2
+        # K and V tiles live in static shared memory: 48 KB at most
+        tiles = tuple((bm, bn) for bm in (32, 64, 128) for bn in (16, 32, 64)
+                      if 2 * bn * spec.head_dim * itemsize <= 48 * 1024)
+        return Space(
+            name=self.name,
+            tiles=tiles,
+            knobs=lambda bm, bn: {},
+            config=lambda bm, bn: PlainCudaConfig(block_m=bm, block_n=bn),
+            schedule=schedule,
+            postprocs=lambda: [ms.postproc.VerifyGPUCode()],
+        )
+
+
+RULE = FusedCudaPlain()

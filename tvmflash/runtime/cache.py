@@ -12,10 +12,10 @@ import json
 import os
 import threading
 
-from . import _compat
-from .build import build
+from .. import _compat
+from ..builder import build
+from ..spec import KernelSpec
 from .kernel import Kernel, load
-from .spec import KernelSpec
 
 _loaded: dict[str, Kernel] = {}
 _lock = threading.Lock()

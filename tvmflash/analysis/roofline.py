@@ -26,10 +26,12 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import _compat, nvcc, traffic
-from . import definition as D
-from .build import _device_source, compile_lowered, lower
-from .spec import KernelSpec
+from .. import _compat
+from .. import definition as D
+from ..builder import compile_lowered, lower
+from ..compiler import device_source, lower_to_device, nvcc
+from ..spec import KernelSpec
+from . import traffic
 
 DEFAULT_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
 STANDARD_FUNCTIONS = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
@@ -209,7 +211,7 @@ def explain(
             f_min = traffic.count(fused_func, s, "fused", per_unit=False)
         points.append(SweepPoint(n, s["batch"], sum(k.moved for k in std), f.moved, f_min.moved, _allocated(std),
                                  _allocated((f,))))
-    return Report(spec, gpu, shapes, dict(lowered.config), lowered.schedule, standard, fused, fused_minimum, shared,
+    return Report(spec, gpu, shapes, dict(lowered.config), lowered.rule, standard, fused, fused_minimum, shared,
                   threads, regs, regs_note, measured, measured_note, tuple(points))
 
 
@@ -246,7 +248,7 @@ def on_chip(lowered) -> tuple[int | None, int | None]:
     that code generation sees (after TVM merges the shared buffers and reuses dead ones)."""
     if not lowered.spec.is_cuda:
         return None, None
-    mod = _compat.lower_to_device(lowered.mod, lowered.spec.tvm_target, lowered.pass_config)
+    mod = lower_to_device(lowered.mod, lowered.spec.tvm_target, lowered.pass_config)
     shared, threads = 0, None
     for gv, func in mod.functions.items():
         if func.attrs is None or not func.attrs.get("tirx.is_global_func", False):
@@ -288,7 +290,7 @@ def ptxas_registers(lowered) -> tuple[int | None, str]:
     if nvcc.find_nvcc() is None:
         return None, "n/a (nvcc not found)"
     arch = _compat.cuda_arch(lowered.spec.tvm_target)
-    source = _device_source(compile_lowered(lowered), lowered.spec)
+    source = device_source(compile_lowered(lowered), lowered.spec)
     try:  # the flags `build` compiles the embedded fatbin with
         kernels = nvcc.resources(source, [arch])[arch].values()
     except RuntimeError as err:

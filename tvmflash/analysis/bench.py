@@ -98,8 +98,8 @@ def _sdpa(backend):
 def _general():
     """The any-length build (bound checks kept) even where attention() would take the even one."""
     def run(q, k, v, causal):
-        from .api import spec_for
-        from .cache import get_kernel
+        from ..runtime.api import spec_for
+        from ..runtime.cache import get_kernel
 
         return get_kernel(spec_for(q, k, v, causal=causal)[0])(q, k, v)
 
@@ -110,12 +110,12 @@ def _hand_config():
     """The kernel ``attention`` would run with the tuning logs off (the hand config; the even build
     where the lengths allow), built into ``<cache>/hand-config``: tuned and hand kernels share a
     key, so they cannot share the cache. For comparing the two in one process."""
-    from .kernel import load
+    from ..runtime.kernel import load
 
     kernels = {}
 
     def run(q, k, v, causal):
-        from .api import spec_for
+        from ..runtime.api import spec_for
 
         spec, (_, sq, sk, _) = spec_for(q, k, v, causal=causal)
         if (spec, sq, sk) not in kernels:
@@ -127,13 +127,13 @@ def _hand_config():
 
 def hand_config_kernel(spec, seq_q: int, seq_k: int) -> str:
     """``<cache>/hand-config/<key>`` (add .so / .json) of the build ``attention`` picks for
-    ``spec`` at these lengths (``api.build_for``) with the tuning logs off, built once per TVM
+    ``spec`` at these lengths (``builder.build_for``) with the tuning logs off, built once per TVM
     version."""
     import os
 
-    from . import records
-    from .api import build_for
-    from .cache import cache_dir, ensure_built
+    from ..builder import build_for
+    from ..runtime.cache import cache_dir, ensure_built
+    from ..tuning import records
 
     with records.tuning_logs_off():
         return ensure_built(build_for(spec, seq_q, seq_k), os.path.join(cache_dir(), "hand-config"))
@@ -144,7 +144,7 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
     import torch
     from torch.nn.attention import SDPBackend
 
-    from .api import attention
+    from ..runtime.api import attention
 
     all_methods = {
         "tvmflash fused": lambda q, k, v, c: attention(q, k, v, causal=c),
@@ -185,7 +185,7 @@ def peak_memory(seqlens=(4096, 16384, 32768, 65536), head_dim: int = 128, heads:
     MB or the error's name}}."""
     import torch
 
-    from .api import attention
+    from ..runtime.api import attention
 
     dt = getattr(torch, dtype)
     rows = {}

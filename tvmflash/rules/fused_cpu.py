@@ -7,9 +7,12 @@ prove the algorithm's numerics on the same TensorIR the GPU schedule transforms.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from . import definition as D
-from ._compat import Schedule, tirx
+from .. import definition as D
+from .._compat import Schedule, tirx
+from ..spec import KernelSpec
+from .base import COMMON_INSTRUCTIONS, ScheduleRule, Space
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class CpuConfig:
     grain:  consecutive query tiles per parallel task (neighbours share K/V in cache).
 
     The knobs (vec, unroll, grain) may also be random variables of ``sch.sample_categorical``
-    (MetaSchedule tuning, ``tvmflash.space``): they only ever reach schedule primitives as
+    (MetaSchedule tuning, ``FusedCpu.space``): they only ever reach schedule primitives as
     arguments, so a tuning trace replays them.
     """
 
@@ -33,11 +36,7 @@ class CpuConfig:
     grain: int = 1
 
 
-def default_cpu_config(head_dim: int) -> CpuConfig:
-    return CpuConfig(block_m=32, block_n=64 if head_dim <= 128 else 32)
-
-
-def _vectorize_inner(sch: Schedule, block, lanes) -> None:
+def vectorize_inner(sch: Schedule, block, lanes) -> None:
     """Split the innermost loop of ``block`` (a name or handle) by ``lanes`` (when it divides)
     and vectorise it. ``lanes`` may be a sampled random variable: the design space offers only
     lane counts that divide every vectorised extent, so both take the same steps."""
@@ -51,13 +50,7 @@ def _vectorize_inner(sch: Schedule, block, lanes) -> None:
     sch.vectorize(loop)
 
 
-def schedule_fused_cpu(func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
-    sch = Schedule(func)
-    apply_fused_cpu(sch, config)
-    return sch
-
-
-def apply_fused_cpu(sch: Schedule, config: CpuConfig) -> None:
+def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
     """The fused CPU schedule, applied in place to ``sch`` (a Schedule of
     ``definition.fused_attention(spec, config.block_m, config.block_n)``)."""
     # Step 1. Parallel tasks of ``grain`` consecutive (batch, head, query tile)s.
@@ -75,45 +68,62 @@ def apply_fused_cpu(sch: Schedule, config: CpuConfig) -> None:
     s_gemm = sch.get_sblock(D.S_GEMM)
     i, j, d = sch.get_loops(s_gemm)[-3:]
     sch.reorder(i, d, j)
-    _vectorize_inner(sch, s_gemm, config.vec)  # before decompose: vectorize wants a reduction block
+    vectorize_inner(sch, s_gemm, config.vec)  # before decompose: vectorize wants a reduction block
     sch.decompose_reduction(s_gemm, d)
 
     # Step 4. acc_o = alpha * acc_o + P V: key loop outside, head_dim loop innermost, vectorised.
     o_gemm = sch.get_sblock(D.O_GEMM)
     i, d, j = sch.get_loops(o_gemm)[-3:]
     sch.reorder(i, j, d)
-    _vectorize_inner(sch, o_gemm, config.vec)
+    vectorize_inner(sch, o_gemm, config.vec)
     # (No decompose_reduction: init_o also writes acc_o, so the tile holds two writers of it and
     # the primitive refuses; the rescale stays behind `if j == 0`, hoisted by LLVM.)
 
     # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
     for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, D.O_STORE, D.S_STORE, D.P_EXP, D.P_CAST):
-        _vectorize_inner(sch, name, config.vec)
+        vectorize_inner(sch, name, config.vec)
 
 
-def schedule_standard_cpu(mod, config: CpuConfig):
-    """Schedule the three functions of the standard algorithm: parallel outer loops,
-    vectorised inner loops. Returns the scheduled IRModule."""
-    out = {}
-    for gv, func in mod.functions.items():
-        name = gv.name_hint
+def _knobs(d: int):
+    def knobs(bm: int, bn: int) -> dict:
+        # every vectorised loop runs over head_dim or block_n: offer lane counts dividing both
+        lanes = tuple(v for v in (4, 8, 16, 32) if v <= min(bn, d) and min(bn, d) % v == 0)
+        return {"vec": lanes, "unroll": (0, 16, 64), "grain": (1, 2, 4)}
+
+    return knobs
+
+
+@dataclass(frozen=True)
+class FusedCpu(ScheduleRule):
+    """The fused kernel on the CPU (llvm): parallel tiles, vectorised inner loops."""
+
+    name: ClassVar[str] = "fused_cpu"
+    config_type: ClassVar[type] = CpuConfig
+    trace_instructions: ClassVar[frozenset] = COMMON_INSTRUCTIONS | {
+        "Annotate", "DecomposeReduction", "Fuse", "Parallel", "Reorder", "SampleCategorical", "Split",
+        "TransformLayout", "Vectorize"}
+    trace_annotations: ClassVar[frozenset] = frozenset({"pragma_auto_unroll_max_step"})
+
+    def supports(self, spec: KernelSpec) -> bool:
+        return spec.algorithm == "fused" and spec.tvm_target.kind.name == "llvm"
+
+    def default_config(self, spec: KernelSpec) -> CpuConfig:
+        return CpuConfig(block_m=32, block_n=64 if spec.head_dim <= 128 else 32)
+
+    def apply(self, func: tirx.PrimFunc, config: CpuConfig) -> Schedule:
         sch = Schedule(func)
-        if name == D.STD_QK:
-            b, h, i, j, d = sch.get_loops(D.STD_QK)
-            sch.parallel(sch.fuse(b, h))
-            sch.decompose_reduction(D.STD_QK, d)
-        elif name == D.STD_SOFTMAX:
-            for blk in (D.STD_ROW_MAX, D.STD_ROW_SUM, D.STD_P, D.STD_LSE):
-                b, h = sch.get_loops(blk)[:2]
-                sch.parallel(sch.fuse(b, h))
-        else:
-            pv = sch.get_sblock(D.STD_PV)
-            b, i, h, d, j = sch.get_loops(pv)
-            sch.reorder(b, i, h, j, d)
-            sch.parallel(sch.fuse(b, i))
-            _vectorize_inner(sch, pv, config.vec)
-            sch.decompose_reduction(pv, j)
-            b, i, h, d = sch.get_loops(D.STD_O_CAST)
-            sch.parallel(sch.fuse(b, i))
-        out[name] = sch.mod["main"]
-    return type(mod)(out)
+        apply_in_place(sch, config)
+        return sch
+
+    def space(self, spec: KernelSpec) -> Space:
+        return Space(
+            name=self.name,
+            tiles=tuple((bm, bn) for bm in (16, 32, 64) for bn in (32, 64, 128)),
+            knobs=_knobs(spec.head_dim),
+            config=lambda bm, bn, **kw: CpuConfig(block_m=bm, block_n=bn, **kw),
+            schedule=self.apply,
+            apply=apply_in_place,
+        )
+
+
+RULE = FusedCpu()

@@ -1,0 +1,43 @@
+"""What a query sees: the visibility rule, the masked-score form and the safe row max.
+
+Both definitions (``fused``, ``standard``) build their masks from these functions, and the
+compiler's mask pass (``compiler.passes.unmask_full_kv_tiles``) recognises a masked score by
+``is_masked_score``: the form written here is the contract between the two.
+"""
+
+from __future__ import annotations
+
+from .._compat import tirx
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
+LN2 = 0.6931471805599453  # ln(2): log(x) == log2(x) * ln(2)
+NEG_INF = float("-inf")
+
+
+def visible(row, col, seq_q, seq_k, causal: bool, even: bool = False):
+    """Whether query ``row`` attends to key ``col`` (None: always, a non-causal even kernel).
+    Causal is aligned to the bottom-right corner: row r sees keys c <= r + seq_k - seq_q."""
+    below = col <= row + seq_k - seq_q if causal else None
+    if even:  # every key column exists
+        return below
+    inside = col < seq_k
+    return inside if below is None else tirx.all(inside, below)
+
+
+def masked(s, row, col, seq_q, seq_k, causal: bool, even: bool = False):
+    """Score ``s`` of (row, col), or -inf where the query does not see the key:
+    ``Select(visible, s, -inf)``, each term of ``visible`` one bound (``is_masked_score``)."""
+    cond = visible(row, col, seq_q, seq_k, causal, even)
+    return s if cond is None else tirx.Select(cond, s, tirx.const(NEG_INF, "float32"))
+
+
+def is_masked_score(e) -> bool:
+    """Whether expression ``e`` is a score masked by ``masked``: ``Select(visible, s, -inf)``."""
+    return (isinstance(e, tirx.Select) and isinstance(e.false_value, tirx.FloatImm)
+            and e.false_value.value == NEG_INF)
+
+
+def finite(m):
+    """The row max to subtract: 0 for a row that has seen no key yet (max = -inf), so that
+    exp2(-inf - (-inf)) never produces NaN (FlashAttention's ``Check_inf``)."""
+    return tirx.Select(m == tirx.const(NEG_INF, "float32"), tirx.const(0.0, "float32"), m)
