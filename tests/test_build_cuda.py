@@ -27,7 +27,7 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: spec_id(KernelSpec(**v)))
 def test_fused_kernel_builds_for_cuda(tmp_path, target, variant):
     spec = KernelSpec(**variant, target=target)
-    so, manifest = build(spec, tmp_path)
+    so, manifest = build(spec, tmp_path, device_code="source")  # the CUDA is what is checked
     cu = (tmp_path / (spec.key + ".cu")).read_text()
     kernels = dict(_kernels(cu))
     assert len(kernels) == 1, f"the fused attention is one kernel, got {sorted(kernels)}"
@@ -51,7 +51,7 @@ def _kernels(cu: str):
 
 def test_standard_goes_through_global_memory(tmp_path):
     spec = KernelSpec(128, target="nvidia/nvidia-a100", algorithm="standard")
-    build(spec, tmp_path)
+    build(spec, tmp_path, device_code="source")
     kernels = dict(_kernels((tmp_path / (spec.key + ".cu")).read_text()))
     for stage in ("qk", "softmax", "pv"):
         assert any(name.startswith(stage) for name in kernels), f"no {stage} kernel in {sorted(kernels)}"
@@ -176,7 +176,7 @@ def test_tensor_core_schedule(tmp_path, target, causal):
     to registers (TVM's LowerWarpMemory run until none is left 32x oversized: the software
     pipeline's epilogue holds its own copies of the Q/K/V fragments, ``..._warp_ptr_1``)."""
     spec = KernelSpec(128, causal=causal, group=2, target=target)
-    _, manifest = build(spec, tmp_path)
+    _, manifest = build(spec, tmp_path, device_code="source")
     assert json.loads(open(manifest).read())["schedule"]["rule"] == "fused_cuda_mma"
     cu = (tmp_path / (spec.key + ".cu")).read_text()
     assert "mma.sync.aligned.m16n8k16" in cu and "ldmatrix" in cu

@@ -8,10 +8,14 @@ tvmflash's own compiler passes and pipeline are not shims: they live in ``tvmfla
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import json
+import linecache
 import os
 import shutil
+import sys
 
 import tvm
 from tvm import s_tir, tirx
@@ -36,6 +40,7 @@ __all__ = [
     "is_cuda",
     "cuda_arch",
     "ensure_cuda_headers",
+    "fast_tvmscript",
 ]
 
 TVM_VERSION: str = tvm.__version__
@@ -127,7 +132,7 @@ def tune_context(mod, target, space_generator, search_strategy, task_name: str, 
                  num_threads: int, logger) -> "ms.TuneContext":
     """``ms.TuneContext(...)`` without the import it starts with: TVM 0.27's constructor first
     imports ``tvm.s_tir.tensor_intrin``, registering the tensor intrinsics of every target
-    (about a minute, once per process), which a CPU design space never uses. A design space
+    (slow, once per process), which a CPU design space never uses. A design space
     that tensorizes registers its own intrinsics (``rules.mma_intrinsics``)."""
     from tvm.s_tir.meta_schedule import _ffi_api as ms_api
     from tvm.s_tir.meta_schedule.logging import get_logging_func
@@ -139,3 +144,29 @@ def tune_context(mod, target, space_generator, search_strategy, task_name: str, 
     )
     ms_api.TuneContextInitialize(ctx)
     return ctx
+
+
+def _frames(context: int = 1) -> list:
+    """``inspect.stack()`` without its per-frame module lookup: the frames, file, line, function
+    and the line's text (TVMScript reads only these)."""
+    out, frame = [], sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno) if context > 0 else ""
+        out.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [line] if line else None,
+                                     0 if line else None))
+        frame = frame.f_back
+    return out
+
+
+@contextlib.contextmanager
+def fast_tvmscript():
+    """Within: TVMScript's ``@T.prim_func`` gets its caller frames from ``_frames``. TVM 0.27's
+    parser calls ``inspect.stack()``, which looks up the module of every frame by scanning
+    ``sys.modules``: with torch and pytest loaded that is most of the time of parsing a function
+    (and of importing TVM's tensor intrinsics, a few hundred functions)."""
+    original, inspect.stack = inspect.stack, _frames
+    try:
+        yield
+    finally:
+        inspect.stack = original

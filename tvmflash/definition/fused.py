@@ -30,7 +30,7 @@ give O = 0 and lse = -inf.
 
 from __future__ import annotations
 
-from .._compat import T, tirx
+from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
@@ -75,6 +75,7 @@ LSE_STORE = "lse_store"
 KV_LOOP_VAR = "kb"
 
 
+@fast_tvmscript()
 def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFunc:
     """The FlashAttention forward as one TensorIR function, tiled block_m x block_n.
 

@@ -8,7 +8,7 @@ fused definition (``fused``).
 
 from __future__ import annotations
 
-from .._compat import T, tirx, tvm
+from .._compat import T, fast_tvmscript, tirx, tvm
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, visible
 
@@ -30,6 +30,7 @@ STD_O_CAST = "O_cast"
 
 
 
+@fast_tvmscript()
 def standard_attention(spec: KernelSpec) -> tvm.IRModule:
     """Three TensorIR functions: ``qk``, ``softmax`` and ``pv`` (see the module docstring)."""
     D = spec.head_dim

@@ -1,12 +1,14 @@
 """Tensor-core intrinsics for the CUDA schedule.
 
 float16 uses TVM's registered ldmatrix / mma.sync intrinsics (``tvm.s_tir.tensor_intrin.cuda``;
-importing it registers them, about a minute the first time in a process). TVM ships none for
+importing it registers them, slowly, the first time in a process). TVM ships none for
 bfloat16: this module registers its own (``tvmflash_*_bf16``), the same m16n8k16 shapes and
 fragment layout, with bf16 operands and float32 accumulation.
 """
 
 from __future__ import annotations
+
+from .._compat import fast_tvmscript
 
 MMA_DTYPES = ("float16", "bfloat16")
 WARP = 32
@@ -16,7 +18,8 @@ FRAGMENT = 8  # elements of a 16x16 tile per thread
 def _cuda():
     """TVM's CUDA intrinsics module; importing it registers them (slow: imported on first use,
     so building a spec the tensor-core schedule does not serve never pays for it)."""
-    from tvm.s_tir.tensor_intrin import cuda
+    with fast_tvmscript():
+        from tvm.s_tir.tensor_intrin import cuda
 
     return cuda
 
@@ -76,6 +79,7 @@ def _register_16bit(dtype: str, ptx_type: str) -> dict:
     return names
 
 
+@fast_tvmscript()
 def _ldmatrix(dtype: str, transpose: bool, row_blocks: bool):
     """(description, implementation) of one ``ldmatrix.x4`` of a 16x16 shared.dyn tile into a
     warp fragment. Each lane gives the address of one 8-element row of the four 8x8 matrices:
@@ -125,6 +129,7 @@ def _ldmatrix(dtype: str, transpose: bool, row_blocks: bool):
     return desc, impl
 
 
+@fast_tvmscript()
 def _mma(dtype: str, ptx_type: str, b_is_nk: bool):
     """(description, implementation) of C[16, 16] += A[16, 16] B[16, 16] (float32 C) as two
     ``mma.sync.m16n8k16.row.col``, one per 8-column half of C. B's fragment is given as B[k, n]
