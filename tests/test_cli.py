@@ -20,6 +20,7 @@ def test_demo_builds_both_and_checks_cpu(tmp_path):
     res = tvmflash("demo", "--head-dim", "64", "-o", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "-> OK" in res.stdout
+    assert f"manifest:    {tmp_path / 'fwd_f16_d64_g1_sm80.json'}" in res.stdout  # as README says
     assert (tmp_path / "fwd_f16_d64_g1_sm80.so").exists()
     assert (tmp_path / "fwd_f16_d64_g1_sm80.cu").exists()
     assert any(p.name.startswith("fwd_f16_d64_g1_cpu") and p.suffix == ".so" for p in tmp_path.iterdir())
@@ -57,7 +58,7 @@ def test_build_standard_cpu(tmp_path, capsys):
         (["build", "--head-dim", "48", "-o", "x"], "head_dim: expected one of"),
         (["build", "--target", "nvidia/no-such-gpu", "-o", "x"], "target: expected 'cpu', a TVM tag"),
         (["build", "--gqa", "0", "-o", "x"], "group: expected a positive int"),
-        (["inspect", "no/such/kernel.so", "--cuda"], "PATH: expected a built kernel"),
+        (["inspect", "no/such/kernel.so", "--cuda"], "PATH: no/such/kernel.so does not exist"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(args, message, capsys):

@@ -25,7 +25,7 @@ def report():
 def test_report_counts_and_memory(report):
     b, n, h, d = 16, 1024, 16, 64  # batch * seqlen = 16k tokens, 16 heads (FlashAttention's benchmark)
     assert report.shapes == dict(batch=b, seq_q=n, seq_k=n, heads=h, heads_kv=h)
-    assert report.spec.target == E.GPUS["h100"].target and report.spec.algorithm == "fused"
+    assert report.spec.target == E.GPUS["a100"].target and report.spec.algorithm == "fused"
     qkvo = 4 * b * n * h * d * 2
     lse = b * h * n * 4
     std_mem, fused_mem = report.memory()

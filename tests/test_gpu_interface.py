@@ -155,3 +155,37 @@ def test_custom_op_under_torch_compile_on_cuda():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(q, k, v), f(q, k, v))
     assert np.isfinite(compiled(q, k, v).float().cpu().numpy()).all()
+
+
+def test_cuda_views_that_break_vector_alignment_are_copied():
+    """CUDA tensor views whose storage offset breaks the kernels' 16-byte vector loads (q, k, v
+    and out= here): computed on aligned copies, never an illegal address; the same bits as on
+    aligned tensors."""
+    import torch
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 129, 4, 128, device="cuda", dtype=torch.float16) for _ in range(3))
+
+    def misaligned(x):
+        buf = torch.empty(x.numel() + 3, device="cuda", dtype=x.dtype)
+        view = buf[3:].view(x.shape)
+        view.copy_(x)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    want, want_lse = tvmflash.attention(q, k, v, causal=True, return_lse=True)
+    out = misaligned(torch.zeros_like(want))
+    kernel = tvmflash.get_kernel(KernelSpec(128, causal=True, target=tvmflash.runtime.api.target_for("cuda:0")))
+    got, lse = kernel(misaligned(q), misaligned(k), misaligned(v), out=out, return_lse=True)
+    torch.cuda.synchronize()
+    assert got is out and torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_cuda_tensors_that_require_grad_are_refused():
+    import torch
+
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="no backward pass yet"):
+        tvmflash.attention(q, q, q)
+    with torch.no_grad():
+        assert tvmflash.attention(q, q, q).shape == q.shape

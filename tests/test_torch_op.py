@@ -1,5 +1,5 @@
 """``torch.ops.tvmflash.attention_fwd`` on CPU tensors: opcheck, torch.compile(fullgraph=True),
-the fake implementation, and the forward-only contract."""
+the fake implementation, and the forward-only contract (grad-requiring inputs refused)."""
 
 import pytest
 
@@ -34,21 +34,21 @@ def test_opcheck(case):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def test_opcheck_with_inputs_that_require_grad():
-    """The op is forward-only: test_aot_dispatch_dynamic would run a backward through it, which
-    has no formula, so it is left out here; the rest (schema, autograd registration, fake
-    tensor) must pass with grad-requiring inputs too."""
-    q, k, v = _qkv(1, 1, 20, 30, 2, 2, 64, requires_grad=True)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    result = torch.library.opcheck(OP.default, (q, k, v), {"causal": True}, test_utils=utils)
-    assert result == {name: "SUCCESS" for name in utils}
-
-
-def test_backward_says_there_is_no_formula():
+def test_inputs_that_require_grad_are_refused_not_detached():
+    """No backward yet: with grad mode on, grad-requiring inputs raise at the call (the op and
+    ``attention`` alike) instead of returning a result autograd does not see; under no_grad, or
+    detached, they run."""
     q, k, v = _qkv(2, 1, 20, 30, 2, 2, 64, requires_grad=True)
-    out, _ = OP(q, k, v)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        out.float().sum().backward()
+    with pytest.raises(NotImplementedError, match="no backward pass yet"):
+        OP(q, k, v)
+    with pytest.raises(NotImplementedError, match=r"q, k, v: tvmflash has no backward pass yet"):
+        tvmflash.attention(q, k, v)
+    with pytest.raises(NotImplementedError, match=r"^k: tvmflash has no backward pass yet"):
+        tvmflash.attention(q.detach(), k, v.detach())
+    with torch.no_grad():
+        out, _ = OP(q, k, v)
+        assert torch.equal(out, tvmflash.attention(q, k, v))
+    assert torch.equal(out, OP(q.detach(), k.detach(), v.detach())[0])
 
 
 def test_matches_attention_and_the_reference():

@@ -165,20 +165,24 @@ STORAGE_REWRITE_FAILS = {((128, 128), 2), ((64, 64), 2)}
 
 @pytest.mark.slow
 def test_cuda_tensor_core_space_compiles():
-    """Every design space of the tensor-core schedule (each tile, each knob value) replays on the
-    dynamic function, compiles to mma.sync CUDA and passes VerifyGPUCode unless its shared memory
-    exceeds the arch's (double-buffered K/V of 128 keys at head dim 128 on sm_80): what
-    `tvmflash tune --target nvidia/nvidia-a100 --head-dim 128` measures on a GPU."""
+    """The design spaces of the tensor-core schedule replay on the dynamic function, compile to
+    mma.sync CUDA and pass VerifyGPUCode unless their shared memory exceeds the arch's
+    (double-buffered K/V of 128 keys at head dim 128 on sm_80): what `tvmflash tune --target
+    nvidia/nvidia-a100 --head-dim 128` measures on a GPU. Every knob value of the hand tile, and
+    for the other tiles the knob that sets the shared memory (the K/V buffers)."""
     spec = KernelSpec(128, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
     rule_for(spec).prepare(spec)
     target = space.target(spec.tvm_target)
     row = (spec.head_dim + 8) * 2  # bytes per padded row of a Q/K/V tile (storage_align)
+    hand = rule_for(spec).default_config(spec)
     for tile in space.tiles:
         mod = SP.workload(spec, tile, SP.Shape(4, 4096, 4096, 16, 16))
-        schedules = space.sch_fn(tile)(Schedule(mod))
-        assert len(schedules) == space.size(tile)
-        for config, sch in zip(space.configs(tile), schedules):
+        assert len(space.sch_fn(tile)(Schedule(mod))) == space.size(tile) if tile == (hand.block_m, hand.block_n) else True
+        configs = [c for c in space.configs(tile)
+                   if tile == (hand.block_m, hand.block_n) or (c.vec, c.stages) == (hand.vec, hand.stages)]
+        for config in configs:
+            sch = space.schedule(mod["main"], config)
             ctx = _compat.tune_context(mod, target, ms.space_generator.ScheduleFn(lambda s: None, sch_rules=[],
                                        postprocs=[], mutator_probs={}), None, "t", 0, 1, None)
             verify = ms.postproc.VerifyGPUCode()
@@ -329,6 +333,39 @@ def test_validation_rejects_a_wrong_schedule(monkeypatch):
     assert why is not None and "max |out - ref|" in why
 
 
+def test_best_tile_is_ranked_as_built_then_validated(monkeypatch):
+    """The tuner's choice on synthetic records (nothing built or run): the fastest few on the
+    workload are re-timed as built and ranked by that time; the fastest of those that validates
+    is exported with its as-built time, the workload time kept beside it."""
+    from tvmflash.tuning import tuner
+
+    spec = KernelSpec(32)
+    tile = (32, 64)
+    db = ms.database.MemoryDatabase()
+    mod = _fake_records(db, spec, tile, 5)  # workload times 1, 2, 3, 4, 5 ms
+    as_built = {1: 9e-3, 2: 7e-3, 3: 8e-3}  # the 3 fastest re-timed: as built, 2 beats 3 beats 1
+    timed, validated = [], []
+
+    def fake_times(spec_, shapes, candidates, build_timeout=120.0, reps=10):
+        timed.extend(round(records.mean_run_secs(r) * 1e3) for _, r in candidates)
+        return [[as_built[round(records.mean_run_secs(r) * 1e3)]] * len(shapes) for _, r in candidates]
+
+    def fake_validate(spec_, tile_, record):
+        validated.append(round(records.mean_run_secs(record) * 1e3))
+        return "wrong (test)" if len(validated) == 1 else None
+
+    monkeypatch.setattr(measure, "can_run_here", lambda spec_: True)
+    monkeypatch.setattr(measure, "deployed_times", fake_times)
+    monkeypatch.setattr(rank, "validate_record", fake_validate)
+    options = TuneOptions(trials=5, work_dir=Path("/nonexistent"))
+    monkeypatch.setattr(search, "log_failure", lambda *a: None)
+    task = search.Task(tile, mod, None)
+    (best,) = tuner.best_tiles(spec, rule_for(spec), SP.space_for(spec), [task], db, SHAPE, options, lambda m: None)
+    assert sorted(timed) == [1, 2, 3] and validated == [2, 3]
+    assert best.validated and best.workload_secs == pytest.approx(3e-3) and best.run_secs == pytest.approx(8e-3)
+    assert best.secs_at == {SHAPE.seq_q: 8e-3} and best.config is not None
+
+
 def test_repair_database_drops_a_line_cut_by_a_kill(tmp_path):
     spec = KernelSpec(32)
     db = ms.database.JSONDatabase(work_dir=str(tmp_path))
@@ -475,15 +512,19 @@ def _record_lines(work):
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.fixture(scope="module")
+TRIALS = 4  # of the killed and resumed run: 2 per batch (--trials-per-iter), killed after the first
+
+
+@pytest.fixture(scope="session")
 def tuned_work(tmp_path_factory):
     """One `tvmflash tune` run on the CPU, SIGKILLed mid-run and resumed: the work dir every
-    end-to-end tuning test starts from (each on its own copy), and what the runs printed."""
+    end-to-end tuning test starts from (each on its own copy), and what the runs printed. (Session
+    scope: made once however the tests of this module are ordered among others'.)"""
     tmp_path = tmp_path_factory.mktemp("tuned")
     work, logs, sched = tmp_path / "work", tmp_path / "logs", tmp_path / "schedules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(_tune_cmd(work, logs, sched, 6), stdout=log, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(_tune_cmd(work, logs, sched, TRIALS), stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:
             deadline = time.time() + 600
@@ -497,7 +538,7 @@ def tuned_work(tmp_path_factory):
     committed = _record_lines(work)
     with open(work / records.RECORDS, "a") as fh:  # as if killed in the middle of a write
         fh.write(committed[-1][: len(committed[-1]) // 2])
-    res = subprocess.run(_tune_cmd(work, logs, sched, 6), capture_output=True, text=True, env=env, timeout=900)
+    res = subprocess.run(_tune_cmd(work, logs, sched, TRIALS), capture_output=True, text=True, env=env, timeout=900)
     return types.SimpleNamespace(work=work, logs=logs, sched=sched, committed=committed, res=res)
 
 
@@ -514,22 +555,22 @@ def test_tune_killed_resumed_then_built(tuned_work, monkeypatch, rng):
     the log, correct on lengths never measured."""
     work, logs, sched, committed, res = (tuned_work.work, tuned_work.logs, tuned_work.sched, tuned_work.committed,
                                          tuned_work.res)
-    assert 2 <= len(committed) < 6
+    assert 2 <= len(committed) < TRIALS
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "dropped 1 damaged database line" in res.stdout
     assert f"resuming: {len(committed)} trial(s) already" in res.stdout
-    assert f"6 trials in the work dir ({6 - len(committed)} new, 0 of them failed)" in res.stdout
+    assert f"{TRIALS} trials in the work dir ({TRIALS - len(committed)} new, 0 of them failed)" in res.stdout
     assert "TFLOP/s" in res.stderr and "trial" in res.stderr  # the progress bar
     lines = _record_lines(work)
-    assert lines[: len(committed)] == committed and len(lines) == 6
+    assert lines[: len(committed)] == committed and len(lines) == TRIALS
     db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
     hashes = [search.scheduled_hash(rec) for rec in db.get_all_tuning_records()]
-    assert len(set(hashes)) == 6, "a candidate was measured twice"
+    assert len(set(hashes)) == TRIALS, "a candidate was measured twice"
 
     spec = KernelSpec(32)
     vdir = records.variant_dir(logs, spec)
     meta = json.loads((vdir / records.METADATA).read_text())
-    assert meta["trials"] == 6 and meta["rule"] == "fused_cpu"
+    assert meta["trials"] == TRIALS and meta["rule"] == "fused_cpu"
     assert meta["shape"] == {"batch": 8, "seq_q": 128, "seq_k": 128, "heads": 2, "heads_kv": 2}
     assert meta["tvm_version"] == _compat.TVM_VERSION and meta["tvm_ffi_version"] == _compat.TVM_FFI_VERSION
     assert len(records.open_database(vdir)) == 1  # pruned: best per tile
@@ -616,7 +657,7 @@ def test_faulty_candidates_are_skipped_never_fatal(tuned_work, tmp_path, monkeyp
     spec = KernelSpec(32)
     done = len(_record_lines(work))
     res = tune(spec, TuneOptions(trials=done + 3, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2),
-                                 tiles=[(16, 32), (32, 32), (32, 64), (64, 64)], trials_per_iter=1, run_timeout=5,
+                                 tiles=[(16, 32), (32, 32), (32, 64), (64, 64)], trials_per_iter=1, run_timeout=2,
                                  logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
     # the task scheduler's first round gives each task one trial
     assert res.measured_now == 3 and res.failed_now == 2
@@ -644,7 +685,7 @@ def test_wrong_records_never_reach_the_logs(tuned_work, tmp_path, monkeypatch):
     monkeypatch.setattr(rank, "validate_record", first_is_wrong)
     work = _copy_work(tuned_work, tmp_path)
     spec = KernelSpec(32)
-    res = tune(spec, TuneOptions(trials=6, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
+    res = tune(spec, TuneOptions(trials=TRIALS, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
                                  logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
     assert res.measured_now == 0
     # tried in the order of their times as built; the second one tried is exported
@@ -664,22 +705,32 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_tune_through_rpc_tracker(tuned_work, tmp_path, monkeypatch, rng):
     """Measured by an RPC server registered with a tracker, both on loopback (free ports): the
-    work dir's run resumed there, two more trials."""
+    work dir's run resumed there, one more trial. First with no tracker listening: the run stops
+    with a clear error and records nothing (such candidates once counted against the budget as
+    failed and were never measured on resume)."""
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker
 
+    work = _copy_work(tuned_work, tmp_path)
+    spec = KernelSpec(32)
+    before = _record_lines(work)
+    dead = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(search.RunnerUnreachable, match=rf"rpc_tracker: the runner could not be reached \(RPC tracker "
+                                                       rf"{dead}, key 'tvmflash-test'"):
+        tune(spec, TuneOptions(trials=TRIALS + 1, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
+                               rpc_tracker=dead, rpc_key="tvmflash-test", trials_per_iter=1, run_timeout=1,
+                               progress=False, seed=0), log=lambda msg: None)
+    assert _record_lines(work) == before
     port = _free_port()
     tracker = Tracker(host="127.0.0.1", port=port, port_end=port + 1, silent=True)
     procs = [tracker.proc]
     server = None
-    work = _copy_work(tuned_work, tmp_path)
-    spec = KernelSpec(32)
     try:
         port = _free_port()
         server = Server(host="127.0.0.1", port=port, port_end=port + 1, tracker_addr=("127.0.0.1", tracker.port),
                         key="tvmflash-test", silent=True)
         procs.append(server.proc)
-        res = tune(spec, TuneOptions(trials=8, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
+        res = tune(spec, TuneOptions(trials=TRIALS + 1, work_dir=work, shape=SP.Shape(8, 128, 128, 2, 2), tiles=[(32, 64)],
                                      rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="tvmflash-test",
                                      logs_dir=tmp_path / "logs", progress=False, seed=0), log=lambda msg: None)
     finally:
@@ -687,9 +738,9 @@ def test_tune_through_rpc_tracker(tuned_work, tmp_path, monkeypatch, rng):
             server.terminate()
         tracker.terminate()
     assert not any(p.is_alive() for p in procs), "the RPC server or tracker outlived the test"
-    assert res.measured_now == 2 and res.failed_now == 0 and res.best.run_secs < records.FAILED_RUN
+    assert res.measured_now == 1 and res.failed_now == 0 and res.best.run_secs < records.FAILED_RUN
     meta = json.loads((records.variant_dir(tmp_path / "logs", spec) / records.METADATA).read_text())
-    assert meta["device"] == f"RPC device via tracker 127.0.0.1:{tracker.port}" and meta["trials"] == 8
+    assert meta["device"] == f"RPC device via tracker 127.0.0.1:{tracker.port}" and meta["trials"] == TRIALS + 1
     monkeypatch.setenv("TVMFLASH_TUNING_LOGS", str(tmp_path / "logs"))
     lowered = lower(spec)
     assert lowered.tuning["source"] == "tuned record"

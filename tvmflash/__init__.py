@@ -14,6 +14,7 @@ from .runtime.api import attention
 from .runtime.cache import cache_dir, get_kernel
 from .runtime.kernel import Kernel, load
 from .spec import KernelSpec
+from .version import __version__
 
 __all__ = [
     "attention",
@@ -27,4 +28,3 @@ __all__ = [
     "load",
     "lower",
 ]
-__version__ = "0.1.0"

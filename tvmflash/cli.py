@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from .spec import DTYPES
+
 
 def _spec_from_args(args, target: str):
     from .spec import KernelSpec
@@ -22,6 +24,16 @@ def _spec_from_args(args, target: str):
         shape=_parse_shape(getattr(args, "shape", None)),
         even=bool(getattr(args, "even", False)),
     )
+
+
+def _dtype(text: str) -> str:
+    """float16 / bfloat16 from any spelling ``KernelSpec`` accepts (fp16, half, bf16, ...)."""
+    from .spec import canonical_dtype
+
+    return canonical_dtype(text.strip().lower())
+
+
+_DTYPE_HELP = "float16 (fp16, half) or bfloat16 (bf16); default float16"
 
 
 def _parse_shape(text):
@@ -41,7 +53,7 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """The spec flags; ``defaults=False`` leaves them None when not given (so a command can tell)."""
     d = (lambda value: value) if defaults else (lambda value: None)
     p.add_argument("--head-dim", type=int, default=d(128), help="head dimension (default 128)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default=d("float16"))
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default=d("float16"), help=_DTYPE_HELP)
     p.add_argument("--causal", action="store_true", default=d(False), help="causal mask (bottom-right aligned)")
     p.add_argument("--gqa", type=int, default=d(1), metavar="G", help="query heads per kv head (default 1)")
     p.add_argument("--algorithm", choices=("fused", "standard"), default=d("fused"))
@@ -71,8 +83,8 @@ def cmd_build(args) -> int:
         schedule = json.load(fh)["schedule"]
     if schedule.get("source") == "tuned record":
         print(f"  schedule: tuned record ({schedule['database']}, {schedule['run_ms']:.4g} ms when measured)")
-    elif "tuning" in schedule:
-        print(f"  schedule: hand config ({schedule['tuning']})")
+    elif "tuning" in schedule:  # paths below the working directory, as the user typed them
+        print(f"  schedule: {schedule['source']} ({schedule['tuning'].replace(os.getcwd() + os.sep, '')})")
     return 0
 
 
@@ -175,6 +187,7 @@ def cmd_demo(args) -> int:
         paths[target] = build(spec, out_dir)
         print(f"  built {spec.key:<32} ({target}) in {time.perf_counter() - t0:5.1f} s -> {paths[target][0]}")
     cu = os.path.splitext(paths["nvidia/nvidia-a100"][0])[0] + ".cu"
+    print(f"  manifest:    {paths['nvidia/nvidia-a100'][1]}")
     print(f"  CUDA source: {cu}")
     print(f"  inspect it:  tvmflash inspect {paths['nvidia/nvidia-a100'][0]} --cuda   (or --tir, --tir-before)")
 
@@ -212,7 +225,8 @@ def _resolve_artifact(ref: str) -> str:
     cached = os.path.join(cache_dir(), os.path.basename(base))
     if os.path.exists(cached + ".json"):
         return cached
-    raise FileNotFoundError(f"PATH: expected a built kernel (.so/.json) or a key in {cache_dir()}, got {ref!r}")
+    raise FileNotFoundError(f"PATH: {ref} does not exist (expected a built kernel's .so or .json, or the key of one "
+                            f"in the cache {cache_dir()})")
 
 
 def _inspected_artifact(args) -> str:
@@ -321,7 +335,9 @@ def cmd_explain(args) -> int:
 def cmd_env(args) -> int:
     from . import _compat
 
-    print(f"tvmflash   {__import__('tvmflash').__version__}")
+    from .version import __version__
+
+    print(f"tvmflash   {__version__}")
     print(f"python     {sys.version.split()[0]}")
     print(f"tvm        {_compat.TVM_VERSION}")
     print(f"tvm-ffi    {_compat.TVM_FFI_VERSION}")
@@ -354,7 +370,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("demo", help="build for the A100 target and the CPU, check the CPU kernel (no GPU needed)")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default="tvmflash-out", help="output directory (default ./tvmflash-out)")
@@ -380,7 +396,7 @@ def main(argv=None) -> int:
                    help="cpu | nvidia/nvidia-a100 | nvidia/nvidia-h100 | a target JSON (default nvidia/nvidia-a100); "
                         "several: each in turn")
     p.add_argument("--head-dim", type=int, nargs="+", default=[128], help="head dimension(s) (default 128)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
     p.add_argument("--causal", nargs="?", const="on", default="off", choices=("off", "on", "both"),
                    help="causal mask (bottom-right aligned); 'both': the non-causal and the causal variant")
     p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
@@ -431,7 +447,7 @@ def main(argv=None) -> int:
     p.add_argument("--causal", choices=("off", "on", "both"), default="both")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused hand' (the hand "
                         "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
@@ -444,15 +460,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("explain", help="why the fused kernel is fast: HBM traffic, FLOPs and roofline from the "
                                        "TensorIR, against the standard algorithm (table + PNG, no GPU needed)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
     p.add_argument("--causal", action="store_true", help="causal mask (bottom-right aligned)")
     p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
     p.add_argument("--seqlen", type=int, default=4096, help="query and key length (default 4096)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: tokens // seqlen)")
     p.add_argument("--heads", type=int, default=16, help="query heads (default 16)")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen when --batch is not given (default 16384)")
-    p.add_argument("--gpu", choices=("a100", "h100", "h200"), default="h100",
-                   help="roofline figures and CUDA target (default h100)")
+    p.add_argument("--gpu", choices=("a100", "h100", "h200"), default="a100",
+                   help="roofline figures and CUDA target (default a100: nvidia/nvidia-a100, the default target of "
+                        "every command)")
     p.add_argument("--bandwidth-tbs", type=float, default=None, help="HBM bandwidth in TB/s (overrides the GPU's)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="fp16 dense tensor-core peak in TFLOP/s (overrides the GPU's)")
@@ -470,10 +487,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
+    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+        if isinstance(err, BrokenPipeError):
+            raise
         print(f"tvmflash {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
+def run() -> int:
+    """The console script: ``main``, quiet when a reader of its output stops early
+    (``tvmflash inspect ... | head``)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python would report the closed pipe again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

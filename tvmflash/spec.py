@@ -8,6 +8,7 @@ are runtime values, so one built kernel serves all of them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from . import _compat
@@ -39,14 +40,18 @@ def numpy_dtype(dtype: str):
 
 
 def target_id(target) -> str:
-    """The short target part of a key: ``sm80`` / ``sm90a`` for CUDA, ``cpu_<mcpu>`` for llvm."""
+    """The short target part of a key: ``sm80`` / ``sm90a`` for CUDA, ``cpu_<mcpu>`` for llvm.
+    Keys name files: anything but letters, digits, '_' and '-' becomes '_' (a target's mcpu is
+    the user's text)."""
     t = _compat.make_target(target)
     if _compat.is_cuda(t):
-        return _compat.cuda_arch(t).replace("_", "")
-    if t.kind.name == "llvm":
+        tid = _compat.cuda_arch(t).replace("_", "")
+    elif t.kind.name == "llvm":
         mcpu = t.attrs.get("mcpu", None)
-        return f"cpu_{mcpu}" if mcpu else "cpu"
-    return t.kind.name
+        tid = f"cpu_{mcpu}" if mcpu else "cpu"
+    else:
+        tid = t.kind.name
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(tid)).lstrip("-") or "target"
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ The op has a real kernel for CPU and CUDA tensors (``tvmflash.attention``, which
 caches the kernel for the spec on first use) and a fake implementation that gives the output
 shapes and dtypes, so ``torch.compile(fullgraph=True)`` traces through it without running it.
 
-Forward only: no autograd formula is registered. Calling it on tensors that require grad
-works, and a backward through it raises PyTorch's "no autograd formula" error.
+Forward only, until a backward exists: called on tensors that require grad with grad mode on,
+it raises NotImplementedError (its autograd registration refuses to record it), so no result
+is ever silently detached from the graph. Under ``torch.no_grad()`` or on detached tensors it
+runs.
 """
 
 from __future__ import annotations
@@ -50,3 +52,16 @@ def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None):
                             f"got {str(x.dtype).replace('torch.', '')}")
     batch, seqlen_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+def _refuse(ctx, inputs, output):
+    raise NotImplementedError(
+        "tvmflash::attention_fwd: tvmflash has no backward pass yet, and an input requires grad; call it under "
+        "torch.no_grad() (or on detached tensors) for inference")
+
+
+def _no_backward(ctx, grad_out, grad_lse):  # pragma: no cover - never recorded: _refuse raises first
+    raise NotImplementedError("tvmflash::attention_fwd has no backward pass yet")
+
+
+attention_fwd.register_autograd(_no_backward, setup_context=_refuse)

@@ -57,11 +57,10 @@ def _time_interleaved(fns: dict, warmup: int = 3, reps: int = 10, calls: int = C
     function is taken next to sample r of the others, so a drift of the GPU's clocks or
     temperature during the measurement is shared, and round r takes the functions in
     ``balanced_orders``' order r, so each one follows every other one equally often. What runs
-    just before matters: on the H100 and the H200 a kernel sampled right after SDPA's cuDNN
-    backend (600+ TFLOP/s) read up to 11% slower at 16k, presumably clocks lowered by its power
-    draw; with a rotated order "tvmflash fused" always followed cuDNN and read 288 TFLOP/s where
-    the byte-identical hand-config kernel read 321. A function that raises (out of memory, an
-    unsupported backend) gets its exception instead."""
+    just before matters: a kernel sampled right after a power-hungry one (SDPA's cuDNN backend)
+    runs slower, presumably at lowered clocks, so a fixed neighbour would bias one method
+    (docs/performance.md). A function that raises (out of memory, an unsupported backend) gets
+    its exception instead."""
     import torch
 
     times, live = {}, {}

@@ -64,7 +64,7 @@ GPUS = {
 }
 
 
-def get_gpu(name: str = "h100", bandwidth_tbs: float | None = None, peak_tflops: float | None = None) -> GPU:
+def get_gpu(name: str = "a100", bandwidth_tbs: float | None = None, peak_tflops: float | None = None) -> GPU:
     """A built-in GPU, with its bandwidth or peak replaced where given."""
     if name not in GPUS:
         raise ValueError(f"gpu: expected one of {sorted(GPUS)}, got {name!r}")
@@ -173,7 +173,7 @@ def explain(
     batch: int | None = None,
     heads: int = 16,
     tokens: int = 16384,
-    gpu: str | GPU = "h100",
+    gpu: str | GPU = "a100",
     bench: str | os.PathLike | dict | None = None,
     registers: bool = True,
     sweep=DEFAULT_SWEEP,

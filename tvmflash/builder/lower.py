@@ -55,7 +55,7 @@ def lower(spec: KernelSpec, config=None) -> Lowered:
             raise
         except Exception as err:  # noqa: BLE001 - a stale log: its config, said so
             tuning = {"source": "tuned config",
-                      "tuning": f"{where} does not replay ({type(err).__name__}: {records._line(err)}); its "
+                      "tuning": f"{where} does not replay ({type(err).__name__}: {records.first_line(err)}); its "
                                 f"config is scheduled by rule {rule.name} instead",
                       "database": str(p.entry.vdir)}
     if sch is None:

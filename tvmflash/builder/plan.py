@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .. import rules
 from ..rules import ScheduleRule
+from ..rules.base import tile_divides
 from ..spec import KernelSpec
 from ..tuning import records
 
@@ -61,7 +62,12 @@ def build_for(spec: KernelSpec, seq_q: int, seq_k: int) -> KernelSpec:
     kernel is built: lengths the tile does not divide never build the even one.)"""
     if seq_q <= 0 or seq_k <= 0:
         return spec
-    rule = rules.rule_for(spec)
-    if not rule.has_even_build(spec):
-        return spec
-    return rule.build_at(spec, plan(spec.replace(even=True)).tile, seq_q, seq_k)
+    even = _even_of(spec, rules.generation())
+    return even if even is not None and tile_divides(plan(even).tile, seq_q, seq_k) else spec
+
+
+@functools.lru_cache(maxsize=1024)
+def _even_of(spec: KernelSpec, generation: int) -> KernelSpec | None:
+    """``spec``'s even build (``rule.build_at``'s), or None where its rule has none; once per spec
+    and registry state."""
+    return spec.replace(even=True) if rules.rule_for(spec).has_even_build(spec) else None

@@ -100,12 +100,28 @@ class ScheduleRule:
     def build_at(self, spec: KernelSpec, tile, seq_q: int, seq_k: int) -> KernelSpec:
         """The build of ``spec`` that runs lengths (seq_q, seq_k) with ``tile``: the even one
         where ``spec`` has it and the tile divides both lengths, else ``spec``."""
-        if tile is not None and self.has_even_build(spec) and seq_q % tile[0] == 0 and seq_k % tile[1] == 0:
-            return spec.replace(even=True)
-        return spec
+        return spec.replace(even=True) if self.has_even_build(spec) and tile_divides(tile, seq_q, seq_k) else spec
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
+
+
+class StandardRule(ScheduleRule):
+    """A rule of the standard algorithm: the three functions of ``definition.standard_attention``
+    (S and P in global memory), no tile, not tuned."""
+
+    entry: ClassVar[tuple[str, ...]] = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
+
+    def tile(self, config):
+        return None
+
+    def definition(self, spec: KernelSpec, tile):
+        return D.standard_attention(spec)
+
+
+def tile_divides(tile, seq_q: int, seq_k: int) -> bool:
+    """Whether both lengths are multiples of the tile (block_m, block_n): an even build runs them."""
+    return tile is not None and seq_q % tile[0] == 0 and seq_k % tile[1] == 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import ClassVar
 from .. import definition as D
 from .._compat import Schedule
 from ..spec import KernelSpec
-from .base import ScheduleRule
+from .base import StandardRule
 from .fused_cpu import vectorize_inner
 
 
@@ -19,24 +19,17 @@ class StandardCpuConfig:
 
 
 @dataclass(frozen=True)
-class StandardCpu(ScheduleRule):
+class StandardCpu(StandardRule):
     """Algorithm 0 on the CPU: one schedule per function, none tuned."""
 
     name: ClassVar[str] = "standard_cpu"
     config_type: ClassVar[type] = StandardCpuConfig
-    entry: ClassVar[tuple[str, ...]] = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
 
     def supports(self, spec: KernelSpec) -> bool:
         return spec.algorithm == "standard" and spec.tvm_target.kind.name == "llvm"
 
     def default_config(self, spec: KernelSpec) -> StandardCpuConfig:
         return StandardCpuConfig()
-
-    def tile(self, config):
-        return None
-
-    def definition(self, spec: KernelSpec, tile):
-        return D.standard_attention(spec)
 
     def apply(self, mod, config: StandardCpuConfig) -> Schedule:
         """A Schedule of the module of the three scheduled functions."""

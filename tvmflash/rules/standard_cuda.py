@@ -13,7 +13,7 @@ from typing import ClassVar
 from .. import definition as D
 from .._compat import Schedule, tvm
 from ..spec import KernelSpec
-from .base import ScheduleRule
+from .base import StandardRule
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,11 @@ class DlightConfig:
 
 
 @dataclass(frozen=True)
-class StandardCuda(ScheduleRule):
+class StandardCuda(StandardRule):
     """Algorithm 0 on CUDA, scheduled by ``s_tir.dlight``; not tuned."""
 
     name: ClassVar[str] = "standard_cuda"
     config_type: ClassVar[type] = DlightConfig
-    entry: ClassVar[tuple[str, ...]] = (D.STD_QK, D.STD_SOFTMAX, D.STD_PV)
 
     def supports(self, spec: KernelSpec) -> bool:
         return spec.algorithm == "standard" and spec.is_cuda
@@ -35,14 +34,8 @@ class StandardCuda(ScheduleRule):
     def default_config(self, spec: KernelSpec) -> DlightConfig:
         return DlightConfig()
 
-    def tile(self, config):
-        return None
-
     def config_from_dict(self, d: dict) -> DlightConfig:
         return DlightConfig(rules=tuple(d.get("rules", DlightConfig.rules)))
-
-    def definition(self, spec: KernelSpec, tile):
-        return D.standard_attention(spec)
 
     def apply(self, mod: tvm.IRModule, config: DlightConfig) -> Schedule:
         """A Schedule of the module whose functions each got the first stock rule that

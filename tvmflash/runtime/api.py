@@ -37,11 +37,11 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     static_shape: compile (once, cached) a kernel for exactly this shape: bound checks and
     index arithmetic fold away; a new shape builds anew.
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if not isinstance(static_shape, bool):
-        raise TypeError(f"static_shape: expected a bool, got {type(static_shape).__name__}")
+    causal = V.check_bool(causal, "causal")
+    static_shape = V.check_bool(static_shape, "static_shape")
+    return_lse = V.check_bool(return_lse, "return_lse")
     spec, (b, sq, sk, h) = spec_for(q, k, v, causal=causal, algorithm=algorithm)
+    V.check_no_grad(V.array_kind(q, "q"), q, k, v)
     V.check_scale(softmax_scale, spec.head_dim)
     if static_shape:
         spec = spec.replace(shape=(b, sq, sk, h))

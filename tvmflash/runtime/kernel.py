@@ -7,7 +7,6 @@ and returns the same kind of array it was given.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -90,6 +89,8 @@ class Kernel:
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
             q, k, v, head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group
         )
+        return_lse = V.check_bool(return_lse, "return_lse")
+        V.check_no_grad(kind, q, k, v)
         want = "cuda" if spec.is_cuda else "cpu"
         if device.split(":")[0] != want:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
@@ -129,12 +130,13 @@ class Kernel:
             V.check_out(out, "out", kind, device, o_shape, dtype)
         if lse is not None:
             V.check_out(lse, "lse", kind, device, lse_shape, "float32")
+        V.check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v}, kind)
         arrays = _Arrays(kind, device)
         out = arrays.empty(o_shape, dtype) if out is None else out
         lse = arrays.empty(lse_shape, "float32") if lse is None else lse
         if b * sq * h > 0:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
-            ot, lt = arrays.to_tvm(out), arrays.to_tvm(lse)
+            ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
             if spec.algorithm == "fused":
                 self._functions[0](qt, kt, vt, ot, lt, scale)
             else:
@@ -151,6 +153,11 @@ class Kernel:
         qk(qt, kt, s)
         softmax(s, p, lt, scale)
         pv(p, vt, ot)
+
+
+#: The alignment the kernels' data may assume, in bytes (TVM allocates at 64; its CPU code loads
+#: vectors aligned so, and a misaligned pointer faults inside TVM's thread pool).
+ALIGNMENT = 64
 
 
 class _Arrays:
@@ -171,9 +178,18 @@ class _Arrays:
             return np.empty(shape, dtype=numpy_dtype(dtype))
         return tvm.runtime.empty(shape, dtype, _tvm_device(self.device))
 
-    def to_tvm(self, x):
+    def to_tvm(self, x, output: bool = False):
+        """What the kernel gets for ``x``: torch tensors zero-copy where compact and aligned, else
+        a compact, aligned copy (an output's copy is written back by ``finish``); numpy arrays
+        copied into TVM tensors."""
         if self.kind == "torch":
-            return x if x.is_contiguous() else x.contiguous()
+            import torch
+
+            if x.is_contiguous() and x.data_ptr() % ALIGNMENT == 0:
+                return x
+            if output:
+                return torch.empty_like(x, memory_format=torch.contiguous_format)
+            return x.clone(memory_format=torch.contiguous_format)
         if self.kind == "numpy":
             import numpy as np
 
@@ -181,9 +197,12 @@ class _Arrays:
         return x
 
     def finish(self, t, dst) -> None:
-        """Copy a result back where the kernel wrote a staging copy (numpy)."""
+        """Copy a result back where the kernel wrote a staging copy (numpy, or a torch output
+        that was not compact and aligned)."""
         if self.kind == "numpy":
             dst[...] = t.numpy()
+        elif self.kind == "torch" and t is not dst:
+            dst.copy_(t)
 
 
 def _tvm_device(device: str):
@@ -232,10 +251,13 @@ def manifest_resources(manifest: dict, archs=None, what: str = "resources") -> t
 
 def load(path: str | os.PathLike) -> Kernel:
     """Load ``<key>.so`` (and the ``<key>.json`` manifest beside it). ``path`` may name either
-    file or the key without an extension. A CUDA module built with nvcc carries a fatbin (or PTX)
-    and loads with the CUDA driver alone; one built without nvcc carries the CUDA source, which
-    TVM compiles with NVRTC for the GPU present (about 2 s): the manifest's ``device_code``
-    says which."""
+    file or the key without an extension. The module is checked against the size and SHA-256 its
+    manifest records before it is loaded (a damaged or replaced one is refused: loading a module
+    runs its code). A CUDA module built with nvcc carries a fatbin (or PTX) and loads with the CUDA
+    driver alone; one built without nvcc carries the CUDA source, which TVM compiles with NVRTC
+    for the GPU present (seconds): the manifest's ``device_code`` says which."""
+    from ..builder import artifact
+
     base = os.fspath(path)
     for ext in (".so", ".json"):
         if base.endswith(ext):
@@ -243,13 +265,22 @@ def load(path: str | os.PathLike) -> Kernel:
     so_path, json_path = base + ".so", base + ".json"
     for p, what in ((so_path, "module"), (json_path, "manifest")):
         if not os.path.exists(p):
-            raise FileNotFoundError(f"path: expected a built kernel's {what} at {p}, found none")
-    with open(json_path) as fh:
-        manifest = json.load(fh)
-    if KernelSpec.from_dict(manifest["spec"]).is_cuda:
+            raise FileNotFoundError(f"path: expected a built kernel's {what} at {p}, which does not exist")
+    manifest = artifact.read_manifest(json_path)
+    artifact.check_files(base, manifest)
+    spec = KernelSpec.from_dict(manifest["spec"])
+    if spec.is_cuda:
+        if not tvm.cuda(0).exist:
+            raise RuntimeError(f"path: {so_path} is a CUDA kernel ({spec.key}, target {spec.target}): loading it needs "
+                               f"a CUDA GPU and its driver, and this machine has none visible ({_no_gpu_why()})")
         _compat.ensure_cuda_headers()
     module = tvm.runtime.load_module(so_path)
     return Kernel(module, manifest, so_path)
+
+
+def _no_gpu_why() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "tvm.cuda(0).exist is False"
 
 
 def _shape(x):

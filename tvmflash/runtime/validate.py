@@ -32,9 +32,11 @@ def dtype_of(x) -> str:
     return canonical_dtype(x.dtype)
 
 
-def device_of(x, kind: str) -> str:
-    """'cpu' or 'cuda:N'."""
+def device_of(x, kind: str, name: str = "q") -> str:
+    """'cpu' or 'cuda:N'; ValueError for a device no kernel runs on (torch's meta, mps, ...)."""
     if kind == "torch":
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on device {x.device}")
         return "cpu" if x.device.type == "cpu" else f"{x.device.type}:{x.device.index or 0}"
     if kind == "numpy":
         return "cpu"
@@ -68,17 +70,17 @@ def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None,
                 f"with shape {tuple(x.shape)}"
             )
     dt = dtype_of(q)
-    for name, x in (("k", k), ("v", v)):
-        if dtype_of(x) != dt:
-            raise TypeError(f"{name}: expected dtype {dt} (the dtype of q), got {dtype_of(x)}")
-    if dt not in DTYPES:
+    if dt not in DTYPES:  # q first: with q float32 and k float16, q is what is wrong
         raise TypeError(f"q: expected dtype float16 or bfloat16, got {dt}")
     if dtype is not None and dt != dtype:
         raise TypeError(f"q: expected dtype {dtype} (the kernel's), got {dt}")
-    dev = device_of(q, kind)
     for name, x in (("k", k), ("v", v)):
-        if device_of(x, kind) != dev:
-            raise ValueError(f"{name}: expected device {dev} (the device of q), got {device_of(x, kind)}")
+        if dtype_of(x) != dt:
+            raise TypeError(f"{name}: expected dtype {dt} (the dtype of q), got {dtype_of(x)}")
+    dev = device_of(q, kind, "q")
+    for name, x in (("k", k), ("v", v)):
+        if device_of(x, kind, name) != dev:
+            raise ValueError(f"{name}: expected device {dev} (the device of q), got {device_of(x, kind, name)}")
     b, sq, h, d = (int(s) for s in q.shape)
     bk, sk, hk, dk = (int(s) for s in k.shape)
     if tuple(int(s) for s in v.shape) != (bk, sk, hk, dk):
@@ -119,8 +121,8 @@ def check_out(out, name: str, kind: str, device: str, shape: tuple, dtype: str):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(out.shape)}")
     if dtype_of(out) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {dtype_of(out)}")
-    if device_of(out, kind) != device:
-        raise ValueError(f"{name}: expected device {device}, got {device_of(out, kind)}")
+    if device_of(out, kind, name) != device:
+        raise ValueError(f"{name}: expected device {device}, got {device_of(out, kind, name)}")
     contiguous = out.is_contiguous() if kind == "torch" else (kind != "numpy" or out.flags["C_CONTIGUOUS"])
     if not contiguous:
         raise ValueError(f"{name}: expected a contiguous buffer to write into, got strides {_strides(out, kind)}")
@@ -133,13 +135,16 @@ def _strides(x, kind):
 
 
 def check_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` as a float the kernels take: a normal float32 > 0 whose product with
+    log2(e) is finite (they compute in float32, where 1e-50 would be 0 and 3.4e38 * log2(e) inf:
+    every output NaN)."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         try:
             import numpy as np
 
-            if isinstance(softmax_scale, np.generic):
+            if isinstance(softmax_scale, np.generic) and not isinstance(softmax_scale, np.bool_):
                 softmax_scale = float(softmax_scale)
             else:
                 raise TypeError
@@ -149,4 +154,68 @@ def check_scale(softmax_scale, head_dim: int) -> float:
             ) from None
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale}")
+    if not SCALE_MIN <= softmax_scale <= SCALE_MAX:
+        raise ValueError(f"softmax_scale: expected {SCALE_MIN:.4g} to {SCALE_MAX:.4g} (the kernels compute in float32 "
+                         f"and scale by softmax_scale * log2(e)), got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+SCALE_MIN = 1.1754943508222875e-38  # the smallest normal float32
+SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634  # softmax_scale * log2(e) stays a finite float32
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a bool: a Python or numpy bool; TypeError otherwise."""
+    if isinstance(value, bool):
+        return value
+    import numpy as np
+
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__} ({value!r})")
+
+
+def _extent(x, kind: str):
+    """(first byte, one past the last byte) that array ``x`` may touch, or None (tvm Tensors)."""
+    if kind == "torch":
+        if x.numel() == 0:
+            return None
+        start = x.data_ptr()
+        span = sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1
+        return start, start + span * x.element_size()
+    return None
+
+
+def check_no_overlap(outputs: dict, inputs: dict, kind: str) -> None:
+    """ValueError if an output buffer (``out``, ``lse``) shares memory with an input or with the
+    other output: the kernel would read what it already overwrote."""
+    named = list(outputs.items())
+    for i, (oname, o) in enumerate(named):
+        others = list(inputs.items()) + named[i + 1:]
+        for iname, x in others:
+            if x is None or o is None:
+                continue
+            if kind == "numpy":
+                import numpy as np
+
+                overlap = np.shares_memory(o, x, max_work=10**6)
+            else:
+                a, b = _extent(o, kind), _extent(x, kind)
+                overlap = a is not None and b is not None and a[0] < b[1] and b[0] < a[1] and (
+                    kind != "torch" or o.device == x.device)
+            if overlap:
+                raise ValueError(f"{oname}: expected a buffer of its own, got one that shares memory with {iname}")
+
+
+def check_no_grad(kind: str, *arrays) -> None:
+    """NotImplementedError where autograd would record a call: tvmflash has no backward yet, and
+    a detached result would lose the gradient silently."""
+    if kind != "torch":
+        return
+    import torch
+
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in arrays):
+        names = [n for n, x in zip(("q", "k", "v"), arrays) if x is not None and x.requires_grad]
+        raise NotImplementedError(
+            f"{', '.join(names)}: tvmflash has no backward pass yet, and {'these require' if len(names) > 1 else 'this requires'}"
+            " grad; call it under torch.no_grad() (or on detached tensors) for inference")

@@ -88,7 +88,7 @@ FRAGMENT_INDEX_MAP = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
 def build_worker_init() -> None:
     """Each build worker: register the fragment layout that CUDA codegen looks up by name when it
     lowers the mma store intrinsic. TVM registers it when its intrinsics module is imported
-    (about a minute, and LocalBuilder starts new workers every batch); the workers only compile
+    (slow, and LocalBuilder starts new workers every batch); the workers only compile
     already tensorized modules and never import that module, so the registrations cannot clash."""
     import tvm_ffi
 
@@ -175,10 +175,11 @@ def create_session(rpc_config):
     try:
         return rpc_config.connect_server()
     except Exception as err:  # noqa: BLE001 - any failure to connect: nothing was measured
-        text = str(err).strip()
-        raise RuntimeError(f"{UNREACHABLE} (RPC tracker {rpc_config.tracker_host}:{rpc_config.tracker_port}, key "
-                           f"{rpc_config.tracker_key!r}): {text.splitlines()[-1] if text else type(err).__name__}"
-                           ) from None
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        host, port = rpc_config.tracker_host, rpc_config.tracker_port
+        raise RuntimeError(f"{UNREACHABLE} (RPC tracker {host}:{port}, key {rpc_config.tracker_key!r}: "
+                           f"{lines[0].rstrip(':') if lines else type(err).__name__}; check it with python3 -m "
+                           f"tvm.exec.query_rpc_tracker --host {host} --port {port})") from None
 
 
 def make_runner(spec: KernelSpec, rpc_tracker: str | None, rpc_key: str | None, timeout: float):

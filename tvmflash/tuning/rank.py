@@ -137,7 +137,7 @@ def validate_record(spec: KernelSpec, tile, record) -> str | None:
             func(*(tvm.runtime.tensor(x, dev) for x in (q, k, v)), out, lse, d**-0.5)
             out, lse = out.numpy().astype(np.float64), lse.numpy().astype(np.float64)
     except Exception as err:  # noqa: BLE001
-        return f"it does not build or run here: {records._line(err)}"
+        return f"it does not build or run here: {records.first_line(err)}"
     ref, ref_lse = attention_reference(q, k, v, causal=spec.causal)
     err = float(np.abs(out - ref).max())
     finite = np.isfinite(ref_lse)

@@ -75,7 +75,11 @@ def logs_root() -> Path | None:
     """Where tuning logs are read from and written to (None: tuned records are off)."""
     if _OFF[0]:
         return None
-    env = os.environ.get("TVMFLASH_TUNING_LOGS")
+    return _root(os.environ.get("TVMFLASH_TUNING_LOGS"))
+
+
+@functools.lru_cache(maxsize=64)
+def _root(env: str | None) -> Path | None:
     if env is not None:
         return None if env.strip().lower() in ("", "off", "none", "0") else Path(env)
     repo = _checkout()
@@ -110,13 +114,18 @@ def log_stamp(spec: KernelSpec) -> tuple:
     if root is None:
         return ()
     stamps = []
-    for candidate in log_specs(spec):
+    for path in _meta_paths(spec, root):
         try:
-            st = (variant_dir(root, candidate) / METADATA).stat()
+            st = os.stat(path)
             stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
         except OSError:
             stamps.append(None)
     return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta_paths(spec: KernelSpec, root: Path) -> tuple[str, ...]:
+    return tuple(str(variant_dir(root, candidate) / METADATA) for candidate in log_specs(spec))
 
 
 @dataclass
@@ -167,7 +176,7 @@ def read_entry(vdir: Path, spec: KernelSpec, rule) -> tuple[Entry | None, str]:
         rule.config_from_dict(config)  # a config of this rule
         return Entry(spec, vdir, meta, config), ""
     except (OSError, LogError, KeyError, TypeError, ValueError) as err:
-        return None, f"the tuning log in {vdir} could not be read ({type(err).__name__}: {_line(err)})"
+        return None, f"the tuning log in {vdir} could not be read ({type(err).__name__}: {first_line(err)})"
 
 
 def read_meta(vdir: Path) -> dict:
@@ -175,7 +184,7 @@ def read_meta(vdir: Path) -> dict:
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise LogError(f"{path}: not a JSON text ({_line(err)})") from None
+        raise LogError(f"{path}: not a JSON text ({first_line(err)})") from None
     if not isinstance(meta, dict):
         raise LogError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     return meta
@@ -217,7 +226,7 @@ def load_record(spec: KernelSpec, rule, entry: Entry) -> TunedRecord:
         shape = Shape(**meta["shape"])
         scale = float(meta["softmax_scale"])
     except (KeyError, TypeError, ValueError) as err:
-        raise LogError(f"{entry.vdir / METADATA}: no measured shape and scale ({_line(err)})") from None
+        raise LogError(f"{entry.vdir / METADATA}: no measured shape and scale ({first_line(err)})") from None
     rule.prepare(spec)  # the records' traces name the rule's tensor intrinsics
     db = open_database(entry.vdir)
     mod = workload(entry.spec, entry.tile, shape, scale)  # as measured: the log's own spec
@@ -287,7 +296,7 @@ def open_database(directory: Path, create: bool = False) -> ms.database.JSONData
                 try:
                     data = lzma.decompress(path.read_bytes())
                 except (lzma.LZMAError, OSError) as err:
-                    raise LogError(f"{path}: not an xz file ({_line(err)})") from None
+                    raise LogError(f"{path}: not an xz file ({first_line(err)})") from None
                 (Path(scratch) / name).write_bytes(data)
             check_database(scratch, shown=directory)
             return _open(scratch, False, shown=directory)
@@ -302,7 +311,7 @@ def _open(directory, create: bool, shown) -> ms.database.JSONDatabase:
                                         path_tuning_record=str(Path(directory) / RECORDS), allow_missing=create)
     except Exception as err:  # TVM raises its own error types, naming no file or line
         raise LogError(f"{_bad_line(directory, shown) or shown}: TVM cannot read the database "
-                       f"({_line(err)})") from None
+                       f"({first_line(err)})") from None
 
 
 def _bad_line(directory, shown) -> str | None:
@@ -326,6 +335,16 @@ def _bad_line(directory, shown) -> str | None:
     return None
 
 
+def open_work_database(work_dir) -> ms.database.JSONDatabase:
+    """A tuning work dir's JSON database (created where missing), checked line by line first."""
+    check_database(work_dir)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+    except Exception as err:  # TVM's own error names no file
+        raise LogError(f"{_bad_line(work_dir, work_dir) or work_dir}: TVM cannot read the work dir's database "
+                       f"({first_line(err)})") from None
+
+
 def check_database(directory, shown=None) -> None:
     """LogError naming the file and line of the first line of the JSON database in ``directory``
     that is not what MetaSchedule writes: not UTF-8 text, not JSON, a workload whose base64 or
@@ -339,7 +358,7 @@ def check_database(directory, shown=None) -> None:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
-            raise LogError(f"{shown / name}: not a text file ({_line(err)})") from None
+            raise LogError(f"{shown / name}: not a text file ({first_line(err)})") from None
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -347,7 +366,7 @@ def check_database(directory, shown=None) -> None:
             try:
                 obj = json.loads(line)
             except ValueError as err:
-                raise LogError(f"{where}: not JSON ({_line(err)})") from None
+                raise LogError(f"{where}: not JSON ({first_line(err)})") from None
             if name == WORKLOADS:
                 _check_workload_line(obj, where)
                 n_workloads += 1
@@ -362,14 +381,16 @@ def _check_workload_line(obj, where: str) -> None:
     try:
         raw = base64.b64decode(obj[1], validate=True)
     except (binascii.Error, ValueError) as err:
-        raise LogError(f"{where}: the workload is not base64 ({_line(err)})") from None
+        raise LogError(f"{where}: the workload is not base64 ({first_line(err)})") from None
     if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] != len(raw) - 8:
         raise LogError(f"{where}: the workload's length prefix does not match its {max(len(raw) - 8, 0)} bytes")
 
 
-def _line(err) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[-1] if text else type(err).__name__)[:200]
+def first_line(err) -> str:
+    """The message of ``err`` in one line: its last non-empty line (TVM's errors end with the
+    message), at most 200 characters."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -147,19 +147,19 @@ class GuardedCostModel(ms.cost_model.PyCostModel):
             self.inner.update(context, candidates, results)
             return
         except Exception as err:  # noqa: BLE001 - any failure: retry without the bad ones
-            self.log(f"cost model update failed ({first_line(err)}); retrying without unfit candidates")
+            self.log(f"cost model update failed ({records.first_line(err)}); retrying without unfit candidates")
         good = [i for i, c in enumerate(candidates) if self._extracts(context, c)]
         if good:
             try:
                 self.inner.update(context, [candidates[i] for i in good], [results[i] for i in good])
             except Exception as err:  # noqa: BLE001
-                self.log(f"cost model update failed again, skipped: {first_line(err)}")
+                self.log(f"cost model update failed again, skipped: {records.first_line(err)}")
 
     def predict(self, context, candidates):
         try:
             return self.inner.predict(context, candidates)
         except Exception as err:  # noqa: BLE001
-            self.log(f"cost model prediction failed ({first_line(err)}); ranking unfit candidates last")
+            self.log(f"cost model prediction failed ({records.first_line(err)}); ranking unfit candidates last")
         scores = np.zeros(len(candidates), dtype="float64")
         for i, cand in enumerate(candidates):
             try:
@@ -209,12 +209,12 @@ class Progress(ms.measure_callback.PyMeasureCallback):
             self.bar.update(len(measure_candidates))
             self._show()
         except Exception as err:  # noqa: BLE001 - progress reporting must not end tuning
-            self.bar.write(f"progress callback: {first_line(err)}")
+            self.bar.write(f"progress callback: {records.first_line(err)}")
 
     def _failed(self, tile, error: str) -> None:
         self.failed += 1
         log_failure(self.failures, tile, error)
-        self.bar.write(f"  skipped a candidate of tile {tile[0]}x{tile[1]}: {first_line(error)}")
+        self.bar.write(f"  skipped a candidate of tile {tile[0]}x{tile[1]}: {records.first_line(error)}")
 
     def _show(self) -> None:
         if self.best_tile is None:
@@ -230,13 +230,6 @@ def log_failure(path: Path, tile, error: str) -> None:
         fh.write(f"--- {records.now()} tile {tile[0]}x{tile[1]}\n{error.rstrip()}\n")
 
 
-def first_line(err) -> str:
-    text = str(err).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # TVM errors end with the message; Python tracebacks too
-    return (lines[-1] if lines else type(err).__name__)[:200]
-
-
 # -- the work directory -------------------------------------------------------------------
 
 
@@ -249,7 +242,10 @@ def repair_database(work_dir: str | os.PathLike) -> int:
     for path in (workloads, Path(work_dir) / records.RECORDS):
         if not path.exists():
             continue
-        raw = path.read_text()
+        try:
+            raw = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise records.LogError(f"{path}: not a text file ({records.first_line(err)})") from None
         keep = []
         for line in raw.splitlines():
             if not line.strip():
@@ -314,7 +310,13 @@ def logs_to(directory: Path):
         ms_logger.level, ms_logger.propagate, ms_logger.handlers = saved[0], saved[1], saved[2]
 
 
-class RunnerUnreachable(RuntimeError):
+def _reason(error_msg: str) -> str:
+    """The runner's own words after ``measure.UNREACHABLE``."""
+    text = str(error_msg)
+    return text[text.index(measure.UNREACHABLE):].splitlines()[0] if measure.UNREACHABLE in text else text
+
+
+class RunnerUnreachable(ConnectionError):
     """The runner could not measure a whole batch (an RPC tracker or server down)."""
 
 
@@ -343,7 +345,7 @@ class CommitMeasured(ms.measure_callback.PyMeasureCallback):
             self.database.commit_tuning_record(ms.database.TuningRecord(
                 cand.sch.trace, workload, secs, ctx.target, cand.args_info))
         if missed and len(missed) == len(measure_candidates):
-            raise RunnerUnreachable(first_line(missed[0]))
+            raise RunnerUnreachable(_reason(missed[0]))
 
 
 @dataclass
@@ -381,7 +383,7 @@ def make_tasks(spec: KernelSpec, space: Space, target, tiles, shape: Shape, seed
             if not ctx.generate_design_space():
                 raise ValueError("no design space")
         except Exception as err:  # noqa: BLE001
-            skipped[tile] = first_line(err)
+            skipped[tile] = records.first_line(err)
             log(f"tile {tile[0]}x{tile[1]}: skipped, its design space fails: {skipped[tile]}")
             continue
         tasks.append(Task(tile, mod, ctx))
@@ -427,6 +429,13 @@ def run_search(spec: KernelSpec, tasks: list, db, remaining: int, work_dir: Path
             ],
             task_scheduler="gradient",
         )
+    except Exception as err:  # a callback's exception comes back through TVM's FFI as its message
+        if measure.UNREACHABLE in str(err):
+            raise RunnerUnreachable(
+                f"rpc_tracker: {_reason(err).replace(measure.UNREACHABLE, 'the runner could not be reached')}; "
+                f"the candidates it was given are not recorded: run the same command again to measure them"
+            ) from None
+        raise
     finally:
         bar.close()
     return callback.measured, callback.failed

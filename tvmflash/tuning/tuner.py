@@ -101,12 +101,7 @@ def tune(spec: KernelSpec, options: TuneOptions, log=print) -> TuneResult:
     if repaired:
         log(f"work dir: dropped {repaired} damaged database line(s) left by an interrupted run")
     rule.prepare(spec)  # first: reading a database of tensorized records needs their intrinsics registered
-    records.check_database(work_dir)
-    try:
-        db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
-    except Exception as err:  # TVM's own error names no file
-        raise records.LogError(f"{records._bad_line(work_dir, work_dir) or work_dir}: TVM cannot read the work "
-                               f"dir's database ({records._line(err)})") from None
+    db = records.open_work_database(work_dir)
     target = space.target(spec.tvm_target)
     if measure.candidate_device_code(spec)[0] == "source":  # the runner's workers compile them with NVRTC:
         _compat.ensure_cuda_headers()                        # it needs the CUDA headers
@@ -130,7 +125,7 @@ def tune(spec: KernelSpec, options: TuneOptions, log=print) -> TuneResult:
     # Step 5. The fastest record of each tile that computes the right thing; exported.
     result = TuneResult(spec, shape, str(work_dir), 0, measured_now, failed_now, skipped_tiles=skipped,
                         repaired=repaired)
-    result.tiles = _best_tiles(spec, rule, space, tasks, db, shape, options, log)
+    result.tiles = best_tiles(spec, rule, space, tasks, db, shape, options, log)
     result.trials = sum(len(recs) for recs in search.measured_records(db, [t.mod for t in tasks]))
     if options.logs_dir is not None and result.best is not None:
         _export(result, space, target, Path(options.logs_dir), options.schedules_dir, options.rpc_tracker,
@@ -138,7 +133,7 @@ def tune(spec: KernelSpec, options: TuneOptions, log=print) -> TuneResult:
     return result
 
 
-def _best_tiles(spec, rule, space: Space, tasks, db, shape: Shape, options: TuneOptions, log) -> list[TileResult]:
+def best_tiles(spec, rule, space: Space, tasks, db, shape: Shape, options: TuneOptions, log) -> list[TileResult]:
     """Per task, the fastest record as built that validates (``rank``)."""
     can_validate = measure.can_run_here(spec)
     measured = [sorted((r for r in recs if records.mean_run_secs(r) < records.FAILED_RUN), key=records.mean_run_secs)
@@ -160,7 +155,7 @@ def _best_tiles(spec, rule, space: Space, tasks, db, shape: Shape, options: Tune
             deployed = {id(rec): {s.seq_q: t for s, t in zip(shapes, secs)} for (_, rec), secs in zip(pool, times)
                         if max(secs) < records.FAILED_RUN}
         except Exception as err:  # noqa: BLE001 - never fatal: the workload times rank them then
-            log(f"timing the built kernels failed ({search.first_line(err)}); ranking on the workload times")
+            log(f"timing the built kernels failed ({records.first_line(err)}); ranking on the workload times")
     out = []
     for task, ok in zip(tasks, measured):
         ranked = sorted(ok, key=lambda r: (rank.geomean(deployed[id(r)].values()) if id(r) in deployed else math.inf,
