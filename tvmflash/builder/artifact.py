@@ -106,7 +106,7 @@ def key_lock(directory: str, key: str):
     path = os.path.join(directory, key + ".lock")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError as err:
+    except OSError:
         if os.path.islink(path):
             raise PermissionError(f"lock: expected a file, got a symbolic link at {path}; refusing to follow it") from None
         raise

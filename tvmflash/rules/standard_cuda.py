@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .. import definition as D
 from .._compat import Schedule, tvm
 from ..spec import KernelSpec
 from .base import StandardRule
