@@ -61,3 +61,31 @@ def spec_id(spec) -> str:
     key = spec.key
     tid = target_id(spec.target)
     return key[: -len(tid)] + spec.target.replace("/", "-") if key.endswith(tid) else key
+
+
+# -- scheduled fused modules on this CPU (the tuning tests) --
+
+
+def run_fused(mod, spec, q, k, v):
+    """Compile a scheduled fused module for this CPU (the one compile path) and run it (default
+    softmax scale)."""
+    from tvmflash import _compat
+    from tvmflash._compat import tvm
+    from tvmflash.compiler import compile_module
+    from tvmflash.rules import rule_for
+
+    ex = compile_module(mod, _compat.host_cpu_target(), rule_for(spec).pass_config(spec))
+    b, sq, h, d = q.shape
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
+    args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((b, h, sq), "float32"))]
+    ex["main"](*args, d ** -0.5)
+    return args[3].numpy(), args[4].numpy()
+
+
+def check_numerics(mod, spec, rng, seq_q=113, seq_k=77, heads=4):
+    """The module on lengths that are no tile multiples (the dynamic function), against float64."""
+    from tvmflash.definition import attention_reference
+
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, heads, heads // spec.group, spec.head_dim, spec.dtype)
+    out, lse = run_fused(mod, spec, q, k, v)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=spec.causal), spec.dtype)
