@@ -16,11 +16,18 @@ def _has_cuda() -> bool:
 HAS_CUDA = _has_cuda()
 
 
+#: Files whose tests take longest, run first: with one file per pytest-xdist worker, a long file
+#: started last would run alone at the end while the other workers wait.
+FIRST = ("test_tune_e2e.py", "test_tune.py")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
