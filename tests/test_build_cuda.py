@@ -208,20 +208,15 @@ def test_plain_schedule_binds_query_rows_to_threads():
     reason="TVM 0.27: software-pipelining a loop whose trip count may be 0 guards the pipeline's "
     "prologue and epilogue with conditions, and ThreadSync then refuses the __syncthreads they need: "
     "'Cannot insert syncs inside condition'. Workaround taken: the K/V tile count is clamped to >= 1 "
-    "(definition._num_kv_tiles; a tile with no visible key is wholly masked)",
+    "(compiler.derive._kv_tile_count; a tile with no visible key is wholly masked)",
 )
 def test_software_pipeline_needs_a_tile_count_of_at_least_one(monkeypatch):
     """Reproducer: the pipelined schedule on the definition without the clamp (the causal tile
     count max(ceildiv(last_key, block_n), 0) can be 0; TVM cannot prove the non-causal one >= 1)."""
     from tvmflash._compat import tirx
-    from tvmflash.definition import fused
+    from tvmflash.compiler import derive
 
-    def unclamped(qb, seq_q, seq_k, BM, BN, causal):
-        if not causal:
-            return tirx.ceildiv(seq_k, BN)
-        return tirx.max(tirx.ceildiv(tirx.min(seq_k, (qb + 1) * BM + seq_k - seq_q), BN), 0)
-
-    monkeypatch.setattr(fused, "_num_kv_tiles", unclamped)
+    monkeypatch.setattr(derive, "_kv_tile_count", lambda last_key, BN: tirx.ceildiv(last_key, BN))
     try:
         cuda_source(KernelSpec(128, target="nvidia/nvidia-a100"), S.FlashConfig(stages=2))
     except tvm.error.InternalError as err:  # any other failure is a real one

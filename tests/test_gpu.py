@@ -156,3 +156,42 @@ def test_grid_limit_is_a_clear_error():
     q = torch.randn(65536, 1, 1, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match=r"expected batch and heads <= 65535 \(gridDim.y, gridDim.z\), got batch 65536"):
         tvmflash.attention(q, q, q)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_softcap_in_the_plain_definition_alone_on_tensor_cores(tmp_path, causal):
+    """Gemma-2's softcap written in Algorithm 0 only, derived by the rolling update and scheduled
+    by the unchanged tensor-core rule: correct on the GPU (logits scaled up so the cap bends them)."""
+    import torch
+
+    from tvmflash._compat import tvm
+    from tvmflash.compiler import compile_module
+    from tvmflash.compiler.derive import rolling_update
+    from tvmflash.definition.plain import plain_attention, softcap
+    from tvmflash.rules import rule_for
+
+    spec = KernelSpec(128, causal=causal, group=2, target="nvidia/nvidia-a100")
+    rule = rule_for(spec)
+    assert rule.name == "fused_cuda_mma"
+    config = rule.default_config(spec)
+    rule.prepare(spec)
+    func = rolling_update(plain_attention(spec, softcap(5.0)), *rule.tile(config))
+    ex = compile_module(rule.apply(func, config).mod, tvm.target.Target(spec.target), rule.pass_config(spec))
+    ex.export_library(str(tmp_path / "softcap.so"))
+    mod = tvm.runtime.load_module(str(tmp_path / "softcap.so"))
+    torch.manual_seed(causal)
+    q = 4 * torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 517, 4, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn(2, 517, 4, 128, device="cuda", dtype=torch.float16)
+    out = torch.empty_like(q)
+    lse = torch.empty(2, 8, 300, device="cuda", dtype=torch.float32)
+    mod["main"](q, k, v, out, lse, 128 ** -0.5)
+    torch.cuda.synchronize()
+    qd, kd, vd = (x.double().transpose(1, 2) for x in (q, k, v))
+    kd, vd = kd.repeat_interleave(2, 1), vd.repeat_interleave(2, 1)
+    s = 5.0 * torch.tanh((qd @ kd.transpose(-1, -2)) * 128 ** -0.5 / 5.0)
+    if causal:
+        s = s.masked_fill(~torch.ones(300, 517, dtype=torch.bool, device="cuda").tril(517 - 300), float("-inf"))
+    ref = (torch.softmax(s, -1) @ vd).transpose(1, 2)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    assert (lse.double() - torch.logsumexp(s, -1)).abs().max().item() < 1e-3

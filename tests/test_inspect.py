@@ -146,3 +146,17 @@ def test_bad_arch_and_conflicting_arguments(built, capsys):
         manifest_resources(manifest, ["compute_80"])
     code, _, err = _run(capsys, "inspect", so, "--ptx", "--arch", "sm_80,sm_90")
     assert code == 2 and "arch: expected one CUDA arch such as 'sm_80', got 'sm_80,sm_90'" in err
+
+
+def test_inspect_derivation_prints_the_steps(capsys):
+    """``inspect --derivation``: Algorithm 0, the chain, the rolling update and the schedule."""
+    from tvmflash import cli
+
+    assert cli.main(["inspect", "--derivation", "--head-dim", "64", "--causal", "--target", "cpu"]) == 0
+    out = capsys.readouterr().out
+    titles = [line for line in out.splitlines() if line.startswith("=== ")]
+    assert [t.split(".")[0] for t in titles] == ["=== 1", "=== 2", "=== 3", "=== 4"], titles
+    first, third = out.index("=== 1"), out.index("=== 3")
+    assert 'T.sblock("row_max")' in out[first:out.index("=== 2")]  # Algorithm 0's blocks
+    assert 'T.sblock("state_update")' in out[third:out.index("=== 4")]  # the online softmax
+    assert "combiner max, identity -inf" in out

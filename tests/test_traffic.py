@@ -87,7 +87,7 @@ def test_causal_skips_tiles_above_the_diagonal(bm, bn):
 @pytest.mark.parametrize("sq, sk", [(37, 113), (113, 37), (100, 100), (501, 1023)])
 def test_ragged_shapes_count_only_guarded_rows(sq, sk, causal):
     """Rows past the end are guarded (if_then_else / if): they move no bytes. Every query tile
-    visits at least one K/V tile (``definition._num_kv_tiles``, for the software pipeline): a
+    visits at least one K/V tile (``compiler.derive._kv_tile_count``, for the software pipeline): a
     causal tile that sees no key (seq_q > seq_k) still loads the first one, wholly masked."""
     b, h, g, d, bm, bn = 2, 4, 2, 64, 64, 32
     k = traffic.count(D.fused_attention(KernelSpec(d, causal=causal, group=g), bm, bn), shapes(b, sq, sk, h, g))

@@ -1,6 +1,7 @@
 """tvmflash: FlashAttention built the TVM way.
 
-The package reads as its pipeline: ``definition`` (attention in TensorIR) -> ``rules`` (schedule
+The package reads as its pipeline: ``definition`` (attention in TensorIR) -> ``compiler.derive``
+(plain attention into the online softmax) -> ``rules`` (schedule
 rules in a registry: primitives and tunables per kernel family) -> ``compiler`` (tvmflash's TIR
 passes, the pipeline, the device code) -> ``builder`` (plan, lower, artifacts) -> ``runtime``
 (kernel, cache, ``attention``); ``tuning`` (MetaSchedule) and ``analysis`` (traffic, explain,

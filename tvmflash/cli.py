@@ -252,6 +252,8 @@ _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, alg
 
 
 def cmd_inspect(args) -> int:
+    if args.derivation:
+        return _inspect_derivation(args)
     base = _inspected_artifact(args)
     with open(base + ".json") as fh:
         manifest = json.load(fh)
@@ -278,6 +280,31 @@ def cmd_inspect(args) -> int:
     else:
         shown = {k: v for k, v in manifest.items() if k not in ("tir", "source")}
         print(json.dumps(shown, indent=1))
+    return 0
+
+
+def _inspect_derivation(args) -> int:
+    """``inspect --derivation``: from the spec flags (a built kernel holds only the last step)."""
+    if args.path is not None:
+        raise ValueError(f"PATH: --derivation derives from the spec flags, not a built kernel (got {args.path!r})")
+    for _, dest in _INSPECT_SPEC_FLAGS:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, _INSPECT_DEFAULTS[dest])
+    spec = _spec_from_args(args, args.target)
+    from .builder.lower import lower
+    from .compiler.derive import derivation_steps
+
+    low = lower(spec)
+    if spec.algorithm != "fused":
+        raise ValueError(f"--algorithm: --derivation shows the fused kernel's derivation, got {spec.algorithm!r}")
+    tile = tuple(low.config.get(k) for k in ("block_m", "block_n"))
+    steps = derivation_steps(spec, *tile)
+    steps.append((f"4. Scheduled for {spec.target} by rule {low.rule} ({low.tuning.get('source', 'hand config')})",
+                  low.mod.script()))
+    for title, text in steps:
+        print(f"=== {title} ===")
+        print(text)
+        print()
     return 0
 
 
@@ -435,6 +462,9 @@ def main(argv=None) -> int:
                    help="registers, spills, stack, static shared memory per arch (ptxas -v)")
     g.add_argument("--tir", action="store_true", help="the TensorIR after scheduling")
     g.add_argument("--tir-before", action="store_true", help="the TensorIR before scheduling")
+    g.add_argument("--derivation", action="store_true",
+                   help="the spec flags' kernel derived step by step: Algorithm 0, the chain and its repair, the "
+                        "rolling update, the schedule for the target")
     p.add_argument("--arch", default=None, metavar="SM[,SM]",
                    help="--ptx: the arch (default the target's); --resources: archs (default sm_80,sm_90 or the target's)")
     p.add_argument("--target", default=None, help="spec flag (default nvidia/nvidia-a100)")

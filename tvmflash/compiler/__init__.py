@@ -5,6 +5,9 @@
 compiler with the pipeline of ``pipeline`` (TVM's s_tir passes plus tvmflash's own, ``passes``)
 under the rule's PassContext options, and keeps the CUDA source in the module
 (``device_code``: what a built library then embeds, nvcc's fatbin or PTX or the source).
+
+``derive`` comes before the schedule: rolling update and split-K update turn plain attention into
+the online-softmax function the rules schedule (FlashAttention) and into FlashDecoding's split.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The fused FlashAttention forward in TensorIR: one program per query tile.
+"""The fused FlashAttention forward in TensorIR, written by hand: the derivation's oracle.
+
+The kernels no longer build from this function: ``compiler.derive.rolling_update`` derives the
+same function (node for node, name for name) from plain attention (``plain``), and the tests
+check the two are equal. Its block names below are the schedule rules' API, which the derived
+function keeps.
 
 FlashAttention (Dao et al. 2022), FlashAttention-2 (Dao 2023):
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from .. import definition as D
+from ..compiler.derive import derived_attention
 from .._compat import Schedule, tirx, tvm
 from ..spec import KernelSpec
 
@@ -59,10 +60,10 @@ class ScheduleRule:
 
     def definition(self, spec: KernelSpec, tile):
         """The TensorIR this rule schedules for ``spec`` at ``tile`` (``self.tile(config)``): by
-        default the fused function tiled (block_m, block_n), with every extent bound for a static
+        default Algorithm 0 derived into the online softmax tiled (block_m, block_n), with every extent bound for a static
         shape (bound checks fold away). A tuning workload is this function specialised to the
         measured shape, so the definition may depend on the tile only."""
-        func = D.fused_attention(spec, *tile)
+        func = derived_attention(spec, *tile)
         return func if spec.shape is None else D.specialize_shape(func, spec.shape_dims)
 
     def pass_config(self, spec: KernelSpec) -> dict:

@@ -257,7 +257,7 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     """Software-pipeline the K/V loop (``config.stages`` 2): the K and V loads are stage 0 and
     asynchronous, the rest stage 1, so tile j+1's loads are in flight while tile j is computed.
 
-    The K/V tile count must be >= 1 for it (``definition._num_kv_tiles``): else TVM 0.27 guards
+    The K/V tile count must be >= 1 for it (``compiler.derive._kv_tile_count``): else TVM 0.27 guards
     the pipeline's prologue and epilogue by conditions that contain __syncthreads, and ThreadSync
     refuses them ("Cannot insert syncs inside condition")."""
     if config.stages == 1:

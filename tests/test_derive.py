@@ -1,0 +1,183 @@
+"""FlashAttention and FlashDecoding derived from Algorithm 0 (``compiler.derive``), on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_close_to_reference, make_qkv, run_fused, spec_id
+from tvmflash import definition as D
+from tvmflash._compat import tirx, tvm
+from tvmflash.compiler import derive
+from tvmflash.definition.plain import plain_attention, softcap
+from tvmflash.rules import rule_for
+from tvmflash.spec import KernelSpec
+
+SPECS = [
+    KernelSpec(64, causal=True, target="nvidia/nvidia-a100"),
+    KernelSpec(128, target="nvidia/nvidia-a100", even=True),
+    KernelSpec(64, "bfloat16", causal=True, group=4, target="nvidia/nvidia-a100", even=True),
+    KernelSpec(128, group=8, target="cpu"),
+    KernelSpec(96, causal=True, target="cpu"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("tile", [(128, 64), (64, 32), (16, 128)])
+def test_the_derivation_is_the_fused_kernels_definition(spec, tile):
+    """Algorithm 0 through the rolling update is the fused function the rules schedule, node for
+    node and name for name: so the shipped kernels' CUDA is unchanged (test_shipped_kernels)."""
+    derived = derive.derived_attention(spec, *tile)
+    tvm.ir.assert_structural_equal(derived, D.fused_attention(spec, *tile), map_free_vars=True)
+    assert derived.script() == D.fused_attention(spec, *tile).script()
+    rule = rule_for(spec)
+    tvm.ir.assert_structural_equal(rule.definition(spec, tile), derived, map_free_vars=True)
+
+
+def _buffers(func) -> list:
+    out = []
+    tvm.s_tir.analysis  # noqa: B018 - the module the blocks come from
+    import tvm_ffi
+
+    tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlock, lambda b: out.extend(b.alloc_buffers))])
+    return out
+
+
+def test_the_derived_function_keeps_s_and_p_in_tiles():
+    spec = KernelSpec(64, causal=True)
+    plain = plain_attention(spec)
+    names = lambda f: [str(x) for b in _buffers(f) for x in b.ty.shape]  # noqa: E731
+    assert "seq_k" in names(plain)  # S and P of Algorithm 0 span the keys
+    derived = derive.derived_attention(spec, 64, 32)
+    assert "seq_k" not in names(derived) and "seq_q" not in names(derived)
+    tile_blocks = [b for b in derive._leaf_blocks(derived) if b.name_hint == D.TILE]
+    assert len(tile_blocks) == 1  # one kernel: one program per query tile
+
+
+def _softcap_reference(q, k, v, cap, causal):
+    qf, kf, vf = (x.astype(np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    kf, vf = np.repeat(kf, group, axis=2), np.repeat(vf, group, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", qf, kf) * q.shape[-1] ** -0.5
+    s = cap * np.tanh(s / cap)
+    if causal:
+        sq, sk = s.shape[-2:]
+        s = np.where(np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    out = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vf)
+    return out, (m[..., 0] + np.log(p.sum(-1)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_softcap_in_the_plain_definition_alone_gives_a_correct_kernel(rng, causal):
+    """The variant is written in Algorithm 0 only; the derivation and the CPU rule are unchanged.
+    Logits are scaled up so that the cap bends them (else softcap ~ identity)."""
+    spec = KernelSpec(64, causal=causal, group=2)
+    rule = rule_for(spec)
+    config = rule.default_config(spec)
+    func = derive.rolling_update(plain_attention(spec, softcap(5.0)), *rule.tile(config))
+    q, k, v = make_qkv(rng, 2, 77, 101, 4, 2, 64, spec.dtype, scale=4.0)
+    out, lse = run_fused(rule.apply(func, config).mod, spec, q, k, v)
+    ref_out, ref_lse = _softcap_reference(q, k, v, 5.0, causal)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, spec.dtype)
+    plain_out, _ = run_fused(rule.apply(rule.definition(spec, rule.tile(config)), config).mod, spec, q, k, v)
+    assert np.abs(plain_out.astype(np.float64) - ref_out).max() > 0.05  # the cap matters here
+
+
+def _run(func, q, k, v, scale):
+    ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    b, sq, h, _ = q.shape
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
+    args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((b, h, sq), "float32"))]
+    ex["main"](*args, np.float32(scale))
+    return args[3].numpy(), args[4].numpy()
+
+
+@pytest.mark.parametrize("seq_q,seq_k,causal,group,parts", [
+    (1, 1000, False, 4, 4),  # decode, GQA
+    (1, 5, False, 1, 8),  # more chunks than key tiles: empty chunks
+    (3, 77, True, 2, 3),  # a few new tokens, causal
+    (16, 300, True, 1, 5),
+])
+def test_split_k_update_gives_flash_decoding(rng, seq_q, seq_k, causal, group, parts):
+    spec = KernelSpec(64, causal=causal, group=group)
+    func = derive.split_k_update(plain_attention(spec), 16, 32, parts)
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, 4, 4 // group, 64, spec.dtype)
+    out, lse = _run(func, q, k, v, 64 ** -0.5)
+    assert_close_to_reference(out, lse, *D.attention_reference(q, k, v, causal=causal), spec.dtype)
+
+
+def test_split_k_update_carries_a_softcap(rng):
+    spec = KernelSpec(64, causal=True)
+    func = derive.split_k_update(plain_attention(spec, softcap(5.0)), 8, 32, 4)
+    q, k, v = make_qkv(rng, 1, 2, 333, 2, 2, 64, spec.dtype, scale=4.0)
+    out, lse = _run(func, q, k, v, 64 ** -0.5)
+    assert_close_to_reference(out, lse, *_softcap_reference(q, k, v, 5.0, True), spec.dtype)
+
+
+# -- refusals: chains the repair cannot prove ---------------------------------------------------
+
+
+def _edit(func, block: str, value=None, init=None):
+    """``func`` with ``block``'s store value (a function of the old store) or init value replaced."""
+    import tvm_ffi
+
+    def on_block(b):
+        if b.name_hint != block:
+            return b
+        body = b.body if value is None else tirx.BufferStore(b.body.buffer, value(b.body), b.body.indices)
+        ini = b.init if init is None else tirx.BufferStore(b.init.buffer, init, b.init.indices)
+        return tvm.s_tir.SBlock(b.iter_vars, b.reads, b.writes, b.name_hint, body, ini, b.alloc_buffers,
+                                b.match_buffers, b.annotations)
+
+    return tvm_ffi.structural_map(func, [(tvm.s_tir.SBlock, on_block)])
+
+
+def _loads(e, name):
+    import tvm_ffi
+
+    out = []
+    tvm_ffi.structural_walk(e, [(tvm.ir.TensorLoad, lambda x: out.append(x) if x.source.name == name else None)])
+    return out[0]
+
+
+def _m(st):
+    return _loads(st.value, "m")
+
+
+def _row_sum_of(plain):
+    return next(b.body.buffer for b in derive._leaf_blocks(plain) if b.name_hint == "row_sum")
+
+
+#: case -> (the edit of Algorithm 0, given the function; what the refusal says)
+BROKEN = {
+    "max from 0": (lambda f: dict(block="row_max", init=tirx.const(0.0, "float32")), "row_max.*start from -inf"),
+    "sum from 1": (lambda f: dict(block="row_sum", init=tirx.const(1.0, "float32")), "row_sum.*sum from 0"),
+    "sum of P squared": (lambda f: dict(block="row_sum", value=lambda st: st.value.a + st.value.b * st.value.b),
+                         "row_sum.*not linear in P"),
+    "sum of P plus one": (lambda f: dict(block="row_sum", value=lambda st: st.value.a + (st.value.b + tirx.const(1.0, "float32"))),
+                          "row_sum.*not linear in P"),
+    "exp of s - 2m": (lambda f: dict(block="P", value=lambda st: tirx.exp2(st.value.args[0] - _m(st))),
+                      "'P'.*outside exp2"),
+    "m outside the exponential": (lambda f: dict(block="P", value=lambda st: st.value + _m(st)), "'P'.*outside exp2"),
+    # P normalised before P V: the product reads the row sum, which is not final inside the loop
+    "normalised before P V": (lambda f: dict(block="PV", value=lambda st: st.value.a + st.value.b / _row_sum_of(f)[
+        tuple(st.indices[:3])]), "'PV'.*another key reduction"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN), ids=list(BROKEN))
+def test_chains_the_repair_cannot_prove_are_refused(case):
+    plain = plain_attention(KernelSpec(64))
+    edit, message = BROKEN[case]
+    broken = _edit(plain, **edit(plain))
+    with pytest.raises(derive.NotRepairable, match=message):
+        derive.rolling_update(broken, 64, 32)
+    with pytest.raises(derive.NotRepairable, match=message):
+        derive.split_k_update(broken, 64, 32, 2)
+
+
+def test_split_k_update_checks_its_parts():
+    with pytest.raises(ValueError, match="parts: expected an int >= 1, got 0"):
+        derive.split_k_update(plain_attention(KernelSpec(64)), 64, 32, 0)

@@ -1,0 +1,895 @@
+"""FlashAttention and FlashDecoding derived from plain attention: rolling update and split-K update.
+
+The input is Algorithm 0 (``definition.plain``): S = Q K^T, a score, a row max m, an exponential
+P, a row sum l, P in the input dtype, the product acc = P V, and an epilogue that reads m, l and
+acc. Every reduction there runs over the whole key axis, and each later one needs the earlier one
+finished: P needs the final m, so S is materialised row by row. The transformations break that
+dependency and repair the result algebraically (Neptune, PLDI 2026):
+
+- **rolling update** (``rolling_update``): the key axis is tiled and traversed once. Each tile
+  updates the running max, and a partial computed against the old max m_old is repaired to the
+  new one by ``alpha = p(m_old, m_new)``, P's own formula evaluated at the old max: that is
+  ``exp2((m_old - m_new) * c)``, FlashAttention's online softmax. The sum's running value
+  becomes ``l * alpha + l_tile`` and the product accumulator's init becomes ``acc * alpha``.
+- **split-K update** (``split_k_update``): the key axis is cut into ``parts`` chunks that each run
+  the rolling update to a partial (m_c, l_c, acc_c); a combine repairs the partials to the
+  global max, ``l = sum_c l_c * p(m_c, m)`` and likewise acc, then runs Algorithm 0's epilogue:
+  FlashDecoding.
+
+The repair is valid only under algebraic conditions, which ``analyze`` checks on the blocks'
+expressions instead of assuming attention (``NotRepairable`` names the block and the failed
+condition):
+
+1. the max block is a reduction with combiner ``max`` and identity -inf, its operand the score
+   (masked or not) and nothing else of the chain;
+2. every use of m before the epilogue is inside P's exponential ``exp2((x - g(m)) * c)`` (or
+   ``exp``), with x and c free of m and g(m) m or its guard ``finite(m)``; then
+   ``P(m_new) == P(m_old) * p(m_old, m_new)`` (g is the identity on finite maxima, and while m is
+   -inf every sum still holds its identity 0);
+3. every later key reduction is a sum from 0 whose term is homogeneous of degree 1 in P (a
+   product of P, or its cast, with factors free of P and m), so one multiply repairs it; and no
+   such term reads another key reduction's result (it is not final inside the loop).
+
+Everything the kernel computes comes from Algorithm 0's blocks: the score (a softcap, a bias),
+the mask, the exponential and its constant, the terms of the sums and the epilogue are
+Algorithm 0's expressions re-indexed into the tiles. What the transformations add is the loop
+structure and the repair. The derived function's block structure is the schedule rules' API
+(``definition.fused``'s block names): a tile block per query tile holding the tile buffers, the
+K/V loop (``KV_LOOP_VAR``), each GEMM and row reduction in a scope block of its own.
+
+TVM has no way to add a schedule primitive from Python with trace support, so these run on the
+definition before a schedule's trace starts: ``derived_attention`` is what the rules schedule and
+MetaSchedule's workloads hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm_ffi
+from tvm.sym.analyzer import Analyzer as _Analyzer
+
+from .._compat import T, fast_tvmscript, tirx, tvm
+from ..definition.fused import (
+    ALPHA, EPILOGUE, INIT_L, INIT_M, INIT_O, K_LOAD, KV_LOOP_VAR, L_UPDATE, LSE_STORE, O_GEMM, O_GEMM_TILE,
+    O_STAGE, O_STORE, P_CAST, P_EXP, Q_LOAD, ROW_MAX, ROW_MAX_TILE, ROW_SUM, ROW_SUM_TILE, RUNNING_MAX,
+    S_GEMM, S_GEMM_TILE, S_STORE, STATE_UPDATE, TILE, V_LOAD,
+)
+from ..definition.mask import NEG_INF
+from ..definition.plain import RAW, ScoreMod, plain_attention
+from ..spec import KernelSpec
+
+__all__ = [
+    "NotRepairable", "Chain", "analyze", "rolling_update", "split_k_update", "derived_attention",
+    "fuse_query_tile", "SPLIT_COMBINE", "SPLIT_PARTIAL",
+]
+
+Load = tvm.ir.TensorLoad
+SBlock = tvm.s_tir.SBlock
+_SPATIAL, _REDUCE = 0, 2
+
+#: Block names of the split-K form (beside the tile block's, which it shares).
+SPLIT_PARTIAL = "partial_store"
+SPLIT_COMBINE = "combine"
+
+#: Shape variables of the definitions, by name (the derived function declares its own).
+_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
+#: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
+_ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
+
+
+class NotRepairable(ValueError):
+    """The chain is not one the transformation can repair; the message names the block and the
+    condition that failed."""
+
+
+# -- IR helpers ------------------------------------------------------------------------------
+
+
+def _loads(e) -> list:
+    out = []
+    tvm_ffi.structural_walk(e, [(Load, out.append)])
+    return out
+
+
+def _reads(e, buf) -> bool:
+    return any(ld.source.same_as(buf) for ld in _loads(e))
+
+
+def _uses(e, var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(e, [(tirx.Var, lambda v: found.append(v) if v.same_as(var) else None)])
+    return bool(found)
+
+
+def _subst(e, vmap: dict, loads: dict):
+    """``e`` with variables (uses only) replaced by ``vmap`` and loads of the buffers in ``loads``
+    replaced: a value is an expression, or a function of the load (indices already mapped)."""
+    def on_load(ld):
+        for buf, rep in loads.items():
+            if ld.source.same_as(buf):
+                return rep(ld) if isinstance(rep, type(_subst)) else rep
+        return ld
+
+    def on_var(v, kind):
+        if kind != tvm_ffi.DefRegionKind.NONE:
+            return v
+        for old, new in vmap.items():
+            if v.same_as(old):
+                return new
+        return v
+
+    return tvm_ffi.structural_map(e, [(Load, on_load)], with_def_region_kind=[(tirx.Var, on_var)])
+
+
+def _is_const(e, value) -> bool:
+    return isinstance(e, (tirx.FloatImm, tirx.IntImm)) and float(e.value) == value
+
+
+def _leaf_blocks(func) -> list:
+    blocks = []
+    tvm_ffi.structural_walk(func.body, [(SBlock, blocks.append)], order="pre")
+    return [b for b in blocks if b.name_hint != "root"]
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One block of Algorithm 0: its single store and its iterators by role."""
+
+    block: object
+    store: object
+    roles: dict  # "b" / "h" / "i" / "j" / "d" -> the block's iter var
+    reduce: tuple  # roles of its reduction iterators
+
+    @property
+    def name(self) -> str:
+        return self.block.name_hint
+
+    @property
+    def out(self):
+        return self.store.buffer
+
+    def term(self):
+        """A sum's term: the store is ``out[...] + term``."""
+        v = self.store.value
+        if isinstance(v, tirx.Add) and isinstance(v.a, Load) and v.a.source.same_as(self.out):
+            return v.b
+        raise NotRepairable(f"block {self.name!r}: expected a sum 'out + term', got {v}")
+
+
+def _step(block) -> Step:
+    if not isinstance(block.body, tirx.BufferStore):
+        raise NotRepairable(f"block {block.name_hint!r}: expected one store, got {type(block.body).__name__}")
+    roles, reduce = {}, []
+    for iv in block.iter_vars:
+        ext = iv.dom.extent
+        role = _ROLE_OF_EXTENT.get(ext.name) if isinstance(ext, tirx.Var) else "d"
+        if role is None or role in roles:
+            raise NotRepairable(f"block {block.name_hint!r}: iterator {iv.var.name} over {ext} has no role "
+                                "(batch, heads, seq_q, seq_k or the head dim)")
+        roles[role] = iv.var
+        if int(iv.iter_type) == _REDUCE:
+            reduce.append(role)
+        elif int(iv.iter_type) != _SPATIAL:
+            raise NotRepairable(f"block {block.name_hint!r}: iterator {iv.var.name} is neither spatial nor a reduction")
+    return Step(block, block.body, roles, tuple(reduce))
+
+
+@dataclass
+class Chain:
+    """Algorithm 0's blocks by what they do, with the checks of the module docstring passed."""
+
+    func: object
+    shape: dict  # shape variable name -> Var
+    params: dict  # parameter name -> buffer Var (q_h ... as Q, K, V, O, LSE) or the scale
+    gemm: Step  # S = Q K^T
+    score: Step | None  # elementwise on S before the max
+    max: Step
+    exp: Step
+    sum: Step  # l
+    cast: Step | None  # P in the input dtype
+    pv: Step  # acc = P V
+    out: Step  # O = f(acc, l)
+    lse: Step  # lse = f(m, l)
+    x: object  # the (masked) score the max reduces and P's exponential reads, in the max's iterators
+    q_load: object
+    k_load: object
+    v_load: object
+
+    @property
+    def m(self):
+        return self.max.out
+
+    def at(self, step: Step, e, roles: dict, loads: dict, shape: dict, scale):
+        """Expression ``e`` of block ``step`` re-indexed: its iterators by role to ``roles``, the
+        shape variables and the scale to the derived function's, loads to ``loads``."""
+        vmap = {step.roles[r]: v for r, v in roles.items() if r in step.roles}
+        vmap.update({self.shape[n]: shape[n] for n in self.shape})
+        vmap[self.params["sm_scale"]] = scale
+        return _subst(e, vmap, loads)
+
+
+def _expect(cond, step: Step, what: str):
+    if not cond:
+        raise NotRepairable(f"block {step.name!r}: {what}")
+
+
+def _exp_form(e, m_buf):
+    """(op, x, g_is_finite, c) of ``exp2((x - g(m)) * c)`` / ``exp(x - g(m))``, else None."""
+    if not (isinstance(e, tvm.ir.Call) and getattr(e.op, "name", "") in ("tirx.exp2", "tirx.exp") and len(e.args) == 1):
+        return None
+    arg, c = e.args[0], None
+    if isinstance(arg, tirx.Mul):
+        arg, c = arg.a, arg.b
+        if _reads(c, m_buf):
+            return None
+    if not isinstance(arg, tirx.Sub):
+        return None
+    x, g = arg.a, arg.b
+    if _reads(x, m_buf):
+        return None
+    if isinstance(g, Load) and g.source.same_as(m_buf):
+        return e.op.name, x, False, c
+    # finite(m): Select(m == -inf, 0, m)
+    if (isinstance(g, tirx.Select) and isinstance(g.true_value, (tirx.FloatImm,)) and g.true_value.value == 0
+            and isinstance(g.false_value, Load) and g.false_value.source.same_as(m_buf)
+            and isinstance(g.condition, tirx.EQ) and isinstance(g.condition.a, Load)
+            and g.condition.a.source.same_as(m_buf) and _is_const(g.condition.b, NEG_INF)):
+        return e.op.name, x, True, c
+    return None
+
+
+def _degree(e, p_bufs, m_buf):
+    """1 if ``e`` is homogeneous of degree 1 in the loads of ``p_bufs`` (free of m), 0 if it
+    reads none of them, None otherwise."""
+    if _reads(e, m_buf):
+        return None
+    if not any(_reads(e, b) for b in p_bufs):
+        return 0
+    if isinstance(e, Load):
+        return 1 if any(e.source.same_as(b) for b in p_bufs) else None
+    if isinstance(e, tirx.Cast):
+        return _degree(e.value, p_bufs, m_buf)
+    if isinstance(e, tirx.Mul):
+        da, db = _degree(e.a, p_bufs, m_buf), _degree(e.b, p_bufs, m_buf)
+        return None if da is None or db is None or da + db != 1 else 1
+    if isinstance(e, tirx.Div):
+        da, db = _degree(e.a, p_bufs, m_buf), _degree(e.b, p_bufs, m_buf)
+        return 1 if da == 1 and db == 0 else None
+    return None
+
+
+def analyze(func) -> Chain:
+    """Read Algorithm 0's blocks by their dataflow and check the repair's algebra (module doc)."""
+    blocks = [_step(b) for b in _leaf_blocks(func)]
+    params = {p.name: p for p in func.params}
+    for name in ("Q", "K", "V", "O", "LSE", "sm_scale"):
+        if name not in params:
+            raise NotRepairable(f"the function has no parameter {name!r} (expected q, k, v, o, lse, sm_scale)")
+    Q, K, V, O, LSE = (params[n] for n in ("Q", "K", "V", "O", "LSE"))
+    shape = {}
+    for buf in (Q, K, V, O, LSE):
+        for ext in buf.ty.shape:
+            if isinstance(ext, tirx.Var):
+                shape[ext.name] = ext
+    writer = {}
+    for st in blocks:
+        if any(st.out.same_as(w) for w in writer):
+            raise NotRepairable(f"block {st.name!r}: writes {st.out.name}, which another block writes")
+        writer[st.out] = st
+
+    def one(pred, what):
+        hits = [st for st in blocks if pred(st)]
+        if len(hits) != 1:
+            raise NotRepairable(f"expected one block that {what}, found {[s.name for s in hits] or 'none'}")
+        return hits[0]
+
+    gemm = one(lambda st: st.reduce == ("d",) and _reads(st.store.value, Q) and _reads(st.store.value, K),
+               "reduces Q K^T over the head dim")
+    max_st = one(lambda st: st.reduce == ("j",) and isinstance(st.store.value, tirx.Max), "takes a max over the keys")
+    # 1. the max: combiner max, identity -inf, one operand free of the max itself
+    v = max_st.store.value
+    _expect(isinstance(v.a, Load) and v.a.source.same_as(max_st.out), max_st, "the max must read its own output first")
+    _expect(not _reads(v.b, max_st.out), max_st, "the max's operand reads the max itself")
+    init = max_st.block.init
+    _expect(isinstance(init, tirx.BufferStore) and _is_const(init.value, NEG_INF), max_st,
+            "a max reduction must start from -inf (the max's identity)")
+    m = max_st.out
+    score_x = v.b
+    # the score between S and the max: at most one elementwise block
+    srcs = [ld.source for ld in _loads(score_x)]
+    score = None
+    if not any(s.same_as(gemm.out) for s in srcs):
+        cands = [writer[s] for s in writer if any(s.same_as(x) for x in srcs)]
+        _expect(len(cands) == 1 and not cands[0].reduce and _reads(cands[0].store.value, gemm.out)
+                and all(ld.source.same_as(gemm.out) or ld.source.same_as(params["sm_scale"])
+                        for ld in _loads(cands[0].store.value)), max_st,
+                "the max's operand must be S or one elementwise block of S")
+        score = cands[0]
+    # 2. every use of m before the epilogue: inside P's exponential
+    m_readers = [st for st in blocks if st is not max_st and _reads(st.store.value, m)]
+    key_readers = [st for st in m_readers if "j" in st.roles]
+    _expect(len(key_readers) == 1, max_st, f"its result must feed one exponential block, feeds "
+            f"{[s.name for s in key_readers]}")
+    exp_st = key_readers[0]
+    _expect(not exp_st.reduce, exp_st, "the exponential of the scores must be an elementwise block")
+    form = _exp_form(exp_st.store.value, m)
+    _expect(form is not None, exp_st, "uses the max outside exp2((x - m) * c): the rescale "
+            "exp2((m_old - m_new) * c) cannot repair it")
+    _, x, _, _ = form
+    same_roles = {exp_st.roles[r]: max_st.roles[r] for r in exp_st.roles if r in max_st.roles}
+    _expect(tvm_ffi.structural_equal(_subst(x, same_roles, {}), score_x), exp_st,
+            "the exponential's score differs from the one the max reduced")
+    # 3. later key reductions: sums from 0, linear in P, reading no other key reduction
+    p_bufs = [exp_st.out]
+    cast = None
+    for st in blocks:
+        if not st.reduce and "j" in st.roles and st is not exp_st and _reads(st.store.value, exp_st.out):
+            _expect(isinstance(st.store.value, tirx.Cast) and isinstance(st.store.value.value, Load), st,
+                    "an elementwise block of P other than its cast cannot be carried by the rescale")
+            cast = st
+            p_bufs.append(st.out)
+    sums = [st for st in blocks if st.reduce == ("j",) and st is not max_st]
+    for st in sums:
+        init = st.block.init
+        _expect(isinstance(init, tirx.BufferStore) and _is_const(init.value, 0.0), st,
+                "a key reduction after the max must be a sum from 0 (repairable by one multiply)")
+        term = st.term()
+        others = [o.out for o in sums if o is not st]
+        _expect(not any(_reads(term, b) for b in others), st,
+                "its term reads another key reduction's result, which is not final inside the loop")
+        _expect(_degree(term, p_bufs, m) == 1, st,
+                "its term is not linear in P (a sum of P times factors free of P and the max); "
+                "the rescale exp2((m_old - m_new) * c) cannot repair it")
+    row_sum = [st for st in sums if "d" not in st.roles]
+    pv = [st for st in sums if "d" in st.roles]
+    if len(row_sum) != 1 or len(pv) != 1:
+        raise NotRepairable(f"expected one row sum and one product with V after the max, found sums "
+                            f"{[s.name for s in sums]}")
+    row_sum, pv = row_sum[0], pv[0]
+    _expect(_reads(pv.term(), V), pv, "the product's term must read V")
+    epi = [st for st in blocks if "j" not in st.roles and st is not max_st and st not in sums and st is not gemm]
+    out = [st for st in epi if st.out.same_as(O)]
+    lse = [st for st in epi if st.out.same_as(LSE)]
+    if len(out) != 1 or len(lse) != 1 or len(epi) != 2:
+        raise NotRepairable(f"expected the epilogue to be one block writing O and one writing LSE, found "
+                            f"{[s.name for s in epi]}")
+    for st in epi:
+        for ld in _loads(st.store.value):
+            ok = any(ld.source.same_as(b) for b in (m, row_sum.out, pv.out, params["sm_scale"]))
+            _expect(ok, st, f"the epilogue reads {ld.source.name}; it may read only the max, the sums and the scale")
+    order = [b.name for b in blocks]
+    expected = [s.name for s in (gemm, score, max_st, exp_st, row_sum, cast, pv) if s is not None]
+    _expect([n for n in order if n in expected] == expected, max_st,
+            f"the chain's blocks are out of order: {order}")
+
+    def the_load(st, buf):
+        lds = [ld for ld in _loads(st.store.value) if ld.source.same_as(buf)]
+        _expect(len(lds) == 1, st, f"expected one load of {buf.name}")
+        return lds[0]
+
+    return Chain(func, shape, params, gemm, score, max_st, exp_st, row_sum, cast, pv, out[0], lse[0], score_x,
+                 the_load(gemm, Q), the_load(gemm, K), the_load(pv, V))
+
+
+# -- the derived functions -------------------------------------------------------------------
+
+
+def _kv_tile_bound(ch: Chain, x, qb, BM: int):
+    """The exclusive bound of the keys a query tile can see, or None when the mask does not
+    bound them: a term ``j <= R(i)`` of the mask with R increasing by 1 per row means the tile's
+    last row sees keys below R((qb + 1) * BM)."""
+    if not (isinstance(x, tirx.Select) and _is_const(x.false_value, NEG_INF)):
+        return None
+    terms, stack = [], [x.condition]
+    while stack:
+        c = stack.pop()
+        if isinstance(c, tirx.And):
+            stack += [c.a, c.b]
+        else:
+            terms.append(c)
+    st = ch.max
+    vi, vj = st.roles.get("i"), st.roles.get("j")
+    for t in terms:
+        if isinstance(t, tirx.LE) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
+            step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
+            if _is_const(step, 1):
+                return _subst(t.b, {vi: (qb + 1) * BM}, {})
+    return None
+
+
+def _kv_tile_count(last_key, BN: int):
+    """Tiles up to ``last_key``, at least one: a tile with no visible key (causal, seq_q > seq_k;
+    or seq_k == 0) is wholly masked and leaves the identities, as no tile would. The bound lets
+    TVM's software pipeliner prove its prologue and epilogue run (else it guards them by
+    conditions, and ThreadSync refuses the __syncthreads inside: "Cannot insert syncs inside
+    condition")."""
+    return tirx.max(tirx.ceildiv(last_key, BN), 1)
+
+
+def _tile_mask(x, inside, even: bool):
+    """The score ``x`` with the keys past the end (tiling's padding) masked: the padding term
+    first, then the definition's own terms."""
+    if even:
+        return x
+    neg_inf = tirx.const(NEG_INF, "float32")
+    if isinstance(x, tirx.Select) and _is_const(x.false_value, NEG_INF):
+        return tirx.Select(tirx.And(inside, x.condition), x.true_value, neg_inf)
+    return tirx.Select(inside, x, neg_inf)
+
+
+def _guarded(even: bool, inside, value, dtype: str):
+    return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
+
+
+class _Exprs:
+    """Algorithm 0's expressions as the derived function needs them, each re-indexed into the
+    tiles (``row``/``col``: the global query row and key of a tile element)."""
+
+    def __init__(self, ch: Chain, even: bool):
+        self.ch, self.even = ch, even
+        self.shape = self.scale = None
+
+    def bind(self, shape: dict, scale):
+        """The derived function's shape variables and scale (called as its body is parsed)."""
+        self.shape, self.scale = shape, scale
+
+    def _at(self, st, e, roles, loads):
+        return self.ch.at(st, e, roles, loads, self.shape, self.scale)
+
+    def load(self, which, buf, b, h, pos, d):
+        ch = self.ch
+        ld, st = {"q": (ch.q_load, ch.gemm), "k": (ch.k_load, ch.gemm), "v": (ch.v_load, ch.pv)}[which]
+        roles = {"b": b, "h": h, "d": d, ("i" if which == "q" else "j"): pos}
+        return self._at(st, buf[tuple(ld.indices)], roles, {})
+
+    def kv_head(self, b, h):
+        """The K/V head index of query head ``h`` (GQA), from the definition's K load."""
+        return self._at(self.ch.gemm, self.ch.k_load.indices[2], {"b": b, "h": h}, {})
+
+    def s_term(self, b, h, q_elem, k_elem):
+        ch = self.ch
+        return self._at(ch.gemm, ch.gemm.term(), {"b": b, "h": h}, {ch.q_load.source: q_elem, ch.k_load.source: k_elem})
+
+    def score(self, b, h, row, col, s_elem):
+        ch = self.ch
+        if ch.score is None:
+            return s_elem
+        return self._at(ch.score, ch.score.store.value, {"b": b, "h": h, "i": row, "j": col}, {ch.gemm.out: s_elem})
+
+    def _x(self, b, h, row, col, s_elem):
+        ch = self.ch
+        src = ch.score.out if ch.score is not None else ch.gemm.out
+        x = self._at(ch.max, ch.x, {"b": b, "h": h, "i": row, "j": col}, {src: s_elem})
+        return _tile_mask(x, col < self.shape["seq_k"], self.even)
+
+    def max_operand(self, b, h, row, col, s_elem):
+        return self._x(b, h, row, col, s_elem)
+
+    def _exp_at(self, x_new, m_new):
+        """P's exponential with its score replaced by ``x_new`` and its max load by ``m_new``."""
+        call = self.ch.exp.store.value
+        arg, c = call.args[0], None
+        if isinstance(arg, tirx.Mul):
+            arg, c = arg.a, arg.b
+        inner = x_new - _subst(arg.b, {}, {self.ch.m: m_new})
+        if c is not None:
+            inner = inner * c
+        return tirx.exp2(inner) if call.op.name == "tirx.exp2" else tirx.exp(inner)
+
+    def p(self, b, h, row, col, s_elem, m_elem):
+        """P's formula on the tile's score against the running max."""
+        return self._at(self.ch.exp, self._exp_at(self._x(b, h, row, col, s_elem), m_elem),
+                        {"b": b, "h": h, "i": row, "j": col}, {})
+
+    def alpha(self, b, h, row, m_old, m_new):
+        """The repair: P's formula at the score m_old against the max m_new."""
+        return self._at(self.ch.exp, self._exp_at(m_old, m_new), {"b": b, "h": h, "i": row}, {})
+
+    def l_term(self, b, h, row, col, p_elem):
+        ch = self.ch
+        return self._at(ch.sum, ch.sum.term(), {"b": b, "h": h, "i": row, "j": col}, {ch.exp.out: p_elem})
+
+    def p_cast(self, p_elem):
+        ch = self.ch
+        return _subst(ch.cast.store.value, {}, {ch.exp.out: p_elem})
+
+    def o_term(self, b, h, row, p_elem, v_elem):
+        ch = self.ch
+        pb = ch.cast.out if ch.cast is not None else ch.exp.out
+        return self._at(ch.pv, ch.pv.term(), {"b": b, "h": h, "i": row}, {pb: p_elem, ch.v_load.source: v_elem})
+
+    def o(self, b, h, row, acc_elem, l_elem):
+        ch = self.ch
+        return self._at(ch.out, ch.out.store.value, {"b": b, "h": h, "i": row},
+                        {ch.pv.out: acc_elem, ch.sum.out: l_elem})
+
+    def o_indices(self, b, h, row, d):
+        ch = self.ch
+        return [self._at(ch.out, i, {"b": b, "h": h, "i": row, "d": d}, {}) for i in ch.out.store.indices]
+
+    def lse(self, b, h, row, m_elem, l_elem):
+        ch = self.ch
+        return self._at(ch.lse, ch.lse.store.value, {"b": b, "h": h, "i": row}, {ch.m: m_elem, ch.sum.out: l_elem})
+
+    def lse_indices(self, b, h, row):
+        ch = self.ch
+        return [self._at(ch.lse, i, {"b": b, "h": h, "i": row}, {}) for i in ch.lse.store.indices]
+
+    def init(self, st):
+        return st.block.init.value
+
+
+def _check_layout(ch: Chain):
+    """The kernels' layout (the API): q, o [b, row, h, d]; k, v [b, key, kv head, d]."""
+    def is_var(e, st, role):
+        return isinstance(e, tirx.Var) and e.same_as(st.roles.get(role))
+
+    q, k, v = ch.q_load.indices, ch.k_load.indices, ch.v_load.indices
+    g, p = ch.gemm, ch.pv
+    _expect(is_var(q[0], g, "b") and is_var(q[1], g, "i") and is_var(q[2], g, "h") and is_var(q[3], g, "d"), g,
+            "Q must be read as Q[b, i, h, d]")
+    _expect(is_var(k[0], g, "b") and is_var(k[1], g, "j") and is_var(k[3], g, "d") and not _uses(k[2], g.roles["i"]),
+            g, "K must be read as K[b, j, kv_head(h), d]")
+    _expect(is_var(v[0], p, "b") and is_var(v[1], p, "j") and is_var(v[3], p, "d"), p, "V must be read as V[b, j, kv_head(h), d]")
+
+
+def rolling_update(func, block_m: int, block_n: int, *, even: bool = False) -> tirx.PrimFunc:
+    """Algorithm 0 ``func`` as FlashAttention: one program per ``block_m`` query rows, one pass
+    over the keys in tiles of ``block_n`` carrying the running max, sum and accumulator, repaired
+    each tile (module docstring). ``even``: the caller promises lengths that are multiples of the
+    tiles (FlashAttention-2's ``Is_even_MN``): no bound checks, no key-padding mask.
+
+    Raises ``NotRepairable`` (naming the block) for a chain whose repair the checks cannot prove."""
+    ch = analyze(func)
+    _check_layout(ch)
+    return _rolling(ch, int(block_m), int(block_n), bool(even))
+
+
+def _shared(ch: Chain, BM: int, BN: int, even: bool):
+    """What both derived forms share: dtypes, the expressions, the visible key tiles and the two
+    macros (the tile's start, one key tile's step)."""
+    dtype = str(ch.params["Q"].ty.dtype)
+    D = int(ch.params["Q"].ty.shape[3])
+    acc_dtype = str(ch.pv.out.ty.dtype)
+    m_init, l_init, o_init = ch.max.block.init.value, ch.sum.block.init.value, ch.pv.block.init.value
+    p_dtype = str(ch.cast.out.ty.dtype) if ch.cast is not None else str(ch.exp.out.ty.dtype)
+    # rfactor needs the max reducer's identity as TVM knows it (min_value, not -inf) for the tile's max
+    tile_max_init = tirx.min_value(str(ch.m.ty.dtype))
+    ex = _Exprs(ch, even)
+    # the macros below see the names of the function they expand in: they reach these through ex
+    ex.m_init, ex.l_init, ex.o_init, ex.tile_max_init = m_init, l_init, o_init, tile_max_init
+
+    def kv_tiles(qb, seq_q, seq_k):
+        bound = _kv_tile_bound(ch, ch.x, qb, BM)
+        bound = _subst(bound, {ch.shape[n]: ex.shape[n] for n in ch.shape}, {}) if bound is not None else None
+        last_key = seq_k if bound is None else tirx.min(seq_k, bound)
+        return _kv_tile_count(last_key, BN)
+
+    # The steps both forms share, as TVMScript macros expanded at the call site (whose tile
+    # buffers and iterators they use).
+    @T.macro(hygienic=False)
+    def start_tile():
+        for i, d in T.grid(BM, D):
+            with T.sblock(Q_LOAD):
+                vi, vd = T.axis.remap("SS", [i, d])
+                Q_tile[vi, vd] = _guarded(even, vqb * BM + vi < seq_q, ex.load("q", Q, vb, vh, vqb * BM + vi, vd), dtype)
+        # the running state starts at the reductions' identities
+        for i in range(BM):
+            with T.sblock(INIT_M):
+                vi = T.axis.remap("S", [i])
+                m_i[vi] = ex.m_init
+        for i in range(BM):
+            with T.sblock(INIT_L):
+                vi = T.axis.remap("S", [i])
+                l_i[vi] = ex.l_init
+        for i, d in T.grid(BM, D):
+            with T.sblock(INIT_O):
+                vi, vd = T.axis.remap("SS", [i, d])
+                acc_o[vi, vd] = ex.o_init
+
+    @T.macro(hygienic=False)
+    def kv_step(first):
+        kv_load: T.let[T.int32] = first
+        for j, d in T.grid(BN, D):
+            with T.sblock(K_LOAD):
+                vj, vd = T.axis.remap("SS", [j, d])
+                K_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, vh, kv_load + vj, vd), dtype)
+        for j, d in T.grid(BN, D):
+            with T.sblock(V_LOAD):
+                vj, vd = T.axis.remap("SS", [j, d])
+                V_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, vh, kv_load + vj, vd), dtype)
+        kv0: T.let[T.int32] = first
+        with T.sblock(S_GEMM_TILE):
+            for i, j, d in T.grid(BM, BN, D):
+                with T.sblock(S_GEMM):
+                    vi, vj, vd = T.axis.remap("SSR", [i, j, d])
+                    with T.init():
+                        acc_s[vi, vj] = ex.init(ex.ch.gemm)
+                    acc_s[vi, vj] = acc_s[vi, vj] + ex.s_term(vb, vh, Q_tile[vi, vd], K_tile[vj, vd])
+        for i, j in T.grid(BM, BN):
+            with T.sblock(S_STORE):
+                vi, vj = T.axis.remap("SS", [i, j])
+                S_tile[vi, vj] = ex.score(vb, vh, vqb * BM + vi, kv0 + vj, acc_s[vi, vj])
+        with T.sblock(ROW_MAX_TILE):
+            for i, j in T.grid(BM, BN):
+                with T.sblock(ROW_MAX):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    with T.init():
+                        m_tile[vi] = ex.tile_max_init
+                    m_tile[vi] = T.max(m_tile[vi], ex.max_operand(vb, vh, vqb * BM + vi, kv0 + vj, S_tile[vi, vj]))
+        for i in range(BM):
+            with T.sblock(RUNNING_MAX):
+                vi = T.axis.remap("S", [i])
+                m_new[vi] = T.max(m_i[vi], m_tile[vi])
+        for i in range(BM):
+            with T.sblock(ALPHA):
+                vi = T.axis.remap("S", [i])
+                alpha[vi] = ex.alpha(vb, vh, vqb * BM + vi, m_i[vi], m_new[vi])
+        for i, j in T.grid(BM, BN):
+            with T.sblock(P_EXP):
+                vi, vj = T.axis.remap("SS", [i, j])
+                P_f32[vi, vj] = ex.p(vb, vh, vqb * BM + vi, kv0 + vj, S_tile[vi, vj], m_new[vi])
+        with T.sblock(ROW_SUM_TILE):
+            for i, j in T.grid(BM, BN):
+                with T.sblock(ROW_SUM):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    with T.init():
+                        l_tile[vi] = ex.l_init
+                    l_tile[vi] = l_tile[vi] + ex.l_term(vb, vh, vqb * BM + vi, kv0 + vj, P_f32[vi, vj])
+        for i in range(BM):
+            with T.sblock(L_UPDATE):
+                vi = T.axis.remap("S", [i])
+                l_new[vi] = l_i[vi] * alpha[vi] + l_tile[vi]
+        for i, j in T.grid(BM, BN):
+            with T.sblock(P_CAST):
+                vi, vj = T.axis.remap("SS", [i, j])
+                P_tile[vi, vj] = ex.p_cast(P_f32[vi, vj])
+        with T.sblock(O_GEMM_TILE):
+            for i, d, j in T.grid(BM, D, BN):
+                with T.sblock(O_GEMM):
+                    vi, vd, vj = T.axis.remap("SSR", [i, d, j])
+                    with T.init():
+                        acc_o[vi, vd] = acc_o[vi, vd] * alpha[vi]
+                    acc_o[vi, vd] = acc_o[vi, vd] + ex.o_term(vb, vh, vqb * BM + vi, P_tile[vi, vj], V_tile[vj, vd])
+        for i in range(BM):
+            with T.sblock(STATE_UPDATE):
+                vi = T.axis.remap("S", [i])
+                m_i[vi] = m_new[vi]
+                l_i[vi] = l_new[vi]
+
+    return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
+
+
+@fast_tvmscript()
+def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
+    dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step = _shared(ch, BM, BN, even)
+
+    @T.prim_func(s_tir=True)
+    def main(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale)
+
+        for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
+            with T.sblock(TILE):
+                vb, vh, vqb = T.axis.remap("SSS", [b, h, qb])
+                T.reads(
+                    Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
+                    K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                    V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                )
+                T.writes(O[vb, vqb * BM : vqb * BM + BM, vh, 0:D], LSE[vb, vh, vqb * BM : vqb * BM + BM])
+                Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
+                K_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                V_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                acc_s = T.sblock_alloc_buffer((BM, BN), "float32")
+                S_tile = T.sblock_alloc_buffer((BM, BN), "float32")
+                P_f32 = T.sblock_alloc_buffer((BM, BN), "float32")
+                P_tile = T.sblock_alloc_buffer((BM, BN), p_dtype)
+                acc_o = T.sblock_alloc_buffer((BM, D), acc_dtype)
+                O_tile = T.sblock_alloc_buffer((BM, D), acc_dtype)
+                m_i = T.sblock_alloc_buffer((BM,), "float32")
+                m_tile = T.sblock_alloc_buffer((BM,), "float32")
+                m_new = T.sblock_alloc_buffer((BM,), "float32")
+                l_tile = T.sblock_alloc_buffer((BM,), "float32")
+                l_new = T.sblock_alloc_buffer((BM,), "float32")
+                l_i = T.sblock_alloc_buffer((BM,), "float32")
+                alpha = T.sblock_alloc_buffer((BM,), "float32")
+
+                start_tile()
+                # the key tiles the mask leaves visible (all where it bounds none)
+                for kb in T.serial(kv_tiles(vqb, seq_q, seq_k)):
+                    kv_step(kb * BN)
+
+                with T.sblock(EPILOGUE):
+                    for i, d in T.grid(BM, D):
+                        with T.sblock(O_STAGE):
+                            vi, vd = T.axis.remap("SS", [i, d])
+                            O_tile[vi, vd] = acc_o[vi, vd]
+                    for i, d in T.grid(BM, D):
+                        with T.sblock(O_STORE):
+                            vi, vd = T.axis.remap("SS", [i, d])
+                            if even or vqb * BM + vi < seq_q:
+                                O[vb, vqb * BM + vi, vh, vd] = ex.o(vb, vh, vqb * BM + vi, O_tile[vi, vd], l_i[vi])
+                    for i in range(BM):
+                        with T.sblock(LSE_STORE):
+                            vi = T.axis.remap("S", [i])
+                            if even or vqb * BM + vi < seq_q:
+                                LSE[vb, vh, vqb * BM + vi] = ex.lse(vb, vh, vqb * BM + vi, m_i[vi], l_i[vi])
+
+    return main
+
+
+def derived_attention(spec: KernelSpec, block_m: int, block_n: int, score_mod: ScoreMod = RAW) -> tirx.PrimFunc:
+    """The fused kernel's definition for ``spec``: Algorithm 0 (``plain_attention``) through the
+    rolling update at (block_m, block_n)."""
+    return rolling_update(plain_attention(spec, score_mod), block_m, block_n, even=spec.even)
+
+
+def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool = False) -> tirx.PrimFunc:
+    """Algorithm 0 ``func`` as FlashDecoding: the keys of each query tile cut into ``parts``
+    chunks of whole key tiles, each chunk a program running the rolling update to a partial
+    (m_c, l_c, acc_c) in float32, then a combine that repairs the partials to the global max
+    (``l = sum_c l_c * p(m_c, m)``, acc alike) and runs Algorithm 0's epilogue. One function,
+    the same arguments as the fused kernel's; the partials are global intermediates.
+
+    Raises ``NotRepairable`` as ``rolling_update`` does, and ValueError for ``parts`` < 1."""
+    if not (isinstance(parts, int) and parts >= 1):
+        raise ValueError(f"parts: expected an int >= 1, got {parts!r}")
+    ch = analyze(func)
+    _check_layout(ch)
+    return _split(ch, int(block_m), int(block_n), bool(even), parts)
+
+
+@fast_tvmscript()
+def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc:
+    dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step = _shared(ch, BM, BN, even)
+
+    def chunk_tiles(qb, c, seq_q, seq_k):
+        """The key tiles of chunk ``c``: an equal share of the tile's visible ones, in order."""
+        n = kv_tiles(qb, seq_q, seq_k)
+        per = tirx.ceildiv(n, parts)
+        return tirx.max(tirx.min(n, (c + 1) * per) - c * per, 0), c * per
+
+    @T.prim_func(s_tir=True)
+    def main(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale)
+        with T.sblock("root"):
+            m_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
+            l_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
+            acc_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q, D), acc_dtype)
+            m_all = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
+            l_all = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
+            acc_all = T.sblock_alloc_buffer((batch, heads, seq_q, D), acc_dtype)
+            for b, h, qb, c in T.grid(batch, heads, T.ceildiv(seq_q, BM), parts):
+                with T.sblock(TILE):
+                    vb, vh, vqb, vc = T.axis.remap("SSSS", [b, h, qb, c])
+                    T.reads(
+                        Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
+                        K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                        V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                    )
+                    T.writes(m_part[vc, vb, vh, vqb * BM : vqb * BM + BM], l_part[vc, vb, vh, vqb * BM : vqb * BM + BM],
+                             acc_part[vc, vb, vh, vqb * BM : vqb * BM + BM, 0:D])
+                    Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
+                    K_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                    V_tile = T.sblock_alloc_buffer((BN, D), dtype)
+                    acc_s = T.sblock_alloc_buffer((BM, BN), "float32")
+                    S_tile = T.sblock_alloc_buffer((BM, BN), "float32")
+                    P_f32 = T.sblock_alloc_buffer((BM, BN), "float32")
+                    P_tile = T.sblock_alloc_buffer((BM, BN), p_dtype)
+                    acc_o = T.sblock_alloc_buffer((BM, D), acc_dtype)
+                    m_i = T.sblock_alloc_buffer((BM,), "float32")
+                    m_tile = T.sblock_alloc_buffer((BM,), "float32")
+                    m_new = T.sblock_alloc_buffer((BM,), "float32")
+                    l_tile = T.sblock_alloc_buffer((BM,), "float32")
+                    l_new = T.sblock_alloc_buffer((BM,), "float32")
+                    l_i = T.sblock_alloc_buffer((BM,), "float32")
+                    alpha = T.sblock_alloc_buffer((BM,), "float32")
+                    start_tile()
+                    for kb in T.serial(chunk_tiles(vqb, vc, seq_q, seq_k)[0]):
+                        kv_step((chunk_tiles(vqb, vc, seq_q, seq_k)[1] + kb) * BN)
+                    # the chunk's partial state leaves the tile (rows past seq_q are not stored)
+                    with T.sblock(SPLIT_PARTIAL):
+                        for i, d in T.grid(BM, D):
+                            with T.sblock("acc_partial"):
+                                vi, vd = T.axis.remap("SS", [i, d])
+                                if even or vqb * BM + vi < seq_q:
+                                    acc_part[vc, vb, vh, vqb * BM + vi, vd] = acc_o[vi, vd]
+                        for i in range(BM):
+                            with T.sblock("state_partial"):
+                                vi = T.axis.remap("S", [i])
+                                if even or vqb * BM + vi < seq_q:
+                                    m_part[vc, vb, vh, vqb * BM + vi] = m_i[vi]
+                                    l_part[vc, vb, vh, vqb * BM + vi] = l_i[vi]
+            # the combine: the partials repaired to the global max, then Algorithm 0's epilogue
+            for b, h, i, c in T.grid(batch, heads, seq_q, parts):
+                with T.sblock("combine_max"):
+                    vb, vh, vi, vc = T.axis.remap("SSSR", [b, h, i, c])
+                    with T.init():
+                        m_all[vb, vh, vi] = ex.m_init
+                    m_all[vb, vh, vi] = T.max(m_all[vb, vh, vi], m_part[vc, vb, vh, vi])
+            for b, h, i, c in T.grid(batch, heads, seq_q, parts):
+                with T.sblock("combine_sum"):
+                    vb, vh, vi, vc = T.axis.remap("SSSR", [b, h, i, c])
+                    with T.init():
+                        l_all[vb, vh, vi] = ex.l_init
+                    l_all[vb, vh, vi] = l_all[vb, vh, vi] + l_part[vc, vb, vh, vi] * ex.alpha(
+                        vb, vh, vi, m_part[vc, vb, vh, vi], m_all[vb, vh, vi])
+            for b, h, i, d, c in T.grid(batch, heads, seq_q, D, parts):
+                with T.sblock("combine_acc"):
+                    vb, vh, vi, vd, vc = T.axis.remap("SSSSR", [b, h, i, d, c])
+                    with T.init():
+                        acc_all[vb, vh, vi, vd] = ex.o_init
+                    acc_all[vb, vh, vi, vd] = acc_all[vb, vh, vi, vd] + acc_part[vc, vb, vh, vi, vd] * ex.alpha(
+                        vb, vh, vi, m_part[vc, vb, vh, vi], m_all[vb, vh, vi])
+            for b, h, i, d in T.grid(batch, heads, seq_q, D):
+                with T.sblock(SPLIT_COMBINE):
+                    vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                    O[vb, vi, vh, vd] = ex.o(vb, vh, vi, acc_all[vb, vh, vi, vd], l_all[vb, vh, vi])
+            for b, h, i in T.grid(batch, heads, seq_q):
+                with T.sblock("combine_lse"):
+                    vb, vh, vi = T.axis.remap("SSS", [b, h, i])
+                    LSE[vb, vh, vi] = ex.lse(vb, vh, vi, m_all[vb, vh, vi], l_all[vb, vh, vi])
+
+    return main
+
+
+def describe(ch: Chain) -> str:
+    """What the analysis found in Algorithm 0 and the repair it derived, in words."""
+    lines = [
+        f"  S = Q K^T          block {ch.gemm.name!r} (a reduction over the head dim)",
+        f"  score              block {ch.score.name!r}" if ch.score is not None else "  score              S itself",
+        f"  m = max over keys  block {ch.max.name!r}: combiner max, identity -inf",
+        f"  P                  block {ch.exp.name!r}: {ch.exp.store.value}",
+        f"  l = sum of P       block {ch.sum.name!r}: a sum from 0, linear in P",
+        f"  acc = P V          block {ch.pv.name!r}: a sum from 0, linear in P"
+        + (f" (through its cast, block {ch.cast.name!r})" if ch.cast is not None else ""),
+        f"  epilogue           blocks {ch.out.name!r} (O) and {ch.lse.name!r} (lse): read the final m, l, acc",
+        "  repair (rolling):  alpha = P's formula at score m_old against max m_new;",
+        "                     l = l * alpha + l_tile;  acc = acc * alpha + P_tile V_tile",
+        "  repair (split-K):  m = max_c m_c;  l = sum_c l_c * alpha_c;  acc = sum_c acc_c * alpha_c",
+    ]
+    return "\n".join(lines)
+
+
+def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: ScoreMod = RAW) -> list:
+    """[(title, text)]: Algorithm 0, what the analysis found, and the rolling update's function at
+    (block_m, block_n) (what the rule then schedules)."""
+    plain = plain_attention(spec, score_mod)
+    ch = analyze(plain)
+    return [
+        ("1. Algorithm 0 (definition.plain): S and P span all keys", plain.script()),
+        ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)),
+        (f"3. Rolling update at tile {block_m}x{block_n}: one program per query tile, one pass over the key "
+         f"tiles{' (even: no bound checks)' if spec.even else ''}",
+         rolling_update(plain, block_m, block_n, even=spec.even).script()),
+    ]

@@ -1,0 +1,163 @@
+"""Plain attention ("Algorithm 0") as one TensorIR function: the definition every kernel derives from.
+
+Each step is a block over whole rows, in the order a textbook writes it, with S and P as
+full (seq_q x seq_k) intermediates:
+
+    S      = Q K^T                          block "S"        (a reduction over the head dim)
+    score  = score_mod(S)                   block "score"    (identity, or e.g. a softcap)
+    m      = rowmax(masked(score))          block "row_max"  (max from -inf)
+    P      = exp2((masked(score) - m) * c)  block "P"        (c = sm_scale * log2(e))
+    l      = rowsum(P)                      block "row_sum"
+    P_lo   = P in the input dtype           block "P_cast"   (the second GEMM's operand)
+    acc    = P_lo V                         block "PV"
+    O      = acc / l,  lse = m * c + log2(l) (natural log)   blocks "O", "lse"
+
+The division by l is written after P V ((P / l) V == (P V) / l row by row), the max is taken
+on the scores before the scale (max(c s) == c max(s) for c > 0) and exponentials are base 2.
+Rows that see no key give O = 0 and lse = -inf. ``compiler.derive`` turns this function into
+FlashAttention's online softmax (rolling update) and into FlashDecoding's split (split-K
+update); nothing of the online form is written here.
+
+Layout and mask as the other definitions: q, o [batch, seq_q, heads, head_dim]; k, v [batch,
+seq_k, heads_kv, head_dim]; lse [batch, heads, seq_q]; causal aligned bottom-right (``mask``).
+The mask has no key-padding term: every key of Algorithm 0 exists; tiling adds that term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .._compat import T, fast_tvmscript, tirx
+from ..spec import KernelSpec
+from .mask import LN2, LOG2E, NEG_INF, finite, masked
+
+__all__ = ["PLAIN_BLOCKS", "RAW", "ScoreMod", "plain_attention", "softcap"]
+
+#: The blocks of Algorithm 0, in program order (names for readers; the derivation reads the
+#: blocks' dataflow and algebra, not their names).
+PLAIN_BLOCKS = ("S", "score", "row_max", "P", "row_sum", "P_cast", "PV", "O", "lse")
+
+@dataclass(frozen=True)
+class ScoreMod:
+    """What the softmax sees of a raw score ``s``: ``score(s, sm_scale)``, and the constant its
+    base-2 exponential multiplies by, ``exp_scale(sm_scale)``."""
+
+    name: str
+    score: Callable
+    exp_scale: Callable
+
+
+#: Raw scores, the scale inside exp2 (FlashAttention-2's form).
+RAW = ScoreMod("raw", lambda s, sm_scale: s, lambda sm_scale: sm_scale * tirx.const(LOG2E, "float32"))
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Gemma-2's logit soft-capping: score = cap * tanh(s * sm_scale / cap), then exp2 of the
+    capped score times log2(e). A variant written here only: the derivation carries it."""
+    if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: expected a positive finite cap, got {cap!r}")
+    cap_c = tirx.const(float(cap), "float32")
+    return ScoreMod(f"softcap({cap:g})", lambda s, sm_scale: cap_c * tirx.tanh(s * sm_scale / cap_c),
+                    lambda sm_scale: tirx.const(LOG2E, "float32"))
+
+
+@fast_tvmscript()
+def plain_attention(spec: KernelSpec, score_mod: ScoreMod = RAW) -> tirx.PrimFunc:
+    """Algorithm 0 for ``spec`` (its dtype, head dim, group and causal flag): q, k, v, o, lse
+    buffers and ``sm_scale``, as the fused kernels take them."""
+    D = spec.head_dim
+    dtype = spec.dtype
+    G = spec.group
+    causal = spec.causal
+    mod = score_mod
+    neg_inf = tirx.const(NEG_INF, "float32")
+    zero_f = tirx.const(0.0, "float32")
+
+    def seen(s, i, j, seq_q, seq_k):
+        return masked(s, i, j, seq_q, seq_k, causal, True)
+
+    @T.prim_func(s_tir=True)
+    def main(
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        batch = T.int32()
+        seq_q = T.int32()
+        seq_k = T.int32()
+        heads = T.int32()
+        heads_kv = T.int32()
+        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+        with T.sblock("root"):
+            S = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
+            Sc = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
+            m = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
+            P = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
+            l = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
+            P_lo = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), dtype)
+            acc = T.sblock_alloc_buffer((batch, heads, seq_q, D), "float32")
+            for b, h, i, j, d in T.grid(batch, heads, seq_q, seq_k, D):
+                with T.sblock("S"):
+                    vb, vh, vi, vj, vd = T.axis.remap("SSSSR", [b, h, i, j, d])
+                    with T.init():
+                        S[vb, vh, vi, vj] = zero_f
+                    S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", Q[vb, vi, vh, vd]) * T.Cast(
+                        "float32", K[vb, vj, vh // G, vd]
+                    )
+            for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+                with T.sblock("score"):
+                    vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
+                    Sc[vb, vh, vi, vj] = mod.score(S[vb, vh, vi, vj], sm_scale)
+            for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+                with T.sblock("row_max"):
+                    vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
+                    with T.init():
+                        m[vb, vh, vi] = neg_inf
+                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k))
+            for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+                with T.sblock("P"):
+                    vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
+                    P[vb, vh, vi, vj] = T.exp2(
+                        (seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k) - finite(m[vb, vh, vi]))
+                        * mod.exp_scale(sm_scale)
+                    )
+            for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+                with T.sblock("row_sum"):
+                    vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
+                    with T.init():
+                        l[vb, vh, vi] = zero_f
+                    l[vb, vh, vi] = l[vb, vh, vi] + P[vb, vh, vi, vj]
+            for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
+                with T.sblock("P_cast"):
+                    vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
+                    P_lo[vb, vh, vi, vj] = T.Cast(dtype, P[vb, vh, vi, vj])
+            for b, h, i, d, j in T.grid(batch, heads, seq_q, D, seq_k):
+                with T.sblock("PV"):
+                    vb, vh, vi, vd, vj = T.axis.remap("SSSSR", [b, h, i, d, j])
+                    with T.init():
+                        acc[vb, vh, vi, vd] = zero_f
+                    acc[vb, vh, vi, vd] = acc[vb, vh, vi, vd] + T.Cast("float32", P_lo[vb, vh, vi, vj]) * T.Cast(
+                        "float32", V[vb, vj, vh // G, vd]
+                    )
+            for b, h, i, d in T.grid(batch, heads, seq_q, D):
+                with T.sblock("O"):
+                    vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                    O[vb, vi, vh, vd] = T.Cast(
+                        dtype, T.Select(l[vb, vh, vi] == zero_f, zero_f, acc[vb, vh, vi, vd] / l[vb, vh, vi])
+                    )
+            for b, h, i in T.grid(batch, heads, seq_q):
+                with T.sblock("lse"):
+                    vb, vh, vi = T.axis.remap("SSS", [b, h, i])
+                    LSE[vb, vh, vi] = T.Select(
+                        l[vb, vh, vi] == zero_f,
+                        neg_inf,
+                        (m[vb, vh, vi] * mod.exp_scale(sm_scale) + T.log2(l[vb, vh, vi])) * T.float32(LN2),
+                    )
+
+    return main
