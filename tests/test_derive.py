@@ -35,9 +35,9 @@ def test_the_derivation_is_the_fused_kernels_definition(spec, tile):
 
 
 def _buffers(func) -> list:
-    out = []
-    tvm.s_tir.analysis  # noqa: B018 - the module the blocks come from
     import tvm_ffi
+
+    out = []
 
     tvm_ffi.structural_walk(func.body, [(tvm.s_tir.SBlock, lambda b: out.extend(b.alloc_buffers))])
     return out

@@ -239,10 +239,15 @@ def _inspected_artifact(args) -> str:
         return _resolve_artifact(args.path)
     from .runtime.cache import ensure_built
 
-    for flag, dest in _INSPECT_SPEC_FLAGS:
+    return ensure_built(_inspected_spec(args))
+
+
+def _inspected_spec(args) -> KernelSpec:
+    """The spec of ``inspect``'s spec flags, each flag not given at its default."""
+    for _, dest in _INSPECT_SPEC_FLAGS:
         if getattr(args, dest, None) is None:
             setattr(args, dest, _INSPECT_DEFAULTS[dest])
-    return ensure_built(_spec_from_args(args, args.target))
+    return _spec_from_args(args, args.target)
 
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
@@ -287,16 +292,13 @@ def _inspect_derivation(args) -> int:
     """``inspect --derivation``: from the spec flags (a built kernel holds only the last step)."""
     if args.path is not None:
         raise ValueError(f"PATH: --derivation derives from the spec flags, not a built kernel (got {args.path!r})")
-    for _, dest in _INSPECT_SPEC_FLAGS:
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, _INSPECT_DEFAULTS[dest])
-    spec = _spec_from_args(args, args.target)
+    spec = _inspected_spec(args)
+    if spec.algorithm != "fused":
+        raise ValueError(f"--algorithm: --derivation shows the fused kernel's derivation, got {spec.algorithm!r}")
     from .builder.lower import lower
     from .compiler.derive import derivation_steps
 
     low = lower(spec)
-    if spec.algorithm != "fused":
-        raise ValueError(f"--algorithm: --derivation shows the fused kernel's derivation, got {spec.algorithm!r}")
     tile = tuple(low.config.get(k) for k in ("block_m", "block_n"))
     steps = derivation_steps(spec, *tile)
     steps.append((f"4. Scheduled for {spec.target} by rule {low.rule} ({low.tuning.get('source', 'hand config')})",

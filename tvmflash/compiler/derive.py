@@ -51,17 +51,17 @@ from tvm.sym.analyzer import Analyzer as _Analyzer
 
 from .._compat import T, fast_tvmscript, tirx, tvm
 from ..definition.fused import (
-    ALPHA, EPILOGUE, INIT_L, INIT_M, INIT_O, K_LOAD, KV_LOOP_VAR, L_UPDATE, LSE_STORE, O_GEMM, O_GEMM_TILE,
+    ALPHA, EPILOGUE, INIT_L, INIT_M, INIT_O, K_LOAD, L_UPDATE, LSE_STORE, O_GEMM, O_GEMM_TILE,
     O_STAGE, O_STORE, P_CAST, P_EXP, Q_LOAD, ROW_MAX, ROW_MAX_TILE, ROW_SUM, ROW_SUM_TILE, RUNNING_MAX,
     S_GEMM, S_GEMM_TILE, S_STORE, STATE_UPDATE, TILE, V_LOAD,
 )
-from ..definition.mask import NEG_INF
+from ..definition.mask import NEG_INF, guarded
 from ..definition.plain import RAW, ScoreMod, plain_attention
 from ..spec import KernelSpec
 
 __all__ = [
     "NotRepairable", "Chain", "analyze", "rolling_update", "split_k_update", "derived_attention",
-    "fuse_query_tile", "SPLIT_COMBINE", "SPLIT_PARTIAL",
+    "derivation_steps", "SPLIT_COMBINE", "SPLIT_PARTIAL",
 ]
 
 Load = tvm.ir.TensorLoad
@@ -104,11 +104,11 @@ def _uses(e, var) -> bool:
 
 def _subst(e, vmap: dict, loads: dict):
     """``e`` with variables (uses only) replaced by ``vmap`` and loads of the buffers in ``loads``
-    replaced: a value is an expression, or a function of the load (indices already mapped)."""
+    replaced by the expressions there."""
     def on_load(ld):
         for buf, rep in loads.items():
             if ld.source.same_as(buf):
-                return rep(ld) if isinstance(rep, type(_subst)) else rep
+                return rep
         return ld
 
     def on_var(v, kind):
@@ -182,7 +182,6 @@ def _step(block) -> Step:
 class Chain:
     """Algorithm 0's blocks by what they do, with the checks of the module docstring passed."""
 
-    func: object
     shape: dict  # shape variable name -> Var
     params: dict  # parameter name -> buffer Var (q_h ... as Q, K, V, O, LSE) or the scale
     gemm: Step  # S = Q K^T
@@ -371,8 +370,10 @@ def analyze(func) -> Chain:
         _expect(len(lds) == 1, st, f"expected one load of {buf.name}")
         return lds[0]
 
-    return Chain(func, shape, params, gemm, score, max_st, exp_st, row_sum, cast, pv, out[0], lse[0], score_x,
-                 the_load(gemm, Q), the_load(gemm, K), the_load(pv, V))
+    chain = Chain(shape, params, gemm, score, max_st, exp_st, row_sum, cast, pv, out[0], lse[0], score_x,
+                  the_load(gemm, Q), the_load(gemm, K), the_load(pv, V))
+    _check_layout(chain)
+    return chain
 
 
 # -- the derived functions -------------------------------------------------------------------
@@ -421,10 +422,6 @@ def _tile_mask(x, inside, even: bool):
     return tirx.Select(inside, x, neg_inf)
 
 
-def _guarded(even: bool, inside, value, dtype: str):
-    return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
-
-
 class _Exprs:
     """Algorithm 0's expressions as the derived function needs them, each re-indexed into the
     tiles (``row``/``col``: the global query row and key of a tile element)."""
@@ -460,14 +457,12 @@ class _Exprs:
             return s_elem
         return self._at(ch.score, ch.score.store.value, {"b": b, "h": h, "i": row, "j": col}, {ch.gemm.out: s_elem})
 
-    def _x(self, b, h, row, col, s_elem):
+    def max_operand(self, b, h, row, col, s_elem):
+        """The score the max reduces (and P exponentiates), with tiling's key-padding mask."""
         ch = self.ch
         src = ch.score.out if ch.score is not None else ch.gemm.out
         x = self._at(ch.max, ch.x, {"b": b, "h": h, "i": row, "j": col}, {src: s_elem})
         return _tile_mask(x, col < self.shape["seq_k"], self.even)
-
-    def max_operand(self, b, h, row, col, s_elem):
-        return self._x(b, h, row, col, s_elem)
 
     def _exp_at(self, x_new, m_new):
         """P's exponential with its score replaced by ``x_new`` and its max load by ``m_new``."""
@@ -482,7 +477,7 @@ class _Exprs:
 
     def p(self, b, h, row, col, s_elem, m_elem):
         """P's formula on the tile's score against the running max."""
-        return self._at(self.ch.exp, self._exp_at(self._x(b, h, row, col, s_elem), m_elem),
+        return self._at(self.ch.exp, self._exp_at(self.max_operand(b, h, row, col, s_elem), m_elem),
                         {"b": b, "h": h, "i": row, "j": col}, {})
 
     def alpha(self, b, h, row, m_old, m_new):
@@ -507,17 +502,9 @@ class _Exprs:
         return self._at(ch.out, ch.out.store.value, {"b": b, "h": h, "i": row},
                         {ch.pv.out: acc_elem, ch.sum.out: l_elem})
 
-    def o_indices(self, b, h, row, d):
-        ch = self.ch
-        return [self._at(ch.out, i, {"b": b, "h": h, "i": row, "d": d}, {}) for i in ch.out.store.indices]
-
     def lse(self, b, h, row, m_elem, l_elem):
         ch = self.ch
         return self._at(ch.lse, ch.lse.store.value, {"b": b, "h": h, "i": row}, {ch.m: m_elem, ch.sum.out: l_elem})
-
-    def lse_indices(self, b, h, row):
-        ch = self.ch
-        return [self._at(ch.lse, i, {"b": b, "h": h, "i": row}, {}) for i in ch.lse.store.indices]
 
     def init(self, st):
         return st.block.init.value
@@ -544,9 +531,7 @@ def rolling_update(func, block_m: int, block_n: int, *, even: bool = False) -> t
     tiles (FlashAttention-2's ``Is_even_MN``): no bound checks, no key-padding mask.
 
     Raises ``NotRepairable`` (naming the block) for a chain whose repair the checks cannot prove."""
-    ch = analyze(func)
-    _check_layout(ch)
-    return _rolling(ch, int(block_m), int(block_n), bool(even))
+    return _rolling(analyze(func), int(block_m), int(block_n), bool(even))
 
 
 def _shared(ch: Chain, BM: int, BN: int, even: bool):
@@ -576,7 +561,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
         for i, d in T.grid(BM, D):
             with T.sblock(Q_LOAD):
                 vi, vd = T.axis.remap("SS", [i, d])
-                Q_tile[vi, vd] = _guarded(even, vqb * BM + vi < seq_q, ex.load("q", Q, vb, vh, vqb * BM + vi, vd), dtype)
+                Q_tile[vi, vd] = guarded(even, vqb * BM + vi < seq_q, ex.load("q", Q, vb, vh, vqb * BM + vi, vd), dtype)
         # the running state starts at the reductions' identities
         for i in range(BM):
             with T.sblock(INIT_M):
@@ -597,11 +582,11 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
         for j, d in T.grid(BN, D):
             with T.sblock(K_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
-                K_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, vh, kv_load + vj, vd), dtype)
+                K_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, vh, kv_load + vj, vd), dtype)
         for j, d in T.grid(BN, D):
             with T.sblock(V_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
-                V_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, vh, kv_load + vj, vd), dtype)
+                V_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, vh, kv_load + vj, vd), dtype)
         kv0: T.let[T.int32] = first
         with T.sblock(S_GEMM_TILE):
             for i, j, d in T.grid(BM, BN, D):
@@ -751,9 +736,7 @@ def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool =
     Raises ``NotRepairable`` as ``rolling_update`` does, and ValueError for ``parts`` < 1."""
     if not (isinstance(parts, int) and parts >= 1):
         raise ValueError(f"parts: expected an int >= 1, got {parts!r}")
-    ch = analyze(func)
-    _check_layout(ch)
-    return _split(ch, int(block_m), int(block_n), bool(even), parts)
+    return _split(analyze(func), int(block_m), int(block_n), bool(even), parts)
 
 
 @fast_tvmscript()
@@ -891,5 +874,5 @@ def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: Sc
         ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)),
         (f"3. Rolling update at tile {block_m}x{block_n}: one program per query tile, one pass over the key "
          f"tiles{' (even: no bound checks)' if spec.even else ''}",
-         rolling_update(plain, block_m, block_n, even=spec.even).script()),
+         _rolling(ch, int(block_m), int(block_n), spec.even).script()),
     ]

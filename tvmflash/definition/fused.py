@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
-from .mask import LN2, LOG2E, NEG_INF, finite, masked
+from .mask import LN2, LOG2E, NEG_INF, finite, guarded, masked
 
 __all__ = [
     "TILE", "Q_LOAD", "K_LOAD", "V_LOAD", "INIT_M", "INIT_L", "INIT_O", "S_GEMM_TILE",
@@ -148,7 +148,7 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                 for i, d in T.grid(BM, D):
                     with T.sblock(Q_LOAD):
                         vi, vd = T.axis.remap("SS", [i, d])
-                        Q_tile[vi, vd] = _guarded(even, vqb * BM + vi < seq_q, Q[vb, vqb * BM + vi, vh, vd], dtype)
+                        Q_tile[vi, vd] = guarded(even, vqb * BM + vi < seq_q, Q[vb, vqb * BM + vi, vh, vd], dtype)
                 # -- running state --
                 for i in range(BM):
                     with T.sblock(INIT_M):
@@ -174,11 +174,11 @@ def fused_attention(spec: KernelSpec, block_m: int, block_n: int) -> tirx.PrimFu
                     for j, d in T.grid(BN, D):
                         with T.sblock(K_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            K_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, K[vb, kv_load + vj, vh // G, vd], dtype)
+                            K_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, K[vb, kv_load + vj, vh // G, vd], dtype)
                     for j, d in T.grid(BN, D):
                         with T.sblock(V_LOAD):
                             vj, vd = T.axis.remap("SS", [j, d])
-                            V_tile[vj, vd] = _guarded(even, kv_load + vj < seq_k, V[vb, kv_load + vj, vh // G, vd], dtype)
+                            V_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, V[vb, kv_load + vj, vh // G, vd], dtype)
                     kv0: T.let[T.int32] = kb * BN
                     # -- S = Q K^T (in a block of its own: a clean GEMM scope for schedules) --
                     with T.sblock(S_GEMM_TILE):
@@ -315,9 +315,3 @@ def _num_kv_tiles(qb, seq_q, seq_k, BM: int, BN: int, causal: bool):
         return tirx.max(tirx.ceildiv(seq_k, BN), 1)
     last_key = tirx.min(seq_k, (qb + 1) * BM + seq_k - seq_q)
     return tirx.max(tirx.ceildiv(last_key, BN), 1)
-
-
-def _guarded(even: bool, inside, value, dtype: str):
-    """A tile element loaded from global memory: zero past the end, unless the kernel is even."""
-    return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
-

@@ -37,6 +37,12 @@ def is_masked_score(e) -> bool:
             and e.false_value.value == NEG_INF)
 
 
+def guarded(even: bool, inside, value, dtype: str):
+    """A tile element loaded from global memory: zero past the end, unless the kernel is even
+    (lengths multiples of the tile)."""
+    return value if even else tirx.if_then_else(inside, value, tirx.Cast(dtype, 0))
+
+
 def finite(m):
     """The row max to subtract: 0 for a row that has seen no key yet (max = -inf), so that
     exp2(-inf - (-inf)) never produces NaN (FlashAttention's ``Check_inf``)."""

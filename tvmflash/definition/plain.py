@@ -33,11 +33,7 @@ from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-__all__ = ["PLAIN_BLOCKS", "RAW", "ScoreMod", "plain_attention", "softcap"]
-
-#: The blocks of Algorithm 0, in program order (names for readers; the derivation reads the
-#: blocks' dataflow and algebra, not their names).
-PLAIN_BLOCKS = ("S", "score", "row_max", "P", "row_sum", "P_cast", "PV", "O", "lse")
+__all__ = ["RAW", "ScoreMod", "plain_attention", "softcap"]
 
 @dataclass(frozen=True)
 class ScoreMod:
