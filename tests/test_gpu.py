@@ -36,7 +36,8 @@ def _torch_reference(q, k, v, causal, dtype=None):
 @pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [
     (64, 1, 113, 501), (128, 4, 1023, 1023), (128, 8, 300, 37),
     (128, 2, 256, 512), (64, 1, 512, 128),  # tile multiples: the even kernel
-    (32, 2, 100, 77), (96, 2, 200, 333),  # the plain schedule
+    (32, 2, 100, 77), (96, 2, 200, 333), (256, 2, 130, 257),  # tensor cores (256: 16 rows a warp)
+    (96, 1, 128, 192), (256, 4, 256, 128),  # ... and their even kernels
 ])
 def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group, seq_q, seq_k):
     """FlashAttention's rule: our error against float64 at most 2x that of plain low precision."""
@@ -52,7 +53,7 @@ def test_matches_reference_flash_rule(algorithm, dtype, causal, head_dim, group,
     if algorithm == "fused":  # the even build where the lengths are multiples of the tile
         from tvmflash.runtime.api import kernel_for, spec_for
 
-        even = (head_dim, seq_q, seq_k) in {(128, 256, 512), (64, 512, 128)}
+        even = (head_dim, seq_q, seq_k) in {(128, 256, 512), (64, 512, 128), (96, 128, 192), (256, 256, 128)}
         assert kernel_for(spec_for(q, k, v, causal=causal)[0], seq_q, seq_k).spec.even == even
     ref = _torch_reference(q, k, v, causal)
     plain = _torch_reference(q, k, v, causal, dtype=dt)
@@ -129,7 +130,7 @@ def test_static_shape_kernel_on_gpu(head_dim, seqs, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_even_kernel_gives_the_general_kernels_bits(head_dim, causal):
     """attention() runs the even build on tile multiples; the general build gives the same bits."""
     import torch
@@ -195,3 +196,31 @@ def test_a_softcap_in_the_plain_definition_alone_on_tensor_cores(tmp_path, causa
     ref = (torch.softmax(s, -1) @ vd).transpose(1, 2)
     assert (out.double() - ref).abs().max().item() < 2e-2
     assert (lse.double() - torch.logsumexp(s, -1)).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_the_plain_rule_still_serves_where_it_is_the_only_one(head_dim, tmp_path, monkeypatch):
+    """With the tensor-core rule out of the registry, the plain one-thread-per-row schedule (the
+    fallback for what no tensor-core rule claims) still gives FlashAttention's accuracy."""
+    import torch
+
+    from tvmflash import rules
+    from tvmflash.rules import fused_cuda_mma
+
+    monkeypatch.setenv("TVMFLASH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(head_dim)
+    q = torch.randn(1, 150, 4, head_dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 97, 2, head_dim, device="cuda", dtype=torch.float16)
+    rules.unregister(fused_cuda_mma.RULE.name)
+    try:
+        out = tvmflash.attention(q, k, k, causal=True)
+        torch.cuda.synchronize()
+        from tvmflash.runtime.api import kernel_for, spec_for
+
+        assert kernel_for(spec_for(q, k, k, causal=True)[0], 150, 97).manifest["schedule"]["rule"] == \
+            "fused_cuda_plain"
+    finally:
+        rules.register(fused_cuda_mma.RULE, before="fused_cuda_plain")
+    ref = _torch_reference(q, k, k, True)
+    plain = _torch_reference(q, k, k, True, dtype=torch.float16)
+    assert (out.double() - ref).abs().max().item() <= 2 * (plain.double() - ref).abs().max().item() + 1e-5

@@ -114,11 +114,13 @@ def test_enumerated_space_is_one_design_space_per_config():
     config value; each replays on the dynamic function and compiles for CUDA (no GPU needed)."""
     spec = KernelSpec(32, target="nvidia/nvidia-a100")
     space = SP.space_for(spec)
-    assert space.name == "fused_cuda_plain" and space.apply is None
+    assert space.name == "fused_cuda_mma" and space.apply is None
     tile = space.tiles[0]
     spaces = space.sch_fn(tile)(Schedule(SP.workload(spec, tile, SHAPE)))
     assert len(spaces) == space.size(tile) >= 1
-    ex = tvm.compile(_replay(spaces[0].trace, spec, tile).mod, target=spec.tvm_target)
+    from tvmflash.compiler import compile_module
+
+    ex = compile_module(_replay(spaces[0].trace, spec, tile).mod, spec.tvm_target, rule_for(spec).pass_config(spec))
     assert any(m.kind == "cuda" for m in ex.mod.imports)
 
 

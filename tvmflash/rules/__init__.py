@@ -5,8 +5,8 @@ first, the general ones after. Each rule is one file exporting ``RULE``; a new k
 Hopper kernel, a head dim) is a new file and a line here. ``register`` adds a rule at run time
 (first, unless ``before`` names another), for plugins and tests.
 
-    fused_cuda_mma    fused, CUDA, tensor cores (head dims 64 and 128)
-    fused_cuda_plain  fused, CUDA, one thread per query row (any head dim)
+    fused_cuda_mma    fused, CUDA, tensor cores (head dims 32, 64, 96, 128, 256)
+    fused_cuda_plain  fused, CUDA, one thread per query row (what no tensor-core rule serves)
     fused_cpu         fused, llvm
     standard_cuda     standard (S and P in memory), CUDA: TVM's stock dlight rules
     standard_cpu      standard, llvm

@@ -52,7 +52,10 @@ UNROLL_CONFIG = {"tirx.UnrollLoop": {"auto_max_step": 1024, "explicit_unroll": F
 class FlashConfig:
     """Tile sizes and mapping of the tensor-core schedule.
 
-    block_m:   query rows per thread block (= num_warps * 32: one softmax row per thread).
+    block_m:   query rows per thread block: num_warps * 32 (each warp two 16-row mma tiles) or
+               num_warps * 16 (one tile a warp: half the accumulator registers per thread, what
+               head dim 256 needs). The running softmax state is one row per thread either way:
+               with 16 rows a warp, half the threads hold none.
     block_n:   keys per K/V tile.
     num_warps: warps per thread block; each owns block_m / num_warps query rows.
     vec:       elements per vectorised global load / store (8 halves = 16 bytes).
@@ -74,8 +77,9 @@ class FlashConfig:
     kv_buffers: int = 1
 
     def __post_init__(self):
-        if self.block_m != self.num_warps * 32:
-            raise ValueError(f"block_m: expected num_warps * 32 = {self.num_warps * 32}, got {self.block_m}")
+        if self.block_m not in (self.num_warps * 32, self.num_warps * 16):
+            raise ValueError(f"block_m: expected num_warps * 32 = {self.num_warps * 32} or num_warps * 16 = "
+                             f"{self.num_warps * 16}, got {self.block_m}")
         if self.block_n % 16:
             raise ValueError(f"block_n: expected a multiple of 16, got {self.block_n}")
         if self.stages not in (1, 2):
@@ -87,15 +91,19 @@ class FlashConfig:
 
 
 #: Head dims the tensor-core schedule serves: multiples of the 16-wide mma k step whose
-#: accumulator (block_m x head_dim floats over num_warps warps) fits the register file, and that
-#: passed the GPU tests. (96 builds and compiles too, but has not run on a GPU yet; 32 fails in
-#: TVM 0.27's StorageRewrite: it shares one shared.dyn allocation between a float16 and a float32
-#: buffer, "tvm_access_ptr element type must match the source buffer". Both take the plain schedule.)
-HEAD_DIMS = (64, 128)
+#: accumulator fits the register file. Up to 128 a warp owns 32 query rows; at 256 it owns 16
+#: (``_rows_per_warp``), as in FlashAttention-2, so that acc_o is 128 floats a thread.
+HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def _rows_per_warp(head_dim: int) -> int:
+    """Query rows a warp owns: 16 above head dim 128 (the accumulator's registers), else 32."""
+    return 16 if head_dim > 128 else 32
 
 
 def _bind_rows(sch: Schedule, loop, config: FlashConfig):
-    """One query row per thread: row = ty * 32 + tx."""
+    """One query row per thread: row = ty * 32 + tx (with 16 rows a warp, the threads past
+    block_m hold no row: the split's predicate)."""
     ty, tx = sch.split(loop, factors=[config.num_warps, 32])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -104,8 +112,16 @@ def _bind_rows(sch: Schedule, loop, config: FlashConfig):
 def _cooperative(sch: Schedule, block, config: FlashConfig, vectorize: bool = True):
     """All threads of the block copy a 2-D tile together, ``vec`` elements per access."""
     loops = sch.get_loops(block)
-    fused = sch.fuse(*loops[-2:])
-    _, ty, tx, vec = sch.split(fused, factors=[None, config.num_warps, 32, config.vec])
+    rows, cols = loops[-2:]
+    extent = sch.get(cols).extent
+    if int(extent) & (int(extent) - 1):
+        # A row length that is no power of two (head dim 96): the vectors are split off the row
+        # first, since the analyzer cannot prove that a vector of the fused (row, col) loop stays
+        # in one row, and would leave the copy scalar (and synchronous).
+        cols, vec = sch.split(cols, factors=[None, config.vec])
+        _, ty, tx = sch.split(sch.fuse(rows, cols), factors=[None, config.num_warps, 32])
+    else:
+        _, ty, tx, vec = sch.split(sch.fuse(rows, cols), factors=[None, config.num_warps, 32, config.vec])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     if vectorize:
@@ -253,6 +269,12 @@ _KV_LOAD, _K, _V, _S_GEMM = 0, 1, 2, 5
 _LOADS = (_KV_LOAD, _K, _V)
 
 
+def _kv_loop_body(config: FlashConfig) -> int:
+    """``KV_LOOP_BODY``, less one where a warp owns 16 rows: the state update (the last two
+    statements) then runs under the row predicate of ``_bind_rows``, one guarded statement."""
+    return KV_LOOP_BODY - (config.block_m < 32 * config.num_warps)
+
+
 def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     """Software-pipeline the K/V loop (``config.stages`` 2): the K and V loads are stage 0 and
     asynchronous, the rest stage 1, so tile j+1's loads are in flight while tile j is computed.
@@ -262,7 +284,8 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     refuses them ("Cannot insert syncs inside condition")."""
     if config.stages == 1:
         return
-    body = list(range(KV_LOOP_BODY))
+    n = _kv_loop_body(config)
+    body = list(range(n))
     if config.kv_buffers == 1:
         # A load issued after the last reader of its buffer in the body needs no second buffer
         # (InjectSoftwarePipeline versions a buffer only if a stage-0 write precedes a stage-1 read).
@@ -272,16 +295,18 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
         body[at:at] = [_KV_LOAD, _K]
         body.append(_V)
     kb = sch.get_loops(D.K_LOAD)[0]
-    sch.annotate(kb, "software_pipeline_stage", [0 if i in _LOADS else 1 for i in range(KV_LOOP_BODY)])
-    sch.annotate(kb, "software_pipeline_order", [body.index(i) for i in range(KV_LOOP_BODY)])
+    sch.annotate(kb, "software_pipeline_stage", [0 if i in _LOADS else 1 for i in range(n)])
+    sch.annotate(kb, "software_pipeline_order", [body.index(i) for i in range(n)])
     sch.annotate(kb, "software_pipeline_async_stages", [0])
 
 
 def _hand_config(head_dim: int) -> FlashConfig:
-    """Hand-chosen tiles (FlashAttention-2's for sm_80/sm_90 forward)."""
+    """Hand-chosen tiles: 128x64 with 4 warps (FlashAttention-2's for sm_80/sm_90 forward), and
+    at head dim 256 64x64 with 4 warps of 16 rows (the fastest of ``TILES_256`` on the H200,
+    docs/performance.md)."""
     if head_dim <= 128:
         return FlashConfig(block_m=128, block_n=64, num_warps=4)
-    return FlashConfig(block_m=64, block_n=32, num_warps=2)
+    return FlashConfig(block_m=64, block_n=64, num_warps=4)
 
 
 def _knobs(bm: int, bn: int) -> dict:
@@ -295,6 +320,10 @@ def _knobs(bm: int, bn: int) -> dict:
 #: ("Cannot access address of warp memory directly"). VerifyGPUCode drops what exceeds the GPU's
 #: shared memory.
 TILES = ((128, 64), (128, 32), (128, 96), (128, 128), (64, 64), (64, 32))
+
+#: The tiles at head dim 256 (16 rows a warp: 8 or 4 warps): K/V tiles of 64 or 32 keys, as
+#: FlashAttention-2; wider ones leave no registers for S beside acc_o.
+TILES_256 = ((128, 64), (128, 32), (64, 64), (64, 32))
 
 
 @dataclass(frozen=True)
@@ -329,11 +358,12 @@ class FusedCudaMma(ScheduleRule):
         return frozenset(I.intrinsics(spec.dtype).values())
 
     def space(self, spec: KernelSpec) -> Space:
+        rows = _rows_per_warp(spec.head_dim)
         return Space(
             name=self.name,
-            tiles=TILES,
+            tiles=TILES_256 if rows == 16 else TILES,
             knobs=_knobs,
-            config=lambda bm, bn, **kw: FlashConfig(block_m=bm, block_n=bn, num_warps=bm // 32, **kw),
+            config=lambda bm, bn, **kw: FlashConfig(block_m=bm, block_n=bn, num_warps=bm // rows, **kw),
             schedule=self.apply,
             postprocs=lambda: [ms.postproc.VerifyGPUCode()],
             target=dynamic_shared_memory_target,
@@ -411,11 +441,29 @@ class FusedCudaMma(ScheduleRule):
 
         # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
         _store_fragments(sch, D.O_STAGE, intrin["store_shared"], config)
+        if _o_stage_fits_in_q(func):
+            # StorageRewrite would place the float32 O stage in the dead float16 Q tile, which
+            # the mma store's access pointer refuses (docs/tvm-0.27.md, section 4): padded rows
+            # make the stage larger than the Q tile, and cut the store's bank conflicts too.
+            sch.storage_align(_tensorized(sch, D.O_STAGE), 0, axis=0, factor=32, offset=8)
         _cooperative(sch, D.O_STORE, config, vectorize=False)
 
         # Step 8. The K/V loads run ahead of the tile computed, asynchronously (cp.async).
         _pipeline_kv_loop(sch, config)
         return sch
+
+
+def _tensorized(sch: Schedule, name: str):
+    """The outer block ``tensorize`` left of block ``name`` (its annotations are the ones kept)."""
+    return sch.get_sblock(name + "_o")
+
+
+def _o_stage_fits_in_q(func: tirx.PrimFunc) -> bool:
+    """Whether the O stage (float32, head_dim per row) fits in the Q tile's allocation (float16,
+    rows padded to 8 mod 64 elements): at head dim 32 it does, from 64 on it does not."""
+    d = int(func.params[0].ty.shape[-1])
+    padded = d + (8 - d) % 64
+    return 4 * d <= 2 * padded
 
 
 def _dtype(func: tirx.PrimFunc) -> str:
