@@ -91,6 +91,16 @@ def test_new_head_dims_compile_with_their_tiles_in_registers(head_dim, threads):
             assert r.spill_stores <= SPILL_BUDGET and r.stack_frame <= SPILL_BUDGET, (arch, r)
 
 
+def test_softcap_kernel_builds_for_cuda():
+    """A softcap kernel on tensor cores: the cap is a kernel parameter after sm_scale, the scores
+    go through tanh on the fragments."""
+    spec = KernelSpec(128, causal=True, softcap=True, target="nvidia/nvidia-h100")
+    cu = cuda_source(spec)
+    (params,) = dict(_kernels(cu)).values()
+    assert re.search(r"float sm_scale, float softcap", params), params
+    assert "tanhf(" in cu and "mma.sync.aligned.m16n8k16" in cu
+
+
 def test_lowered_tir_keeps_block_names():
     """The definition's block names survive the schedule (a tensorized block as ``<name>_o``)."""
     lowered = lower(KernelSpec(32, target="nvidia/nvidia-a100"))

@@ -181,3 +181,17 @@ def test_chains_the_repair_cannot_prove_are_refused(case):
 def test_split_k_update_checks_its_parts():
     with pytest.raises(ValueError, match="parts: expected an int >= 1, got 0"):
         derive.split_k_update(plain_attention(KernelSpec(64)), 64, 32, 0)
+
+
+def test_a_runtime_softcap_is_a_parameter_of_the_derived_functions():
+    """``KernelSpec(softcap=True)``: Algorithm 0 takes the cap as a scalar after sm_scale, and both
+    derived forms carry it (their templates declare every scalar; one Algorithm 0 lacks goes)."""
+    spec = KernelSpec(64, causal=True, softcap=True)
+    names = lambda f: [p.name for p in f.params][-2:]  # noqa: E731
+    assert names(plain_attention(spec)) == ["sm_scale", "softcap"]
+    assert names(derive.derived_attention(spec, 32, 32)) == ["sm_scale", "softcap"]
+    assert names(derive.split_k_update(plain_attention(spec), 32, 32, 2)) == ["sm_scale", "softcap"]
+    assert "softcap" not in [p.name for p in derive.derived_attention(spec.replace(softcap=False), 32, 32).params]
+    assert "tanh" in derive.derived_attention(spec, 32, 32).script()
+    with pytest.raises(ValueError, match=r"score_mod: a spec with softcap=True takes the runtime cap"):
+        plain_attention(spec, softcap(5.0))

@@ -13,8 +13,9 @@ from tvmflash import KernelSpec, build
 pytestmark = pytest.mark.gpu
 
 
-def _torch_reference(q, k, v, causal, dtype=None):
-    """SDPA in the given dtype (None: float64) with the bottom-right causal mask."""
+def _torch_reference(q, k, v, causal, dtype=None, softcap=0.0):
+    """SDPA in the given dtype (None: float64) with the bottom-right causal mask (and the scores
+    soft-capped with ``softcap`` > 0)."""
     import torch
 
     group = q.shape[2] // k.shape[2]
@@ -22,6 +23,8 @@ def _torch_reference(q, k, v, causal, dtype=None):
     qt, kt, vt = (x.to(dt).transpose(1, 2) for x in (q, k, v))
     kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
     s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     if causal:
         sq, sk = q.shape[1], k.shape[1]
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
@@ -224,3 +227,27 @@ def test_the_plain_rule_still_serves_where_it_is_the_only_one(head_dim, tmp_path
     ref = _torch_reference(q, k, k, True)
     plain = _torch_reference(q, k, k, True, dtype=torch.float16)
     assert (out.double() - ref).abs().max().item() <= 2 * (plain.double() - ref).abs().max().item() + 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [(128, 2, 300, 517), (256, 1, 128, 256), (64, 4, 77, 33)])
+def test_softcap_through_attention_flash_rule(dtype, causal, head_dim, group, seq_q, seq_k):
+    """``attention(..., softcap=cap)`` on tensor cores (the cap a runtime value; even builds where
+    the lengths are tile multiples): FlashAttention's rule against the capped float64 result."""
+    import torch
+
+    torch.manual_seed(head_dim + seq_q)
+    dt = getattr(torch, dtype)
+    q = 3 * torch.randn(2, seq_q, 8, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    v = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    for cap in (5.0, 50.0):
+        out, lse = tvmflash.attention(q, k, v, causal=causal, softcap=cap, return_lse=True)
+        torch.cuda.synchronize()
+        ref = _torch_reference(q, k, v, causal, softcap=cap)
+        plain = _torch_reference(q, k, v, causal, dtype=dt, softcap=cap)
+        err = (out.double() - ref).abs().max().item()
+        plain_err = (plain.double() - ref).abs().max().item()
+        assert err <= 2 * plain_err + 1e-5, f"cap {cap}: max error {err:.3e} > 2 x plain {plain_err:.3e}"
+        assert not torch.isnan(out).any() and lse.shape == (2, 8, seq_q)

@@ -160,3 +160,12 @@ def test_inspect_derivation_prints_the_steps(capsys):
     assert 'T.sblock("row_max")' in out[first:out.index("=== 2")]  # Algorithm 0's blocks
     assert 'T.sblock("state_update")' in out[third:out.index("=== 4")]  # the online softmax
     assert "combiner max, identity -inf" in out
+
+
+def test_inspect_builds_a_softcap_kernel(capsys):
+    from tvmflash import cli
+
+    assert cli.main(["inspect", "--head-dim", "64", "--softcap", "--target", "cpu"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["key"] == KernelSpec(64, softcap=True).key and shown["spec"]["softcap"] is True
+    assert "softcap" in shown["arguments"]

@@ -173,3 +173,25 @@ def test_nan_and_inf_propagate_as_pytorch(rng, where, value):
     finite = np.isfinite(ref)
     assert finite.any()
     np.testing.assert_allclose(out[finite].astype(np.float64), ref[finite], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim, group, seq_q, seq_k", [(64, 2, 113, 77), (32, 1, 1, 200), (128, 4, 70, 70)])
+def test_softcap_matches_the_capped_reference(rng, dtype, causal, head_dim, group, seq_q, seq_k):
+    """Logit soft-capping (Gemma-2, FlashAttention-2's ``softcap``): one kernel, the cap given at
+    call time; large logits, so the cap changes the result (checked against the uncapped one)."""
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, 4 * group, 4, head_dim, dtype, scale=3.0)
+    for cap in (4.0, 30.0):
+        out, lse = tvmflash.attention(q, k, v, causal=causal, softcap=cap, return_lse=True, softmax_scale=0.3)
+        ref_out, ref_lse = attention_reference(q, k, v, causal=causal, softcap=cap, softmax_scale=0.3)
+        assert_close_to_reference(out, lse, ref_out, ref_lse, dtype)
+    raw, _ = attention_reference(q, k, v, causal=causal, softmax_scale=0.3)
+    assert np.abs(out.astype(np.float64) - raw).max() > 0.05
+    assert get_kernel(KernelSpec(head_dim, dtype, causal=causal, group=group, softcap=True)).spec.softcap
+
+
+def test_softcap_zero_is_the_plain_kernel(rng):
+    q, k, v = make_qkv(rng, 1, 40, 50, 2, 2, 64, "float16")
+    assert np.array_equal(tvmflash.attention(q, k, v, softcap=0.0), tvmflash.attention(q, k, v))
+    assert np.array_equal(tvmflash.attention(q, k, v, softcap=0), tvmflash.attention(q, k, v))

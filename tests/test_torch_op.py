@@ -24,6 +24,7 @@ CASES = [
     dict(args=(2, 37, 50, 4, 2, 64), kwargs=dict(causal=True)),
     dict(args=(1, 70, 45, 8, 1, 64), kwargs=dict(softmax_scale=0.3)),
     dict(args=(2, 33, 33, 2, 2, 32), kwargs=dict(), dtype=torch.bfloat16),
+    dict(args=(1, 29, 41, 4, 2, 64), kwargs=dict(causal=True, softcap=3.0)),
 ]
 
 
@@ -87,3 +88,13 @@ def test_fake_shapes_and_errors():
             OP(q, k.half(), k)
         with pytest.raises(TypeError, match=r"q: expected dtype float16 or bfloat16, got float32"):
             OP(q.float(), k.float(), k.float())
+
+
+def test_softcap_passes_through_the_op():
+    q, k, v = _qkv(4, 1, 45, 60, 4, 4, 64)
+    q = q * 4  # scores large enough for the cap to matter
+    out, lse = OP(q, k, v, softcap=2.5)
+    want, want_lse = tvmflash.attention(q, k, v, softcap=2.5, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref = attention_reference(*(x.numpy() for x in (q, k, v)), softcap=2.5)
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")

@@ -171,3 +171,26 @@ def test_standard_refuses_s_beyond_int32_indexing():
     q = np.zeros((1, 65536, 16, 32), np.float16)  # 16 * 65536^2 elements in S
     with pytest.raises(ValueError, match=r"seq_q, seq_k: .*int32"):
         kern(q, q, q)
+
+
+def test_bad_softcap(qkv):
+    q, k, v = qkv
+    check(ValueError, r"softcap: expected a finite float >= 0 \(0 = off\), got -1.0", tvmflash.attention, q, k, v,
+          softcap=-1.0)
+    check(ValueError, r"softcap: expected a finite float >= 0 \(0 = off\), got nan", tvmflash.attention, q, k, v,
+          softcap=float("nan"))
+    check(TypeError, r"softcap: expected a float \(0 = off\), got str", tvmflash.attention, q, k, v, softcap="50")
+    check(TypeError, r"softcap: expected a float \(0 = off\), got bool", tvmflash.attention, q, k, v, softcap=True)
+    check(ValueError, r"softcap: the fused algorithm only .* got algorithm='standard'", tvmflash.attention, q, k, v,
+          softcap=30.0, algorithm="standard")
+    check(TypeError, r"softcap: expected a bool \(the cap itself is a runtime value\), got float", KernelSpec, 64,
+          softcap=50.0)
+
+
+def test_kernel_softcap_must_match_its_build(qkv):
+    q, k, v = qkv
+    capped, plain = get_kernel(KernelSpec(64, group=2, softcap=True)), get_kernel(KernelSpec(64, group=2))
+    check(ValueError, r"softcap: kernel fwd_f16_d64_softcap_g2_cpu\w* is built with a softcap: expected a cap > 0, "
+          r"got 0", capped, q, k, v)
+    check(ValueError, r"softcap: kernel fwd_f16_d64_g2_cpu\w* has none \(built with softcap=False\): expected 0, "
+          r"got 20.0", plain, q, k, v, softcap=20.0)

@@ -23,6 +23,7 @@ def _spec_from_args(args, target: str):
         target=target,
         shape=_parse_shape(getattr(args, "shape", None)),
         even=bool(getattr(args, "even", False)),
+        softcap=bool(getattr(args, "softcap", False)),
     )
 
 
@@ -60,6 +61,8 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--even", action="store_true", default=d(False),
                    help="the even build: lengths are multiples of the tile, no bound checks (what "
                         "attention() runs on a GPU where the lengths allow)")
+    p.add_argument("--softcap", action="store_true", default=d(False),
+                   help="logit soft-capping compiled in (the cap is a runtime argument, attention(softcap=...))")
 
 
 def cmd_build(args) -> int:
@@ -251,9 +254,10 @@ def _inspected_spec(args) -> KernelSpec:
 
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
-                       ("--algorithm", "algorithm"), ("--even", "even"), ("--target", "target")]
+                       ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
+                       ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
-                         target="nvidia/nvidia-a100")
+                         softcap=False, target="nvidia/nvidia-a100")
 
 
 def cmd_inspect(args) -> int:
@@ -482,7 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused hand' (the hand "
-                        "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'sdpa flash' 'sdpa cudnn'")
+                        "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'tvmflash fused softcap' "
+                        "(softcap=50) 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.add_argument("--memory", action="store_true",

@@ -73,6 +73,9 @@ class KernelSpec:
                (block_m, block_n): the kernel has no bound checks and no key-padding mask, and
                refuses other lengths (FlashAttention-2's ``Is_even_MN``). ``attention`` picks it by
                itself on a GPU where the lengths allow.
+    softcap:   (fused) logit soft-capping, as Gemma-2 and FlashAttention-2: the scaled scores
+               become ``cap * tanh(scores / cap)`` before the softmax. The cap is a runtime value
+               (``attention(..., softcap=cap)``), as ``softmax_scale`` is; the flag compiles it in.
     """
 
     head_dim: int
@@ -83,6 +86,7 @@ class KernelSpec:
     target: str = "cpu"
     shape: tuple | None = None
     even: bool = False
+    softcap: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -113,6 +117,12 @@ class KernelSpec:
             raise TypeError(f"target: expected a str, got {type(self.target).__name__}")
         if not isinstance(self.even, bool):
             raise TypeError(f"even: expected a bool, got {type(self.even).__name__}")
+        if not isinstance(self.softcap, bool):
+            raise TypeError(f"softcap: expected a bool (the cap itself is a runtime value), got "
+                            f"{type(self.softcap).__name__}")
+        if self.softcap and self.algorithm != "fused":
+            raise ValueError(f"softcap: the fused algorithm only (the standard one has no score step), got "
+                             f"algorithm={self.algorithm!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -131,6 +141,8 @@ class KernelSpec:
         parts = ["fwd" if self.algorithm == "fused" else "std", _DTYPE_SHORT[self.dtype], f"d{self.head_dim}"]
         if self.causal:
             parts.append("causal")
+        if self.softcap:
+            parts.append("softcap")
         parts.append(f"g{self.group}")
         if self.shape is not None:
             b, sq, sk, h = self.shape

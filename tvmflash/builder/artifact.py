@@ -59,6 +59,7 @@ def _argument_layout(spec: KernelSpec) -> dict:
         "out": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
         "lse": "[batch, heads, seqlen_q] float32 (natural log)",
         "softmax_scale": "float32, default 1/sqrt(head_dim)",
+        **({"softcap": "float32 > 0: scores become softcap * tanh(scores / softcap)"} if spec.softcap else {}),
     }
 
 

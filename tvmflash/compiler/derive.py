@@ -56,7 +56,7 @@ from ..definition.fused import (
     S_GEMM, S_GEMM_TILE, S_STORE, STATE_UPDATE, TILE, V_LOAD,
 )
 from ..definition.mask import NEG_INF, guarded
-from ..definition.plain import RAW, ScoreMod, plain_attention
+from ..definition.plain import ScoreMod, plain_attention, without_param
 from ..spec import KernelSpec
 
 __all__ = [
@@ -74,6 +74,9 @@ SPLIT_COMBINE = "combine"
 
 #: Shape variables of the definitions, by name (the derived function declares its own).
 _SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
+#: The scalar parameters a derived function can carry, in its signature's order after the buffers:
+#: the softmax scale, and the cap of a runtime softcap (``definition.plain.SOFTCAP``).
+SCALARS = ("sm_scale", "softcap")
 #: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
 _ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
 
@@ -202,12 +205,13 @@ class Chain:
     def m(self):
         return self.max.out
 
-    def at(self, step: Step, e, roles: dict, loads: dict, shape: dict, scale):
+    def at(self, step: Step, e, roles: dict, loads: dict, shape: dict, scalars: dict):
         """Expression ``e`` of block ``step`` re-indexed: its iterators by role to ``roles``, the
-        shape variables and the scale to the derived function's, loads to ``loads``."""
+        shape variables and the scalar parameters (``SCALARS``) to the derived function's, loads
+        to ``loads``."""
         vmap = {step.roles[r]: v for r, v in roles.items() if r in step.roles}
         vmap.update({self.shape[n]: shape[n] for n in self.shape})
-        vmap[self.params["sm_scale"]] = scale
+        vmap.update({self.params[n]: scalars[n] for n in SCALARS if n in self.params})
         return _subst(e, vmap, loads)
 
 
@@ -268,6 +272,10 @@ def analyze(func) -> Chain:
     for name in ("Q", "K", "V", "O", "LSE", "sm_scale"):
         if name not in params:
             raise NotRepairable(f"the function has no parameter {name!r} (expected q, k, v, o, lse, sm_scale)")
+    extra = [n for n in params if n not in ("Q", "K", "V", "O", "LSE") and n not in SCALARS]
+    if extra:
+        raise NotRepairable(f"the function has parameters {extra} the derived forms do not carry (they take "
+                            f"the buffers and the scalars {list(SCALARS)})")
     Q, K, V, O, LSE = (params[n] for n in ("Q", "K", "V", "O", "LSE"))
     shape = {}
     for buf in (Q, K, V, O, LSE):
@@ -428,14 +436,15 @@ class _Exprs:
 
     def __init__(self, ch: Chain, even: bool):
         self.ch, self.even = ch, even
-        self.shape = self.scale = None
+        self.shape = self.scalars = None
 
-    def bind(self, shape: dict, scale):
-        """The derived function's shape variables and scale (called as its body is parsed)."""
-        self.shape, self.scale = shape, scale
+    def bind(self, shape: dict, *scalars):
+        """The derived function's shape variables and scalars, in ``SCALARS`` order (called as
+        its body is parsed)."""
+        self.shape, self.scalars = shape, dict(zip(SCALARS, scalars))
 
     def _at(self, st, e, roles, loads):
-        return self.ch.at(st, e, roles, loads, self.shape, self.scale)
+        return self.ch.at(st, e, roles, loads, self.shape, self.scalars)
 
     def load(self, which, buf, b, h, pos, d):
         ch = self.ch
@@ -531,7 +540,17 @@ def rolling_update(func, block_m: int, block_n: int, *, even: bool = False) -> t
     tiles (FlashAttention-2's ``Is_even_MN``): no bound checks, no key-padding mask.
 
     Raises ``NotRepairable`` (naming the block) for a chain whose repair the checks cannot prove."""
-    return _rolling(analyze(func), int(block_m), int(block_n), bool(even))
+    ch = analyze(func)
+    return _carried(ch, _rolling(ch, int(block_m), int(block_n), bool(even)))
+
+
+def _carried(ch: Chain, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The derived ``func`` with the scalar parameters Algorithm 0 has: the templates declare
+    every one of ``SCALARS``, and those it lacks (a softcap) go."""
+    for name in SCALARS:
+        if name not in ch.params:
+            func = without_param(func, name)
+    return func
 
 
 def _shared(ch: Chain, BM: int, BN: int, even: bool):
@@ -656,6 +675,7 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
+        softcap: T.float32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -668,7 +688,7 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
         V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale)
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap)
 
         for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
             with T.sblock(TILE):
@@ -720,7 +740,8 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
     return main
 
 
-def derived_attention(spec: KernelSpec, block_m: int, block_n: int, score_mod: ScoreMod = RAW) -> tirx.PrimFunc:
+def derived_attention(spec: KernelSpec, block_m: int, block_n: int,
+                      score_mod: ScoreMod | None = None) -> tirx.PrimFunc:
     """The fused kernel's definition for ``spec``: Algorithm 0 (``plain_attention``) through the
     rolling update at (block_m, block_n)."""
     return rolling_update(plain_attention(spec, score_mod), block_m, block_n, even=spec.even)
@@ -736,7 +757,8 @@ def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool =
     Raises ``NotRepairable`` as ``rolling_update`` does, and ValueError for ``parts`` < 1."""
     if not (isinstance(parts, int) and parts >= 1):
         raise ValueError(f"parts: expected an int >= 1, got {parts!r}")
-    return _split(analyze(func), int(block_m), int(block_n), bool(even), parts)
+    ch = analyze(func)
+    return _carried(ch, _split(ch, int(block_m), int(block_n), bool(even), parts))
 
 
 @fast_tvmscript()
@@ -752,6 +774,7 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
+        softcap: T.float32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -764,7 +787,7 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
         V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale)
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap)
         with T.sblock("root"):
             m_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
             l_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
@@ -864,7 +887,7 @@ def describe(ch: Chain) -> str:
     return "\n".join(lines)
 
 
-def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: ScoreMod = RAW) -> list:
+def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: ScoreMod | None = None) -> list:
     """[(title, text)]: Algorithm 0, what the analysis found, and the rolling update's function at
     (block_m, block_n) (what the rule then schedules)."""
     plain = plain_attention(spec, score_mod)
@@ -874,5 +897,5 @@ def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: Sc
         ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)),
         (f"3. Rolling update at tile {block_m}x{block_n}: one program per query tile, one pass over the key "
          f"tiles{' (even: no bound checks)' if spec.even else ''}",
-         _rolling(ch, int(block_m), int(block_n), spec.even).script()),
+         _carried(ch, _rolling(ch, int(block_m), int(block_n), spec.even)).script()),
     ]

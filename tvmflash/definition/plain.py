@@ -33,41 +33,69 @@ from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-__all__ = ["RAW", "ScoreMod", "plain_attention", "softcap"]
+__all__ = ["RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
 
 @dataclass(frozen=True)
 class ScoreMod:
-    """What the softmax sees of a raw score ``s``: ``score(s, sm_scale)``, and the constant its
-    base-2 exponential multiplies by, ``exp_scale(sm_scale)``."""
+    """What the softmax sees of a raw score ``s``: ``score(s, sm_scale, cap)``, and the constant
+    its base-2 exponential multiplies by, ``exp_scale(sm_scale)``. ``cap`` is the function's
+    runtime ``softcap`` parameter, which only a mod with ``runtime_cap`` reads (the others'
+    functions have no such parameter)."""
 
     name: str
     score: Callable
     exp_scale: Callable
+    runtime_cap: bool = False
 
 
 #: Raw scores, the scale inside exp2 (FlashAttention-2's form).
-RAW = ScoreMod("raw", lambda s, sm_scale: s, lambda sm_scale: sm_scale * tirx.const(LOG2E, "float32"))
+RAW = ScoreMod("raw", lambda s, sm_scale, cap: s, lambda sm_scale: sm_scale * tirx.const(LOG2E, "float32"))
+
+
+def _capped(s, sm_scale, cap):
+    """Gemma-2's logit soft-capping of the scaled score: cap * tanh(s * sm_scale / cap)."""
+    return cap * tirx.tanh(s * sm_scale / cap)
+
+
+#: Soft-capping with the cap a runtime argument (``KernelSpec.softcap``), then exp2 of the capped
+#: score times log2(e).
+SOFTCAP = ScoreMod("softcap", _capped, lambda sm_scale: tirx.const(LOG2E, "float32"), runtime_cap=True)
 
 
 def softcap(cap: float) -> ScoreMod:
-    """Gemma-2's logit soft-capping: score = cap * tanh(s * sm_scale / cap), then exp2 of the
-    capped score times log2(e). A variant written here only: the derivation carries it."""
+    """Soft-capping with a cap fixed at compile time (the derivation's tests: a variant written
+    here only, which the derivation carries)."""
     if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
         raise ValueError(f"softcap: expected a positive finite cap, got {cap!r}")
     cap_c = tirx.const(float(cap), "float32")
-    return ScoreMod(f"softcap({cap:g})", lambda s, sm_scale: cap_c * tirx.tanh(s * sm_scale / cap_c),
+    return ScoreMod(f"softcap({cap:g})", lambda s, sm_scale, _: _capped(s, sm_scale, cap_c),
                     lambda sm_scale: tirx.const(LOG2E, "float32"))
 
 
-@fast_tvmscript()
-def plain_attention(spec: KernelSpec, score_mod: ScoreMod = RAW) -> tirx.PrimFunc:
+def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx.PrimFunc:
     """Algorithm 0 for ``spec`` (its dtype, head dim, group and causal flag): q, k, v, o, lse
-    buffers and ``sm_scale``, as the fused kernels take them."""
+    buffers and ``sm_scale``, as the fused kernels take them, and ``softcap`` after them where
+    the score mod reads it. ``score_mod`` defaults to the spec's: ``SOFTCAP`` with
+    ``spec.softcap``, else ``RAW``."""
+    mod = score_mod or (SOFTCAP if spec.softcap else RAW)
+    if spec.softcap and not mod.runtime_cap:
+        raise ValueError(f"score_mod: a spec with softcap=True takes the runtime cap (SOFTCAP), got {mod.name}")
+    func = _plain(spec, mod)
+    return func if mod.runtime_cap else without_param(func, "softcap")
+
+
+def without_param(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    """``func`` less its scalar parameter ``name``, which its body does not read."""
+    param = next(p for p in func.params if p.name == name)
+    return func.specialize({param: tirx.const(0.0, "float32")})
+
+
+@fast_tvmscript()
+def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     D = spec.head_dim
     dtype = spec.dtype
     G = spec.group
     causal = spec.causal
-    mod = score_mod
     neg_inf = tirx.const(NEG_INF, "float32")
     zero_f = tirx.const(0.0, "float32")
 
@@ -77,7 +105,7 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod = RAW) -> tirx.PrimFun
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
-        sm_scale: T.float32,
+        sm_scale: T.float32, softcap: T.float32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -109,7 +137,7 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod = RAW) -> tirx.PrimFun
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    Sc[vb, vh, vi, vj] = mod.score(S[vb, vh, vi, vj], sm_scale)
+                    Sc[vb, vh, vi, vj] = mod.score(S[vb, vh, vi, vj], sm_scale, softcap)
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_max"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])

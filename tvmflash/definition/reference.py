@@ -7,8 +7,10 @@ import math
 import numpy as np
 
 
-def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
-    """softmax(Q K^T * scale) V in float64, FlashAttention layout and semantics.
+def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                        softcap: float = 0.0):
+    """softmax(Q K^T * scale) V in float64, FlashAttention layout and semantics; with ``softcap``
+    > 0 the scaled scores are soft-capped first, ``softcap * tanh(s / softcap)``.
 
     q: [batch, seq_q, heads, d]; k, v: [batch, seq_k, heads_kv, d] (heads % heads_kv == 0).
     Causal is aligned bottom-right: row i sees keys j <= i + seq_k - seq_q.
@@ -25,6 +27,8 @@ def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float |
     k = np.repeat(k, group, axis=2)
     v = np.repeat(v, group, axis=2)
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
     if causal:
         rows = np.arange(sq)[:, None]
         cols = np.arange(sk)[None, :]

@@ -22,7 +22,7 @@ def target_for(device: str) -> str:
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None, return_lse: bool = False,
-              algorithm: str = "fused", static_shape: bool = False):
+              algorithm: str = "fused", static_shape: bool = False, softcap: float = 0.0):
     """softmax(q k^T * softmax_scale) v, FlashAttention's layout and semantics.
 
     q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim] with
@@ -36,24 +36,28 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     (float32, natural log; -inf for rows that see no key).
     static_shape: compile (once, cached) a kernel for exactly this shape: bound checks and
     index arithmetic fold away; a new shape builds anew.
+    softcap: logit soft-capping (Gemma-2, FlashAttention-2's ``softcap``): the scaled scores
+    become ``softcap * tanh(scores / softcap)`` before the softmax; 0 (default) is off. The cap
+    is a runtime value: one kernel serves every cap.
     """
     causal = V.check_bool(causal, "causal")
     static_shape = V.check_bool(static_shape, "static_shape")
     return_lse = V.check_bool(return_lse, "return_lse")
-    spec, (b, sq, sk, h) = spec_for(q, k, v, causal=causal, algorithm=algorithm)
+    cap = V.check_softcap(softcap)
+    spec, (b, sq, sk, h) = spec_for(q, k, v, causal=causal, algorithm=algorithm, softcap=bool(cap))
     V.check_no_grad(V.array_kind(q, "q"), q, k, v)
     V.check_scale(softmax_scale, spec.head_dim)
     if static_shape:
         spec = spec.replace(shape=(b, sq, sk, h))
-    return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
+    return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=cap)
 
 
-def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused"):
+def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused", softcap: bool = False):
     """(the any-shape KernelSpec that serves these inputs on their device, (batch, seq_q, seq_k,
     heads))."""
     _, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(q, k, v)
     spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
-                      target=target_for(device))
+                      target=target_for(device), softcap=softcap)
     return spec, (b, sq, sk, h)
 
 

@@ -78,12 +78,14 @@ class Kernel:
         return manifest_resources(self.manifest, archs)[0]
 
     # -- calling --
-    def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False):
+    def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False,
+                 softcap: float = 0.0):
         """Attention of q [batch, seq_q, heads, d] over k, v [batch, seq_k, heads_kv, d].
 
         ``out`` / ``lse`` are optional buffers to write into (shapes [batch, seq_q, heads, d] and
         [batch, heads, seq_q], float32). Returns ``out``, or ``(out, lse)`` with ``return_lse``.
-        lse is the natural-log log-sum-exp of the scaled scores.
+        lse is the natural-log log-sum-exp of the scaled (and capped) scores. ``softcap``: the
+        cap of a kernel built with ``KernelSpec(softcap=True)`` (> 0), else 0.
         """
         spec = self.spec
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
@@ -95,6 +97,12 @@ class Kernel:
         if device.split(":")[0] != want:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
         scale = V.check_scale(softmax_scale, d)
+        cap = V.check_softcap(softcap)
+        if spec.softcap and not cap:
+            raise ValueError(f"softcap: kernel {self.key} is built with a softcap: expected a cap > 0, got {softcap!r}")
+        if cap and not spec.softcap:
+            raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
+                             f"{softcap!r}")
         if spec.shape is not None and (b, sq, sk, h) != spec.shape:
             eb, esq, esk, eh = spec.shape
             raise ValueError(
@@ -138,7 +146,7 @@ class Kernel:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
             ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
             if spec.algorithm == "fused":
-                self._functions[0](qt, kt, vt, ot, lt, scale)
+                self._functions[0](qt, kt, vt, ot, lt, scale, *((cap,) if spec.softcap else ()))
             else:
                 self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
             arrays.finish(ot, out)

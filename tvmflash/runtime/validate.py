@@ -160,6 +160,23 @@ def check_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def check_softcap(softcap) -> float:
+    """``softcap`` as a float: 0 (off) or a finite cap > 0 within float32's normal range (the
+    kernels compute ``cap * tanh(s / cap)`` in float32)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        import numpy as np
+
+        if isinstance(softcap, np.generic) and not isinstance(softcap, np.bool_):
+            softcap = float(softcap)
+        else:
+            raise TypeError(f"softcap: expected a float (0 = off), got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
+    if softcap and not SCALE_MIN <= softcap <= 3.4028234663852886e38:
+        raise ValueError(f"softcap: expected 0 or {SCALE_MIN:.4g} to 3.403e+38 (a float32 cap), got {softcap!r}")
+    return float(softcap)
+
+
 SCALE_MIN = 1.1754943508222875e-38  # the smallest normal float32
 SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634  # softmax_scale * log2(e) stays a finite float32
 
