@@ -76,19 +76,34 @@ def test_every_head_dim_takes_the_tensor_cores(target, dtype):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("head_dim, threads", [(32, 128), (96, 128), (256, 128)])
-def test_new_head_dims_compile_with_their_tiles_in_registers(head_dim, threads):
-    """Head dims 32 and 96 (4 warps of 32 rows) and 256 (4 warps of 16 rows: half the
-    accumulator a thread) compile for sm_80 and sm_90 with cp.async loads, their fragments in
-    registers and at most ``SPILL_BUDGET`` bytes of spills; the hand config."""
+@pytest.mark.parametrize("head_dim, rows, spills", [(32, 32, 0), (96, 32, None), (256, 16, 0)])
+def test_new_head_dims_compile_with_their_tiles_in_registers(head_dim, rows, spills):
+    """Head dims 32 and 96 (warps of 32 rows) and 256 (warps of 16 rows: half the accumulator a
+    thread) compile for sm_80 and sm_90 with cp.async loads and their fragments in registers: no
+    spills at 32 and 256, at most ``SPILL_BUDGET`` bytes at 96 (255 registers); the hand config."""
     from tvmflash.compiler import nvcc
 
+    spills = SPILL_BUDGET if spills is None else spills
     spec = KernelSpec(head_dim, causal=True, target="nvidia/nvidia-a100")
-    cu = cuda_source(spec, S.RULE.default_config(spec))
-    assert f"__launch_bounds__({threads})" in cu and "cp.async.cg.shared.global" in cu
+    config = S.RULE.default_config(spec)
+    assert config.block_m // config.num_warps == rows
+    cu = cuda_source(spec, config)
+    assert f"__launch_bounds__({32 * config.num_warps})" in cu and "cp.async.cg.shared.global" in cu
     for arch, kernels in nvcc.resources(cu, ["sm_80", "sm_90"]).items():
         for r in kernels.values():
-            assert r.spill_stores <= SPILL_BUDGET and r.stack_frame <= SPILL_BUDGET, (arch, r)
+            assert r.spill_stores <= spills and r.stack_frame <= spills, (arch, r)
+
+
+def test_sixteen_rows_a_warp_need_the_pipelined_loads():
+    """TVM 0.27 cannot compile synchronous K/V loads with 16 rows a warp: the config says so, and
+    the 16-row space (head dim 256) does not offer them."""
+    from tvmflash.tuning import space as SP
+
+    with pytest.raises(ValueError, match=r"stages: synchronous K/V loads \(stages=1\) with 16 rows a warp"):
+        S.FlashConfig(block_m=64, block_n=64, num_warps=4, stages=1)
+    assert S.FlashConfig(block_m=128, block_n=64, num_warps=4, stages=1).stages == 1
+    space = SP.space_for(KernelSpec(256, target="nvidia/nvidia-h100"))
+    assert all(c.stages == 2 and c.block_m == 16 * c.num_warps for t in space.tiles for c in space.configs(t))
 
 
 def test_softcap_kernel_builds_for_cuda():
@@ -102,11 +117,13 @@ def test_softcap_kernel_builds_for_cuda():
 
 
 def test_lowered_tir_keeps_block_names():
-    """The definition's block names survive the schedule (a tensorized block as ``<name>_o``)."""
+    """The definition's block names survive the schedule (the tensorized GEMMs as ``<name>_o``)."""
     lowered = lower(KernelSpec(32, target="nvidia/nvidia-a100"))
     script = lowered.mod.script()
-    for name in ("tile", "S_gemm", "row_max", "running_max", "row_sum", "O_gemm", "O_store", "lse_store"):
-        assert f'T.sblock("{name}")' in script or f'T.sblock("{name}_o")' in script, name
+    for name in ("tile", "row_max", "running_max", "row_sum", "O_store", "lse_store"):
+        assert f'T.sblock("{name}")' in script, name
+    for name in ("S_gemm", "O_gemm"):  # tensorized
+        assert f'T.sblock("{name}_o")' in script, name
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
@@ -139,7 +156,8 @@ def test_nvcc_compiles_tensor_core_kernel_within_register_budget(tmp_path, arch)
 SPILL_BUDGET = 80
 
 
-@pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, False), (128, True), (256, True)])
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (64, True), (128, False), (128, True), (256, False),
+                                              (256, True)])
 def test_only_boundary_tiles_pay_for_the_mask(head_dim, causal):
     """The K/V loop of the pipelined kernel (its steady state; the last tile runs after it) keeps
     no key-bound mask, and causal splits it in two: tiles below the diagonal without the mask,

@@ -86,6 +86,10 @@ class FlashConfig:
             raise ValueError(f"stages: expected 1 or 2, got {self.stages!r}")
         if self.kv_buffers not in (1, 2):
             raise ValueError(f"kv_buffers: expected 1 or 2, got {self.kv_buffers!r}")
+        if self.stages == 1 and self.block_m < 32 * self.num_warps:
+            raise ValueError("stages: synchronous K/V loads (stages=1) with 16 rows a warp do not compile in TVM "
+                             "0.27 (LowerWarpMemory: 'Cannot access address of warp memory directly'): expected "
+                             f"stages=2 for block_m={self.block_m}, num_warps={self.num_warps}")
         if self.stages == 1:  # no pipeline: nothing to double-buffer
             object.__setattr__(self, "kv_buffers", 1)
 
@@ -302,8 +306,8 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
 
 def _hand_config(head_dim: int) -> FlashConfig:
     """Hand-chosen tiles: 128x64 with 4 warps (FlashAttention-2's for sm_80/sm_90 forward), and
-    at head dim 256 64x64 with 4 warps of 16 rows (the fastest of ``TILES_256`` on the H200,
-    docs/performance.md)."""
+    at head dim 256 64x64 with 4 warps of 16 rows (acc_o in registers; the tile of ``TILES_256``
+    the H200 measurements favour, docs/performance.md)."""
     if head_dim <= 128:
         return FlashConfig(block_m=128, block_n=64, num_warps=4)
     return FlashConfig(block_m=64, block_n=64, num_warps=4)
@@ -313,6 +317,11 @@ def _knobs(bm: int, bn: int) -> dict:
     # halves per global load/store: 16 or 8 bytes; the K/V pipeline: cp.async one tile ahead
     # into one buffer each (FlashAttention-2's order) or two, or synchronous loads
     return {"vec": (8, 4), "stages": (2, 1), "kv_buffers": (1, 2)}
+
+
+def _knobs_16(bm: int, bn: int) -> dict:
+    # 16 rows a warp: the pipelined loads only (FlashConfig refuses stages=1 there)
+    return {**_knobs(bm, bn), "stages": (2,)}
 
 
 #: The tiles tuning tries (block_m = 32 * num_warps). Left out, as they fail to compile: 64x128
@@ -362,7 +371,7 @@ class FusedCudaMma(ScheduleRule):
         return Space(
             name=self.name,
             tiles=TILES_256 if rows == 16 else TILES,
-            knobs=_knobs,
+            knobs=_knobs_16 if rows == 16 else _knobs,
             config=lambda bm, bn, **kw: FlashConfig(block_m=bm, block_n=bn, num_warps=bm // rows, **kw),
             schedule=self.apply,
             postprocs=lambda: [ms.postproc.VerifyGPUCode()],
@@ -444,7 +453,7 @@ class FusedCudaMma(ScheduleRule):
         if _o_stage_fits_in_q(func):
             # StorageRewrite would place the float32 O stage in the dead float16 Q tile, which
             # the mma store's access pointer refuses (docs/tvm-0.27.md, section 4): padded rows
-            # make the stage larger than the Q tile, and cut the store's bank conflicts too.
+            # make the stage larger than the Q tile.
             sch.storage_align(_tensorized(sch, D.O_STAGE), 0, axis=0, factor=32, offset=8)
         _cooperative(sch, D.O_STORE, config, vectorize=False)
 
