@@ -138,15 +138,12 @@ def hand_config_kernel(spec, seq_q: int, seq_k: int) -> str:
         return ensure_built(build_for(spec, seq_q, seq_k), os.path.join(cache_dir(), "hand-config"))
 
 
-#: The cap of the bench's softcap method (Gemma-2's attention logit cap).
-BENCH_SOFTCAP = 50.0
-
-
 def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True), heads: int = 16,
           tokens: int = 16384, dtype: str = "float16", methods=None, reps: int = 10):
     import torch
     from torch.nn.attention import SDPBackend
 
+    from ..definition.plain import NOMINAL_CAP
     from ..runtime.api import attention
 
     all_methods = {
@@ -155,7 +152,7 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
         "tvmflash fused hand": _hand_config(),
         "tvmflash fused static": lambda q, k, v, c: attention(q, k, v, causal=c, static_shape=True),
         "tvmflash standard": lambda q, k, v, c: attention(q, k, v, causal=c, algorithm="standard"),
-        "tvmflash fused softcap": lambda q, k, v, c: attention(q, k, v, causal=c, softcap=BENCH_SOFTCAP),
+        "tvmflash fused softcap": lambda q, k, v, c: attention(q, k, v, causal=c, softcap=NOMINAL_CAP),
         "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
     }

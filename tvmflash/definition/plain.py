@@ -33,7 +33,7 @@ from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-__all__ = ["RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
+__all__ = ["NOMINAL_CAP", "RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
 
 @dataclass(frozen=True)
 class ScoreMod:
@@ -56,6 +56,10 @@ def _capped(s, sm_scale, cap):
     """Gemma-2's logit soft-capping of the scaled score: cap * tanh(s * sm_scale / cap)."""
     return cap * tirx.tanh(s * sm_scale / cap)
 
+
+#: Gemma-2's attention logit cap: the cap a softcap kernel is tuned and benchmarked with (its
+#: schedule does not depend on the value; a measurement needs one).
+NOMINAL_CAP = 50.0
 
 #: Soft-capping with the cap a runtime argument (``KernelSpec.softcap``), then exp2 of the capped
 #: score times log2(e).

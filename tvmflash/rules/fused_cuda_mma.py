@@ -86,12 +86,17 @@ class FlashConfig:
             raise ValueError(f"stages: expected 1 or 2, got {self.stages!r}")
         if self.kv_buffers not in (1, 2):
             raise ValueError(f"kv_buffers: expected 1 or 2, got {self.kv_buffers!r}")
-        if self.stages == 1 and self.block_m < 32 * self.num_warps:
+        if self.stages == 1 and self.rows_per_warp == 16:
             raise ValueError("stages: synchronous K/V loads (stages=1) with 16 rows a warp do not compile in TVM "
                              "0.27 (LowerWarpMemory: 'Cannot access address of warp memory directly'): expected "
                              f"stages=2 for block_m={self.block_m}, num_warps={self.num_warps}")
         if self.stages == 1:  # no pipeline: nothing to double-buffer
             object.__setattr__(self, "kv_buffers", 1)
+
+    @property
+    def rows_per_warp(self) -> int:
+        """Query rows each warp owns: 32 or 16."""
+        return self.block_m // self.num_warps
 
 
 #: Head dims the tensor-core schedule serves: multiples of the 16-wide mma k step whose
@@ -103,6 +108,11 @@ HEAD_DIMS = (32, 64, 96, 128, 256)
 def _rows_per_warp(head_dim: int) -> int:
     """Query rows a warp owns: 16 above head dim 128 (the accumulator's registers), else 32."""
     return 16 if head_dim > 128 else 32
+
+
+#: (factor, offset) of the Q, K, V tiles' rows in shared memory: a row stride of 8 mod 64
+#: elements (16 bytes past a multiple of 128) keeps ldmatrix free of bank conflicts.
+ROW_ALIGN = (64, 8)
 
 
 def _bind_rows(sch: Schedule, loop, config: FlashConfig):
@@ -172,7 +182,7 @@ def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str
     over m, A and B fragments ldmatrix'ed from shared memory per 16-wide k step, reduction
     decomposed. Returns (update block, init block); the caller tensorizes both once the
     accumulator's scope and layout are set."""
-    warp_rows = config.block_m // config.num_warps // 16
+    warp_rows = config.rows_per_warp // 16
     gemm = sch.get_sblock(name)
     (mo, no, ko), (mi, _, _) = _tile16(sch, gemm, 3)
     unit = sch.blockize(mi)  # one 16x16x16 mma per instance
@@ -200,7 +210,7 @@ def _mma_gemm(sch: Schedule, name: str, a: str, b: str, load_a: str, load_b: str
 
 def _store_fragments(sch: Schedule, name: str, intrin: str, config: FlashConfig):
     """Copy accumulator fragments to shared memory, 16x16 at a time, each warp its rows."""
-    warp_rows = config.block_m // config.num_warps // 16
+    warp_rows = config.rows_per_warp // 16
     block = sch.get_sblock(name)
     (mo, _), (mi, _) = _tile16(sch, block, 2)
     ty, _ = sch.split(mo, factors=[config.num_warps, warp_rows])
@@ -276,7 +286,7 @@ _LOADS = (_KV_LOAD, _K, _V)
 def _kv_loop_body(config: FlashConfig) -> int:
     """``KV_LOOP_BODY``, less one where a warp owns 16 rows: the state update (the last two
     statements) then runs under the row predicate of ``_bind_rows``, one guarded statement."""
-    return KV_LOOP_BODY - (config.block_m < 32 * config.num_warps)
+    return KV_LOOP_BODY - (config.rows_per_warp == 16)
 
 
 def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
@@ -402,7 +412,7 @@ class FusedCudaMma(ScheduleRule):
 
         # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
         for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
-            sch.storage_align(name, 0, axis=0, factor=64, offset=8)
+            sch.storage_align(name, 0, axis=0, factor=ROW_ALIGN[0], offset=ROW_ALIGN[1])
 
         # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
         for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
@@ -436,7 +446,7 @@ class FusedCudaMma(ScheduleRule):
         sch.set_scope(D.INIT_O, 0, "warp")
         sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
         (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
-        ty, _ = sch.split(mo, factors=[config.num_warps, config.block_m // config.num_warps // 16])
+        ty, _ = sch.split(mo, factors=[config.num_warps, config.rows_per_warp // 16])
         sch.bind(ty, "threadIdx.y")
         sch.tensorize(mi, intrin["fill"])
         o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
@@ -469,10 +479,10 @@ def _tensorized(sch: Schedule, name: str):
 
 def _o_stage_fits_in_q(func: tirx.PrimFunc) -> bool:
     """Whether the O stage (float32, head_dim per row) fits in the Q tile's allocation (float16,
-    rows padded to 8 mod 64 elements): at head dim 32 it does, from 64 on it does not."""
+    rows padded by ``ROW_ALIGN``): at head dim 32 it does, from 64 on it does not."""
     d = int(func.params[0].ty.shape[-1])
-    padded = d + (8 - d) % 64
-    return 4 * d <= 2 * padded
+    factor, offset = ROW_ALIGN
+    return 4 * d <= 2 * (d + (offset - d) % factor)
 
 
 def _dtype(func: tirx.PrimFunc) -> str:

@@ -140,18 +140,7 @@ def check_scale(softmax_scale, head_dim: int) -> float:
     every output NaN)."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        try:
-            import numpy as np
-
-            if isinstance(softmax_scale, np.generic) and not isinstance(softmax_scale, np.bool_):
-                softmax_scale = float(softmax_scale)
-            else:
-                raise TypeError
-        except TypeError:
-            raise TypeError(
-                f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}"
-            ) from None
+    softmax_scale = _real(softmax_scale, "softmax_scale: expected a float or None")
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale: expected a finite float > 0, got {softmax_scale}")
     if not SCALE_MIN <= softmax_scale <= SCALE_MAX:
@@ -163,22 +152,29 @@ def check_scale(softmax_scale, head_dim: int) -> float:
 def check_softcap(softcap) -> float:
     """``softcap`` as a float: 0 (off) or a finite cap > 0 within float32's normal range (the
     kernels compute ``cap * tanh(s / cap)`` in float32)."""
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        import numpy as np
-
-        if isinstance(softcap, np.generic) and not isinstance(softcap, np.bool_):
-            softcap = float(softcap)
-        else:
-            raise TypeError(f"softcap: expected a float (0 = off), got {type(softcap).__name__}")
+    softcap = _real(softcap, "softcap: expected a float (0 = off)")
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap}")
-    if softcap and not SCALE_MIN <= softcap <= 3.4028234663852886e38:
-        raise ValueError(f"softcap: expected 0 or {SCALE_MIN:.4g} to 3.403e+38 (a float32 cap), got {softcap!r}")
+    if softcap and not SCALE_MIN <= softcap <= FLOAT32_MAX:
+        raise ValueError(f"softcap: expected 0 or {SCALE_MIN:.4g} to {FLOAT32_MAX:.4g} (a float32 cap), got {softcap!r}")
     return float(softcap)
 
 
+def _real(value, expected: str):
+    """``value`` (a Python or numpy int or float, not a bool) as it is, or a numpy scalar as a
+    float; TypeError "<expected>, got <type>" otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        import numpy as np
+
+        if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+            return float(value)
+        raise TypeError(f"{expected}, got {type(value).__name__}")
+    return value
+
+
 SCALE_MIN = 1.1754943508222875e-38  # the smallest normal float32
-SCALE_MAX = 3.4028234663852886e38 / 1.4426950408889634  # softmax_scale * log2(e) stays a finite float32
+FLOAT32_MAX = 3.4028234663852886e38
+SCALE_MAX = FLOAT32_MAX / 1.4426950408889634  # softmax_scale * log2(e) stays a finite float32
 
 
 def check_bool(value, name: str) -> bool:

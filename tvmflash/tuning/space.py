@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .. import definition as D
 from .._compat import tirx, tvm
+from ..definition.plain import NOMINAL_CAP
 from ..rules import Space, rule_for
 from ..spec import KernelSpec
 
@@ -74,14 +75,9 @@ def specialise(func: tirx.PrimFunc, shape: Shape, scale: float) -> tirx.PrimFunc
     for param in func.params:
         if param.name == "sm_scale":
             binding[param] = tirx.const(scale, "float32")
-        elif param.name == "softcap":  # the cap is a runtime value: tuned at Gemma-2's
-            binding[param] = tirx.const(TUNED_SOFTCAP, "float32")
+        elif param.name == "softcap":  # the cap is a runtime value: tuned at a nominal one
+            binding[param] = tirx.const(NOMINAL_CAP, "float32")
     return func.specialize(binding)
-
-
-#: The cap a softcap kernel is measured with when tuned (Gemma-2's attention logit cap): the
-#: schedule does not depend on it, a workload needs a value.
-TUNED_SOFTCAP = 50.0
 
 
 def workload(spec: KernelSpec, tile: tuple[int, int], shape: Shape, scale: float | None = None) -> tvm.IRModule:
