@@ -119,6 +119,51 @@ def test_softcap_kernel_builds_for_cuda():
     assert "tanhf(" in cu and "mma.sync.aligned.m16n8k16" in cu
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_kernel_runs_its_inside_tiles_unmasked(causal):
+    """A sliding window on tensor cores: the edges are int32 kernel parameters, and the K/V loop
+    splits in three (``compiler.passes.unmask_full_kv_tiles``): the first tiles with the window's
+    left edge in them masked, the tiles wholly inside it unmasked, the last ones (the right edge,
+    the diagonal) masked."""
+    spec = KernelSpec(64, causal=causal, window=True, target="nvidia/nvidia-h100")
+    loops, func = _loops_after_unmask(spec)
+    scalars = [(p.name, str(p.ty.dtype)) for p in func.params if p.name.startswith("window")]
+    assert scalars == [("window_left", "int32")] + ([] if causal else [("window_right", "int32")]), scalars
+    masks = {name: _live_masks(loop.body) for name, loop in loops.items()}
+    assert set(masks) == {"kb", "kb_inside", "kb_masked"}, masks
+    assert masks["kb_inside"] == 0 and masks["kb"] > 0 and masks["kb_masked"] > 0, masks
+
+
+def test_alibi_kernel_builds_for_cuda():
+    """ALiBi on tensor cores: the slopes are a float32 buffer of the kernel, read by the score."""
+    spec = KernelSpec(128, alibi=True, target="nvidia/nvidia-h100")
+    cu = cuda_source(spec)
+    (params,) = dict(_kernels(cu)).values()
+    assert "float* __restrict__ alibi_slopes_ptr" in params, params
+    assert "alibi_slopes_ptr[" in cu and "mma.sync.aligned.m16n8k16" in cu
+
+
+def _loops_after_unmask(spec):
+    """({name: For} of the K/V loops, the kernel) right after ``tvmflash.UnmaskFullKVTiles``
+    (hand config)."""
+    from tvmflash.compiler import lower_to_device
+
+    with records.tuning_logs_off():
+        lowered = lower(spec)
+    after = {}
+
+    @tvm.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tvmflash.UnmaskFullKVTiles":
+                after["func"] = next(iter(mod.functions.values()))
+
+    lower_to_device(lowered.mod, spec.tvm_target, lowered.pass_config, instruments=[Capture()])
+    loops = {}
+    _kv_loops(after["func"].body, loops)
+    return loops, after["func"]
+
+
 def test_lowered_tir_keeps_block_names():
     """The definition's block names survive the schedule (the tensorized GEMMs as ``<name>_o``)."""
     lowered = lower(KernelSpec(32, target="nvidia/nvidia-a100"))
@@ -166,22 +211,8 @@ def test_only_boundary_tiles_pay_for_the_mask(head_dim, causal):
     no key-bound mask, and causal splits it in two: tiles below the diagonal without the mask,
     the diagonal tiles with it (``compiler.passes.unmask_full_kv_tiles``). The any-length build,
     hand config; the masks stay where they are due: in the masked loop and in the last tile."""
-    from tvmflash.compiler import lower_to_device
-
     spec = KernelSpec(head_dim, causal=causal, target="nvidia/nvidia-h100")
-    with records.tuning_logs_off():
-        lowered = lower(spec)
-    after = {}
-
-    @tvm.instrument.pass_instrument
-    class Capture:
-        def run_after_pass(self, mod, info):
-            if info.name == "tvmflash.UnmaskFullKVTiles":
-                after["func"] = next(iter(mod.functions.values()))
-
-    lower_to_device(lowered.mod, spec.tvm_target, lowered.pass_config, instruments=[Capture()])
-    loops = {}
-    _kv_loops(after["func"].body, loops)
+    loops, func = _loops_after_unmask(spec)
     masks = {name: _live_masks(loop.body) for name, loop in loops.items()}
     assert masks.get("kb") == 0, masks  # the unmasked tiles
     if causal:
@@ -191,7 +222,7 @@ def test_only_boundary_tiles_pay_for_the_mask(head_dim, causal):
         assert not any("seq_k" in str(t) and " < seq_k" in str(t) for t in terms), terms  # key bound dropped
     else:
         assert set(masks) == {"kb"}, masks
-    assert _live_masks(after["func"].body) > sum(masks.values())  # the last tile's
+    assert _live_masks(func.body) > sum(masks.values())  # the last tile's
 
 
 def _live_masks(stmt) -> int:
@@ -282,7 +313,7 @@ def test_software_pipeline_needs_a_tile_count_of_at_least_one(monkeypatch):
     from tvmflash._compat import tirx
     from tvmflash.compiler import derive
 
-    monkeypatch.setattr(derive, "_kv_tile_count", lambda last_key, BN: tirx.ceildiv(last_key, BN))
+    monkeypatch.setattr(derive, "_kv_tile_count", lambda last_key, BN, first=None: tirx.ceildiv(last_key, BN))
     try:
         cuda_source(KernelSpec(128, target="nvidia/nvidia-a100"), S.FlashConfig(stages=2))
     except tvm.error.InternalError as err:  # any other failure is a real one

@@ -117,3 +117,35 @@ def test_bench_samples_methods_in_balanced_orders(monkeypatch):
     assert isinstance(times["oom"], MemoryError)
     # medians of each method's sample values (the running count when it was sampled)
     assert (times["a"], times["b"], times["c"]) == (10.0, 10.0, 8.5)
+
+
+@pytest.mark.parametrize("seq_q, seq_k, causal, window", [
+    (300, 300, False, (-1, -1)), (300, 300, True, (-1, -1)), (200, 500, True, (50, -1)), (500, 200, False, (30, 7)),
+    (100, 100, False, (0, 0)), (64, 640, False, (-1, 3)),
+])
+def test_bench_counts_the_visible_scores(seq_q, seq_k, causal, window):
+    """The FLOPs of a windowed method count the scores its window leaves, per score as the
+    reference's mask has them."""
+    import numpy as np
+
+    from tvmflash.analysis.bench import visible_scores
+
+    left, right = window
+    right = 0 if causal else right
+    diag = np.arange(seq_q)[:, None] + seq_k - seq_q
+    cols = np.arange(seq_k)[None, :]
+    seen = np.ones((seq_q, seq_k), bool)
+    if right >= 0:
+        seen &= cols <= diag + right
+    if left >= 0:
+        seen &= cols >= diag - left
+    assert visible_scores(seq_q, seq_k, causal, window) == int(seen.sum())
+
+
+def test_bench_models_knows_its_models_and_says_which_are_unknown():
+    from tvmflash.analysis.bench import MODELS, bench_models
+
+    assert {"Llama-3-8B", "Qwen2-7B", "Mistral-7B", "Gemma-2-9B", "Phi-3-mini", "GPT-2"} <= set(MODELS)
+    assert MODELS["Gemma-2-9B"] == (16, 8, 256, 50.0, 4096)
+    with pytest.raises(ValueError, match=r"models: expected names among .*, got \['Llama-9'\]"):
+        bench_models(["Llama-9"])

@@ -85,12 +85,12 @@ def test_a_softcap_in_the_plain_definition_alone_gives_a_correct_kernel(rng, cau
     assert np.abs(plain_out.astype(np.float64) - ref_out).max() > 0.05  # the cap matters here
 
 
-def _run(func, q, k, v, scale):
+def _run(func, q, k, v, scale, *extra):
     ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     b, sq, h, _ = q.shape
     args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
     args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((b, h, sq), "float32"))]
-    ex["main"](*args, np.float32(scale))
+    ex["main"](*args, np.float32(scale), *extra)
     return args[3].numpy(), args[4].numpy()
 
 
@@ -195,3 +195,93 @@ def test_a_runtime_softcap_is_a_parameter_of_the_derived_functions():
     assert "tanh" in derive.derived_attention(spec, 32, 32).script()
     with pytest.raises(ValueError, match=r"score_mod: a spec with softcap=True takes the runtime cap"):
         plain_attention(spec, softcap(5.0))
+
+
+# -- a sliding window and ALiBi, written in Algorithm 0 only ------------------------------------
+
+
+def _tile_count(func, **values) -> int:
+    """How many key tiles the derived ``func``'s K/V loop visits with its variables at ``values``
+    (the query tile ``vqb``, the lengths, the window)."""
+    import tvm_ffi
+
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tirx.For, lambda f: loops.append(f) if f.loop_var.name == D.KV_LOOP_VAR
+                                         else None)])
+    (loop,) = loops
+    names = {}
+
+    def seen(v):
+        names.setdefault(v.name, v)
+
+    tvm_ffi.structural_walk(loop.extent, [(tirx.Var, seen)])
+    from tvm.sym.analyzer import Analyzer
+
+    binding = {names[n]: tirx.const(x, "int32") for n, x in values.items() if n in names}
+    return int(Analyzer().simplify(derive._subst(loop.extent, binding, {})))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_skips_the_key_tiles_outside_it(causal):
+    """The derivation reads the window's bounds off Algorithm 0's mask: a query tile visits the
+    key tiles from its first row's left edge to its last row's right edge, not all of them."""
+    spec = KernelSpec(64, causal=causal, window=True)
+    func = derive.derived_attention(spec, 64, 64)
+    full = _tile_count(derive.derived_attention(KernelSpec(64, causal=causal), 64, 64), vqb=40, seq_q=4096,
+                       seq_k=4096)
+    windowed = _tile_count(func, vqb=40, seq_q=4096, seq_k=4096, window_left=256, window_right=0 if causal else 128)
+    assert full == (41 if causal else 64)
+    assert windowed == (5 if causal else 7)  # keys 2304 .. 2623 (causal) / 2751 (+128): 64-key tiles 36 .. 40 / 42
+    # an unbounded edge (the runtime passes seq_k) visits what the plain kernel visits
+    assert _tile_count(func, vqb=40, seq_q=4096, seq_k=4096, window_left=4096, window_right=4096) == full
+    assert _tile_count(func, vqb=0, seq_q=100, seq_k=100, window_left=0, window_right=0) == 1
+
+
+@pytest.mark.parametrize("seq_q, seq_k, causal, window", [
+    (77, 300, False, (40, 9)), (300, 77, True, (20, 0)), (100, 100, False, (0, 0)), (65, 500, True, (130, 0)),
+])
+def test_a_window_in_the_plain_definition_gives_correct_kernels(rng, seq_q, seq_k, causal, window):
+    """The window written in Algorithm 0 only: the rolling update and the split-K update both
+    carry it, and both are right (rows that see no key included)."""
+    spec = KernelSpec(64, causal=causal, window=True)
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, 2, 2, 64, spec.dtype)
+    ref = D.attention_reference(q, k, v, causal=causal, window_size=window)
+    edges = window[:1] if causal else window
+    for func in (derive.derived_attention(spec, 32, 32), derive.split_k_update(plain_attention(spec), 16, 32, 3)):
+        out, lse = _run(func, q, k, v, 64 ** -0.5, *edges)
+        assert_close_to_reference(out, lse, *ref, spec.dtype)
+
+
+def test_window_and_alibi_are_parameters_of_the_derived_functions():
+    """``KernelSpec(window=True)`` adds the window's edges as int32 scalars (the left one only
+    with causal); ``alibi=True`` adds the slopes as a buffer after lse; without them the
+    signature is the plain kernel's."""
+    names = lambda f: [p.name for p in f.params]  # noqa: E731
+    base = ["Q", "K", "V", "O", "LSE"]
+    assert names(derive.derived_attention(KernelSpec(64, window=True), 32, 32)) == base + [
+        "sm_scale", "window_left", "window_right"]
+    assert names(derive.derived_attention(KernelSpec(64, causal=True, window=True), 32, 32)) == base + [
+        "sm_scale", "window_left"]
+    spec = KernelSpec(64, causal=True, alibi=True, softcap=True)
+    for func in (plain_attention(spec), derive.derived_attention(spec, 32, 32),
+                 derive.split_k_update(plain_attention(spec), 32, 32, 2)):
+        assert names(func) == base + ["alibi_slopes", "sm_scale", "softcap"]
+    assert names(derive.derived_attention(KernelSpec(64), 32, 32)) == base + ["sm_scale"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_in_the_plain_definition_gives_correct_kernels(rng, causal):
+    """ALiBi's bias written in Algorithm 0's score only; the derived forms carry the slopes."""
+    spec = KernelSpec(64, causal=causal, group=2, alibi=True)
+    q, k, v = make_qkv(rng, 2, 70, 130, 4, 2, 64, spec.dtype)
+    slopes = (rng.random((2, 4)) * 0.3).astype(np.float32)
+    ref = D.attention_reference(q, k, v, causal=causal, alibi_slopes=slopes)
+    for func in (derive.derived_attention(spec, 32, 32), derive.split_k_update(plain_attention(spec), 16, 32, 3)):
+        ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in (q, k, v)]
+        args += [tvm.runtime.tensor(np.zeros_like(q)), tvm.runtime.tensor(np.zeros((2, 4, 70), "float32")),
+                 tvm.runtime.tensor(slopes)]
+        ex["main"](*args, np.float32(64 ** -0.5))
+        assert_close_to_reference(args[3].numpy(), args[4].numpy(), *ref, spec.dtype)
+    unbiased = D.attention_reference(q, k, v, causal=causal)[0]
+    assert np.abs(args[3].numpy().astype(np.float64) - unbiased).max() > 0.05

@@ -13,24 +13,42 @@ from tvmflash import KernelSpec, build
 pytestmark = pytest.mark.gpu
 
 
-def _torch_reference(q, k, v, causal, dtype=None, softcap=0.0):
+def _torch_reference(q, k, v, causal, dtype=None, softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
     """SDPA in the given dtype (None: float64) with the bottom-right causal mask (and the scores
-    soft-capped with ``softcap`` > 0)."""
+    soft-capped with ``softcap`` > 0, ALiBi's bias, the sliding window (left, right))."""
     import torch
 
-    group = q.shape[2] // k.shape[2]
     dt = dtype or torch.float64
-    qt, kt, vt = (x.to(dt).transpose(1, 2) for x in (q, k, v))
-    kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+    s = _scores(q, k, causal, window_size, alibi_slopes, softcap, dt)
+    vt = v.to(dt).transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1)
+    p = torch.softmax(s.float() if dtype else s, dim=-1).nan_to_num(0.0).to(dt)
+    return (p @ vt).transpose(1, 2)
+
+
+def _scores(q, k, causal, window=(-1, -1), alibi_slopes=None, softcap=0.0, dtype=None):
+    """The scaled scores in ``dtype`` (None: float64), capped, biased and masked as
+    ``_torch_reference`` takes them (FlashAttention-2's semantics)."""
+    import torch
+
+    dt = dtype or torch.float64
+    group = q.shape[2] // k.shape[2]
+    qt, kt = q.to(dt).transpose(1, 2), k.to(dt).transpose(1, 2).repeat_interleave(group, 1)
     s = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    if causal:
-        sq, sk = q.shape[1], k.shape[1]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s.float() if dtype else s, dim=-1).nan_to_num(0.0).to(dt)
-    return (p @ vt).transpose(1, 2)
+    sq, sk = q.shape[1], k.shape[1]
+    diag = torch.arange(sq, device=q.device)[:, None] + sk - sq  # each row's diagonal key
+    cols = torch.arange(sk, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dt).expand(q.shape[0], q.shape[2])[:, :, None, None]
+        s = s - slopes * (diag - cols).abs().to(dt)
+    left, right = window
+    right = 0 if causal else right
+    if right >= 0:
+        s = s.masked_fill(cols > diag + right, float("-inf"))
+    if left >= 0:
+        s = s.masked_fill(cols < diag - left, float("-inf"))
+    return s
 
 
 @pytest.mark.parametrize("algorithm", ["fused", "standard"])
@@ -251,3 +269,78 @@ def test_softcap_through_attention_flash_rule(dtype, causal, head_dim, group, se
         plain_err = (plain.double() - ref).abs().max().item()
         assert err <= 2 * plain_err + 1e-5, f"cap {cap}: max error {err:.3e} > 2 x plain {plain_err:.3e}"
         assert not torch.isnan(out).any() and lse.shape == (2, 8, seq_q)
+
+
+@pytest.mark.parametrize("dtype, causal, head_dim, group, seq_q, seq_k, window", [
+    ("float16", False, 128, 2, 300, 517, (100, 50)),
+    ("float16", True, 128, 4, 1023, 1023, (256, 0)),  # masked first tiles, unmasked inside, diagonal
+    ("bfloat16", True, 128, 1, 1024, 2048, (300, -1)),  # the even build
+    ("float16", False, 128, 1, 512, 1024, (128, 128)),  # the even build, both edges
+    ("float16", False, 64, 1, 200, 700, (-1, 30)),  # right edge only
+    ("float16", True, 64, 2, 300, 200, (50, 0)),  # rows that see no key
+    ("float16", False, 64, 1, 333, 333, (0, 0)),  # each row its diagonal key only
+    ("float16", True, 256, 2, 130, 1000, (400, 0)),  # 16 rows a warp
+    ("float16", False, 96, 1, 257, 257, (64, 64)),
+])
+def test_window_through_attention_flash_rule(dtype, causal, head_dim, group, seq_q, seq_k, window):
+    """``attention(..., window_size=(left, right))`` on tensor cores: the key tiles outside the
+    window skipped and those wholly inside run unmasked, FlashAttention's rule against the
+    windowed float64 result, rows that see no key at O = 0 and lse = -inf."""
+    import torch
+
+    from tvmflash.runtime.api import kernel_for, spec_for
+    from tvmflash.runtime.validate import check_window
+
+    torch.manual_seed(head_dim + seq_q + seq_k)
+    dt = getattr(torch, dtype)
+    q = torch.randn(2, seq_q, 8, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    v = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    out, lse = tvmflash.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+    torch.cuda.synchronize()
+    spec = spec_for(q, k, v, causal=causal, window=check_window(window, causal))[0]
+    assert spec.window and kernel_for(spec, seq_q, seq_k).manifest["schedule"]["rule"] == "fused_cuda_mma"
+    ref = _torch_reference(q, k, v, causal, window_size=window)
+    plain = _torch_reference(q, k, v, causal, dtype=dt, window_size=window)
+    seen = torch.isfinite(torch.logsumexp(_scores(q, k, causal, window), -1))  # rows with a visible key
+    ref, plain = ref.nan_to_num(0.0), plain.nan_to_num(0.0)
+    err = (out.double() - ref).abs().max().item()
+    plain_err = (plain.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * plain_err + 1e-5, f"max error {err:.3e} > 2 x plain {dtype} error {plain_err:.3e}"
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert (out.transpose(1, 2)[~seen] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, causal, head_dim, group, seq_q, seq_k, batch_slopes, window, softcap", [
+    ("float16", False, 128, 2, 300, 517, False, (-1, -1), 0.0),
+    ("float16", True, 128, 1, 1024, 1024, True, (-1, -1), 0.0),  # the even build
+    ("bfloat16", True, 64, 4, 200, 333, False, (-1, -1), 0.0),
+    ("float16", True, 256, 2, 300, 700, True, (128, 0), 30.0),  # Gemma-2's three together
+])
+def test_alibi_through_attention_flash_rule(dtype, causal, head_dim, group, seq_q, seq_k, batch_slopes, window,
+                                            softcap):
+    """``attention(..., alibi_slopes=...)``, (heads,) and (batch, heads), alone and with a window
+    and a softcap: FlashAttention's rule against the biased float64 result and its lse."""
+    import torch
+
+    torch.manual_seed(head_dim + seq_q)
+    dt = getattr(torch, dtype)
+    q = 2 * torch.randn(2, seq_q, 8, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    v = torch.randn(2, seq_k, 8 // group, head_dim, device="cuda", dtype=dt)
+    heads = torch.arange(1, 9, device="cuda", dtype=torch.float32)
+    slopes = 2.0 ** (-heads)  # ALiBi's geometric slopes for 8 heads
+    slopes = torch.stack([slopes, slopes.flip(0)]) if batch_slopes else slopes
+    out, lse = tvmflash.attention(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                  alibi_slopes=slopes, return_lse=True)
+    torch.cuda.synchronize()
+    ref = _torch_reference(q, k, v, causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
+    plain = _torch_reference(q, k, v, causal, dtype=dt, window_size=window, softcap=softcap, alibi_slopes=slopes)
+    err = (out.double() - ref).abs().max().item()
+    plain_err = (plain.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * plain_err + 1e-5, f"max error {err:.3e} > 2 x plain {dtype} error {plain_err:.3e}"
+    if not softcap:
+        ref_lse = torch.logsumexp(_scores(q, k, causal, window, slopes), -1)
+        assert (lse.double() - ref_lse).abs().max().item() < 1e-3

@@ -1,6 +1,7 @@
 """Inspecting the generated CUDA without a GPU: ``tvmflash inspect --cuda/--ptx/--resources`` on a
 path, a cache key or spec flags, and ``Kernel.ptx()`` / ``Kernel.resources()``."""
 
+import argparse
 import json
 import os
 import re
@@ -169,3 +170,14 @@ def test_inspect_builds_a_softcap_kernel(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["key"] == KernelSpec(64, softcap=True).key and shown["spec"]["softcap"] is True
     assert "softcap" in shown["arguments"]
+
+
+def test_inspect_builds_window_and_alibi_kernels(capsys):
+    from tvmflash import cli
+
+    assert cli.main(["inspect", "--head-dim", "64", "--window", "--causal", "--target", "cpu"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["key"] == KernelSpec(64, causal=True, window=True).key and shown["spec"]["window"] is True
+    assert "window_left" in shown["arguments"] and "window_right" not in shown["arguments"]
+    args = argparse.Namespace(head_dim=64, dtype="float16", causal=False, gqa=1, algorithm="fused", alibi=True)
+    assert cli._spec_from_args(args, "cpu") == KernelSpec(64, alibi=True)

@@ -196,3 +196,69 @@ def test_softcap_zero_is_the_plain_kernel(rng):
     q, k, v = make_qkv(rng, 1, 40, 50, 2, 2, 64, "float16")
     assert np.array_equal(tvmflash.attention(q, k, v, softcap=0.0), tvmflash.attention(q, k, v))
     assert np.array_equal(tvmflash.attention(q, k, v, softcap=0), tvmflash.attention(q, k, v))
+
+
+def test_the_reference_window_and_alibi_are_the_definitions():
+    """The float64 reference's window and ALiBi against the semantics spelled out per score
+    (FlashAttention-2's): row i sees key j iff diag - left <= j <= diag + right, diag = i +
+    seq_k - seq_q, and the score gets -slope * |diag - j|."""
+    rng = np.random.default_rng(3)
+    q, k, v = make_qkv(rng, 1, 6, 9, 2, 1, 32, "float16")
+    slopes = np.array([0.5, 0.25], np.float32)
+    out, lse = attention_reference(q, k, v, window_size=(2, 1), alibi_slopes=slopes, softmax_scale=0.2)
+    for h in range(2):
+        for i in range(6):
+            diag = i + 9 - 6
+            keys = [j for j in range(9) if diag - 2 <= j <= diag + 1]
+            s = np.array([0.2 * q[0, i, h].astype(np.float64) @ k[0, j, 0].astype(np.float64)
+                          - slopes[h] * abs(diag - j) for j in keys])
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[0, i, h], (p / p.sum()) @ v[0, keys, 0].astype(np.float64), atol=1e-12)
+            np.testing.assert_allclose(lse[0, h, i], s.max() + np.log(p.sum()), atol=1e-12)
+
+
+@pytest.mark.parametrize("seq_q, seq_k, causal, window", [
+    (113, 301, False, (40, 17)), (301, 113, True, (25, -1)), (200, 200, False, (0, 0)),
+    (70, 500, False, (-1, 3)), (150, 90, True, (10, 0)),  # rows that see no key
+])
+def test_window_matches_the_windowed_reference(rng, seq_q, seq_k, causal, window):
+    """A sliding window (FlashAttention-2's ``window_size``): one kernel for every window, the
+    edges given at call time (two kernels here, causal or not, GQA); rows with no key in their
+    window give 0 and lse -inf."""
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, 4, 2, 64, "float16")
+    out, lse = tvmflash.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+    assert_close_to_reference(out, lse, *attention_reference(q, k, v, causal=causal, window_size=window), "float16")
+    other = (window[0] + 7, window[1]) if window[0] >= 0 else (window[0], window[1] + 7)
+    out2, lse2 = tvmflash.attention(q, k, v, causal=causal, window_size=other, return_lse=True)
+    assert_close_to_reference(out2, lse2, *attention_reference(q, k, v, causal=causal, window_size=other), "float16")
+
+
+def test_windows_that_bound_nothing_run_the_plain_kernels(rng):
+    """(-1, -1), edges wider than the keys, and (-1, 0) (causal: FlashAttention-2 does the same)
+    take the kernels without a window, bit for bit."""
+    from tvmflash.runtime.api import spec_for
+
+    q, k, v = make_qkv(rng, 1, 40, 50, 2, 2, 64, "float16")
+    plain, causal = tvmflash.attention(q, k, v), tvmflash.attention(q, k, v, causal=True)
+    assert np.array_equal(tvmflash.attention(q, k, v, window_size=(-1, -1)), plain)
+    assert np.array_equal(tvmflash.attention(q, k, v, window_size=(49, 39)), plain)
+    assert np.array_equal(tvmflash.attention(q, k, v, window_size=(-1, 0)), causal)
+    assert np.array_equal(tvmflash.attention(q, k, v, causal=True, window_size=(1000, -1)), causal)
+    assert not spec_for(q, k, v, window=(49, 39))[0].window
+    assert spec_for(q, k, v, window=(48, 39))[0].window
+
+
+@pytest.mark.parametrize("causal, batch_slopes, window, cap", [
+    (False, False, (-1, -1), 0.0), (True, True, (30, 0), 15.0),
+])
+def test_alibi_matches_the_biased_reference(rng, causal, batch_slopes, window, cap):
+    """ALiBi (FlashAttention-2's ``alibi_slopes``), (heads,) or (batch, heads) float32, alone and
+    with a window and a softcap; the bias changes the result (checked against the unbiased one)."""
+    q, k, v = make_qkv(rng, 2, 97, 130, 4, 2, 64, "float16", scale=2.0)
+    slopes = (rng.random((2, 4) if batch_slopes else (4,)) * 0.2).astype(np.float32)
+    out, lse = tvmflash.attention(q, k, v, causal=causal, window_size=window, softcap=cap, alibi_slopes=slopes,
+                                  return_lse=True)
+    ref = attention_reference(q, k, v, causal=causal, window_size=window, softcap=cap, alibi_slopes=slopes)
+    assert_close_to_reference(out, lse, *ref, "float16")
+    unbiased = attention_reference(q, k, v, causal=causal, window_size=window, softcap=cap)[0]
+    assert np.abs(out.astype(np.float64) - unbiased).max() > 0.05

@@ -25,6 +25,7 @@ CASES = [
     dict(args=(1, 70, 45, 8, 1, 64), kwargs=dict(softmax_scale=0.3)),
     dict(args=(2, 33, 33, 2, 2, 32), kwargs=dict(), dtype=torch.bfloat16),
     dict(args=(1, 29, 41, 4, 2, 64), kwargs=dict(causal=True, softcap=3.0)),
+    dict(args=(1, 40, 61, 4, 2, 64), kwargs=dict(window_left=9, window_right=4)),
 ]
 
 
@@ -88,6 +89,15 @@ def test_fake_shapes_and_errors():
             OP(q, k.half(), k)
         with pytest.raises(TypeError, match=r"q: expected dtype float16 or bfloat16, got float32"):
             OP(q.float(), k.float(), k.float())
+
+
+def test_window_passes_through_the_op():
+    q, k, v = _qkv(5, 1, 45, 60, 4, 2, 64)
+    out, lse = OP(q, k, v, True, None, 0.0, 12, -1)
+    want, want_lse = tvmflash.attention(q, k, v, causal=True, window_size=(12, -1), return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref = attention_reference(*(x.numpy() for x in (q, k, v)), causal=True, window_size=(12, -1))
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")
 
 
 def test_softcap_passes_through_the_op():

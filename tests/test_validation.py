@@ -187,6 +187,60 @@ def test_bad_softcap(qkv):
           softcap=50.0)
 
 
+def test_bad_window_size(qkv):
+    q, k, v = qkv
+    check(TypeError, r"window_size: expected \(left, right\), two ints \(-1 = unbounded\), got 4", tvmflash.attention,
+          q, k, v, window_size=4)
+    check(TypeError, r"window_size: expected \(left, right\), two ints \(-1 = unbounded\), got \(1, 2, 3\)",
+          tvmflash.attention, q, k, v, window_size=(1, 2, 3))
+    check(TypeError, r"window_size: .* got left 2.5 \(float\)", tvmflash.attention, q, k, v, window_size=(2.5, 0))
+    check(TypeError, r"window_size: .* got right True \(bool\)", tvmflash.attention, q, k, v, window_size=(2, True))
+    check(ValueError, r"window_size: expected left >= 0 or -1 \(unbounded\), got -2", tvmflash.attention, q, k, v,
+          window_size=(-2, 0))
+    check(ValueError, r"window_size: expected right >= 0 or -1 \(unbounded\), got -5", tvmflash.attention, q, k, v,
+          window_size=(3, -5))
+    check(ValueError, r"window_size: causal attention sees no key right of the diagonal: expected right 0 or -1 "
+          r"with causal=True, got right 4", tvmflash.attention, q, k, v, causal=True, window_size=(3, 4))
+    check(ValueError, r"window_size: the fused algorithm only, got algorithm='standard'", tvmflash.attention, q, k, v,
+          window_size=(3, 3), algorithm="standard")
+    check(TypeError, r"window: expected a bool \(the window's size is a runtime value\), got tuple", KernelSpec, 64,
+          window=(3, 3))
+
+
+def test_kernel_window_must_match_its_build(qkv):
+    q, k, v = qkv
+    windowed, plain = get_kernel(KernelSpec(64, group=2, causal=True, window=True)), get_kernel(KernelSpec(64, group=2))
+    check(ValueError, r"window_size: kernel fwd_f16_d64_causal_window_g2_cpu\w* is built with a window: expected "
+          r"\(left, right\), got None", windowed, q, k, v)
+    check(ValueError, r"window_size: causal attention sees no key right", windowed, q, k, v, window_size=(3, 1))
+    check(ValueError, r"window_size: kernel fwd_f16_d64_g2_cpu\w* has no window \(built with window=False\): expected "
+          r"None or \(-1, -1\), got \(3, 3\)", plain, q, k, v, window_size=(3, 3))
+
+
+def test_bad_alibi_slopes(qkv):
+    q, k, v = qkv  # batch 2, heads 4
+    slopes = np.full(4, 0.5, np.float32)
+    check(TypeError, r"alibi_slopes: expected dtype float32, got float16", tvmflash.attention, q, k, v,
+          alibi_slopes=slopes.astype(np.float16))
+    check(ValueError, r"alibi_slopes: expected shape \(4,\) or \(2, 4\) \(heads, or batch and heads, of q\), got "
+          r"\(8,\)", tvmflash.attention, q, k, v, alibi_slopes=np.full(8, 0.5, np.float32))
+    check(ValueError, r"alibi_slopes: expected shape .* got \(4, 2\)", tvmflash.attention, q, k, v,
+          alibi_slopes=np.full((4, 2), 0.5, np.float32))
+    check(TypeError, r"alibi_slopes: expected a torch.Tensor, numpy.ndarray or tvm Tensor, got builtins.list",
+          tvmflash.attention, q, k, v, alibi_slopes=[0.5] * 4)
+    check(ValueError, r"alibi_slopes: the fused algorithm only, got algorithm='standard'", tvmflash.attention, q, k, v,
+          alibi_slopes=slopes, algorithm="standard")
+    plain = get_kernel(KernelSpec(64, group=2))
+    check(ValueError, r"alibi_slopes: kernel fwd_f16_d64_g2_cpu\w* has no ALiBi \(built with alibi=False\): expected "
+          r"None", plain, q, k, v, alibi_slopes=slopes)
+    biased = get_kernel(KernelSpec(64, group=2, alibi=True))
+    check(ValueError, r"alibi_slopes: kernel fwd_f16_d64_alibi_g2_cpu\w* is built with ALiBi: expected \(heads,\) or "
+          r"\(batch, heads\) float32 slopes, got None", biased, q, k, v)
+    torch = pytest.importorskip("torch")
+    check(TypeError, r"alibi_slopes: expected the same kind of array as q \(numpy\), got torch", tvmflash.attention,
+          q, k, v, alibi_slopes=torch.from_numpy(slopes))
+
+
 def test_kernel_softcap_must_match_its_build(qkv):
     q, k, v = qkv
     capped, plain = get_kernel(KernelSpec(64, group=2, softcap=True)), get_kernel(KernelSpec(64, group=2))

@@ -24,6 +24,8 @@ def _spec_from_args(args, target: str):
         shape=_parse_shape(getattr(args, "shape", None)),
         even=bool(getattr(args, "even", False)),
         softcap=bool(getattr(args, "softcap", False)),
+        window=bool(getattr(args, "window", False)),
+        alibi=bool(getattr(args, "alibi", False)),
     )
 
 
@@ -63,6 +65,11 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
                         "attention() runs on a GPU where the lengths allow)")
     p.add_argument("--softcap", action="store_true", default=d(False),
                    help="logit soft-capping compiled in (the cap is a runtime argument, attention(softcap=...))")
+    p.add_argument("--window", action="store_true", default=d(False),
+                   help="a sliding window compiled in (its edges are runtime arguments, attention(window_size=...)); "
+                        "with --causal the left edge only")
+    p.add_argument("--alibi", action="store_true", default=d(False),
+                   help="ALiBi compiled in (the slopes are a runtime argument, attention(alibi_slopes=...))")
 
 
 def cmd_build(args) -> int:
@@ -255,9 +262,10 @@ def _inspected_spec(args) -> KernelSpec:
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
                        ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
-                       ("--target", "target")]
+                       ("--window", "window"), ("--alibi", "alibi"), ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
-                         softcap=False, target="nvidia/nvidia-a100")
+                         softcap=False, window=False, alibi=False,
+                         target="nvidia/nvidia-a100")
 
 
 def cmd_inspect(args) -> int:
@@ -325,24 +333,34 @@ def cmd_bench(args) -> int:
         print("tvmflash bench: needs a CUDA GPU and PyTorch with CUDA (found: "
               f"{'no torch' if torch is None else 'torch ' + torch.__version__ + ', no GPU'})", file=sys.stderr)
         return 2
+    if args.models is not None:
+        from .analysis.bench import bench_models, print_model_table
+
+        rows = bench_models(models=args.models or None, seqlens=args.model_seqlens, dtype=args.dtype or "bfloat16",
+                            reps=args.reps, flex=args.flex)
+        print()
+        print_model_table(rows)
+        return 0
     if args.memory:
         from .analysis.bench import peak_memory, print_memory_table
 
-        rows = peak_memory(seqlens=args.seqlens, head_dim=args.head_dims[0], heads=args.heads, dtype=args.dtype)
+        rows = peak_memory(seqlens=args.seqlens, head_dim=args.head_dims[0], heads=args.heads,
+                           dtype=args.dtype or "float16")
         print()
         print_memory_table(rows)
         return 0
 
     rows, methods = bench(
         head_dims=args.head_dims, seqlens=args.seqlens, causals=_CAUSALS[args.causal], heads=args.heads,
-        tokens=args.tokens, dtype=args.dtype, methods=args.methods, reps=args.reps,
+        tokens=args.tokens, dtype=args.dtype or "float16", methods=args.methods, reps=args.reps, window=args.window,
+        group=args.gqa,
     )
     print()
     print_table(rows, methods)
     if args.json:
         from .analysis.bench import write_json
 
-        write_json(args.json, rows, methods, dtype=args.dtype, heads=args.heads, tokens=args.tokens, reps=args.reps)
+        write_json(args.json, rows, methods, dtype=args.dtype or "float16", heads=args.heads, tokens=args.tokens, reps=args.reps)
         print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
     return 0
 
@@ -482,16 +500,27 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--causal", choices=("off", "on", "both"), default="both")
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--gqa", type=int, default=1, metavar="G", help="query heads per kv head (default 1)")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default 16384)")
-    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default="float16", help=_DTYPE_HELP)
+    p.add_argument("--dtype", type=_dtype, choices=DTYPES, default=None,
+                   help="float16 (fp16, half) or bfloat16 (bf16); default float16, bfloat16 for --models")
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused hand' (the hand "
                         "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'tvmflash fused softcap' "
-                        "(softcap=50) 'sdpa flash' 'sdpa cudnn'")
+                        "(softcap=50) 'tvmflash fused window' (window_size=(W, W), causal (W, 0)) 'tvmflash fused alibi' 'sdpa flash' "
+                        "'sdpa cudnn'")
+    p.add_argument("--window", type=int, default=4096, metavar="W",
+                   help="the window edge W of the 'tvmflash fused window' method (default 4096)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak GPU memory of fused vs standard per --seqlens (batch 1, the first --head-dims)")
+    p.add_argument("--models", nargs="*", default=None, metavar="MODEL",
+                   help="instead: real models' causal prefill attention (default all: Llama-3-8B Qwen2-7B Mistral-7B "
+                        "Gemma-2-9B Phi-3-mini GPT-2) against SDPA flash, cuDNN and compiled FlexAttention")
+    p.add_argument("--model-seqlens", type=int, nargs="+", default=[2048, 8192], help="--models: prefill lengths")
+    p.add_argument("--flex", choices=("variants", "all", "none"), default="variants",
+                   help="--models: the rows FlexAttention runs (default: those with a softcap or a window)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("explain", help="why the fused kernel is fast: HBM traffic, FLOPs and roofline from the "

@@ -76,6 +76,14 @@ class KernelSpec:
     softcap:   (fused) logit soft-capping, as Gemma-2 and FlashAttention-2: the scaled scores
                become ``cap * tanh(scores / cap)`` before the softmax. The cap is a runtime value
                (``attention(..., softcap=cap)``), as ``softmax_scale`` is; the flag compiles it in.
+    window:    (fused) a sliding window, FlashAttention-2's ``window_size=(left, right)``: query
+               row i sees keys j with i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k -
+               seqlen_q + right (with ``causal``, right is 0). (left, right) are runtime values
+               (``attention(..., window_size=...)``); the flag compiles the bounds in, and key
+               tiles wholly outside the window are never visited.
+    alibi:     (fused) ALiBi, FlashAttention-2's ``alibi_slopes``: the scaled score of (i, j)
+               gets the bias -slope * |i + seqlen_k - seqlen_q - j|, the slope per head (and
+               batch), a runtime float32 tensor (``attention(..., alibi_slopes=...)``).
     """
 
     head_dim: int
@@ -87,6 +95,8 @@ class KernelSpec:
     shape: tuple | None = None
     even: bool = False
     softcap: bool = False
+    window: bool = False
+    alibi: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -123,6 +133,15 @@ class KernelSpec:
         if self.softcap and self.algorithm != "fused":
             raise ValueError(f"softcap: the fused algorithm only (the standard one has no score step), got "
                              f"algorithm={self.algorithm!r}")
+        if not isinstance(self.window, bool):
+            raise TypeError(f"window: expected a bool (the window's size is a runtime value), got "
+                            f"{type(self.window).__name__}")
+        if self.window and self.algorithm != "fused":
+            raise ValueError(f"window: the fused algorithm only, got algorithm={self.algorithm!r}")
+        if not isinstance(self.alibi, bool):
+            raise TypeError(f"alibi: expected a bool (the slopes are a runtime tensor), got {type(self.alibi).__name__}")
+        if self.alibi and self.algorithm != "fused":
+            raise ValueError(f"alibi: the fused algorithm only, got algorithm={self.algorithm!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -143,6 +162,10 @@ class KernelSpec:
             parts.append("causal")
         if self.softcap:
             parts.append("softcap")
+        if self.window:
+            parts.append("window")
+        if self.alibi:
+            parts.append("alibi")
         parts.append(f"g{self.group}")
         if self.shape is not None:
             b, sq, sk, h = self.shape

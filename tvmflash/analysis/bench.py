@@ -1,7 +1,8 @@
 """``tvmflash bench``: TFLOP/s of tvmflash fused / standard and PyTorch SDPA, side by side.
 
 Prints a table; asserts nothing about speed. FLOPs = 4 * batch * heads * seq^2 * head_dim,
-halved for causal (FlashAttention's convention). batch * seq = ``--tokens`` (default 16k).
+halved for causal (FlashAttention's convention); for a sliding window, 4 * batch * heads *
+head_dim per visible score (``visible_scores``). batch * seq = ``--tokens`` (default 16k).
 Each method is timed the same way: the median of ``reps`` samples of ``CALLS_PER_SAMPLE`` calls
 back to back, the methods of a row sampled in turn (``_time_interleaved``).
 """
@@ -88,8 +89,8 @@ def _sdpa(backend):
     def run(q, k, v, causal):
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-            )
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                enable_gqa=k.shape[2] != q.shape[2])
 
     return run
 
@@ -138,8 +139,25 @@ def hand_config_kernel(spec, seq_q: int, seq_k: int) -> str:
         return ensure_built(build_for(spec, seq_q, seq_k), os.path.join(cache_dir(), "hand-config"))
 
 
+def visible_scores(seq_q: int, seq_k: int, causal: bool, window=(-1, -1)) -> int:
+    """How many (query, key) pairs a head sees (FlashAttention-2's window semantics, -1
+    unbounded; causal: right edge 0)."""
+    import numpy as np
+
+    left, right = window
+    right = 0 if causal else right
+    diag = np.arange(seq_q, dtype=np.int64) + seq_k - seq_q
+    lo = np.zeros(seq_q, dtype=np.int64) if left < 0 else np.maximum(diag - left, 0)
+    hi = np.full(seq_q, seq_k - 1, dtype=np.int64) if right < 0 else np.minimum(diag + right, seq_k - 1)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
 def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True), heads: int = 16,
-          tokens: int = 16384, dtype: str = "float16", methods=None, reps: int = 10):
+          tokens: int = 16384, dtype: str = "float16", methods=None, reps: int = 10, window: int = 4096,
+          group: int = 1):
+    """Rows of ms and TFLOP/s per method. ``window``: the left (and, not causal, right) edge of
+    the sliding window of the "tvmflash fused window" method, whose FLOPs count its visible
+    scores only. ``group``: query heads per kv head (GQA; ``heads`` must be a multiple)."""
     import torch
     from torch.nn.attention import SDPBackend
 
@@ -153,9 +171,13 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
         "tvmflash fused static": lambda q, k, v, c: attention(q, k, v, causal=c, static_shape=True),
         "tvmflash standard": lambda q, k, v, c: attention(q, k, v, causal=c, algorithm="standard"),
         "tvmflash fused softcap": lambda q, k, v, c: attention(q, k, v, causal=c, softcap=NOMINAL_CAP),
+        "tvmflash fused window": lambda q, k, v, c: attention(q, k, v, causal=c, window_size=_window(window, c)),
+        "tvmflash fused alibi": lambda q, k, v, c: attention(q, k, v, causal=c, alibi_slopes=alibi_slopes(q)),
         "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
     }
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or heads % group:
+        raise ValueError(f"gqa: expected a positive int dividing heads={heads}, got {group!r}")
     methods = list(methods or all_methods)
     unknown = [m for m in methods if m not in all_methods]
     if unknown:
@@ -166,16 +188,168 @@ def bench(head_dims=(64, 128), seqlens=(1024, 4096, 16384), causals=(False, True
         for n in seqlens:
             for causal in causals:
                 b = max(1, tokens // n)
-                q, k, v = (torch.randn(b, n, heads, d, device="cuda", dtype=dt) for _ in range(3))
+                q = torch.randn(b, n, heads, d, device="cuda", dtype=dt)
+                k, v = (torch.randn(b, n, heads // group, d, device="cuda", dtype=dt) for _ in range(2))
                 flops = 4 * b * heads * n * n * d / (2 if causal else 1)
-                row = {"head_dim": d, "seqlen": n, "batch": b, "causal": causal}
+                windowed = 4 * b * heads * d * visible_scores(n, n, causal, _window(window, causal))
+                row = {"head_dim": d, "seqlen": n, "batch": b, "causal": causal, "group": group}
                 fns = {name: functools.partial(all_methods[name], q, k, v, causal) for name in methods}
                 for name, ms in _time_interleaved(fns, reps=reps).items():
-                    row[name] = (None, type(ms).__name__) if isinstance(ms, Exception) else (ms, flops / ms / 1e9)
+                    work = windowed if name.endswith(" window") else flops
+                    row[name] = (None, type(ms).__name__) if isinstance(ms, Exception) else (ms, work / ms / 1e9)
                 torch.cuda.empty_cache()
                 rows.append(row)
                 print(_format_row(row, methods), flush=True)
     return rows, methods
+
+
+def _window(window: int, causal: bool) -> tuple[int, int]:
+    return (window, 0 if causal else window)
+
+
+@functools.lru_cache(maxsize=None)
+def _slopes(heads: int, device: str):
+    import torch
+
+    # ALiBi's geometric slopes 2^(-8 i / heads), i = 1 .. heads (Press et al. 2022)
+    return 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device, dtype=torch.float32) / heads)
+
+
+def alibi_slopes(q):
+    """ALiBi's slopes for the heads of ``q`` [batch, seqlen, heads, head_dim], on its device."""
+    return _slopes(int(q.shape[2]), str(q.device))
+
+
+#: The attention of real models' prefill: (query heads, kv heads, head dim, softcap, window).
+#: Gemma-2 alternates windowed and global layers; the row is its windowed layer.
+MODELS = {
+    "Llama-3-8B": (32, 8, 128, 0.0, -1),
+    "Qwen2-7B": (28, 4, 128, 0.0, -1),
+    "Mistral-7B": (32, 8, 128, 0.0, 4096),
+    "Gemma-2-9B": (16, 8, 256, 50.0, 4096),
+    "Phi-3-mini": (32, 32, 96, 0.0, -1),
+    "GPT-2": (12, 12, 64, 0.0, -1),
+}
+
+#: The methods of ``bench_models``, in their columns' order.
+MODEL_METHODS = ("tvmflash", "sdpa flash", "sdpa cudnn", "flex")
+
+
+def _flex(softcap: float, window: int, seqlen: int):
+    """FlexAttention (``torch.nn.attention.flex_attention``, compiled) with the model's causal
+    mask, window and softcap as mask_mod / score_mod."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = _compiled_flex()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = q_idx >= kv_idx
+        return visible & (q_idx - kv_idx <= window) if window >= 0 else visible
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=seqlen, KV_LEN=seqlen, device="cuda")
+
+    def run(q, k, v):
+        return compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                        score_mod=score_mod if softcap else None, enable_gqa=k.shape[2] != q.shape[2])
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def bench_models(models=None, seqlens=(2048, 8192), dtype: str = "bfloat16", reps: int = 10, flex: str = "variants"):
+    """Causal prefill (batch 1) of each model's attention (``MODELS``): ms and TFLOP/s (on the
+    visible scores) of tvmflash, SDPA's flash and cuDNN backends where they serve the case (no
+    softcap, no window) and compiled FlexAttention (``flex``: "variants", the rows with a softcap
+    or a window; "all"; "none"). Rows: dicts with the model, seqlen and {method: (ms, TFLOP/s) or
+    (None, why)}."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from ..runtime.api import attention
+
+    names = list(models or MODELS)
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise ValueError(f"models: expected names among {list(MODELS)}, got {unknown}")
+    if flex not in ("variants", "all", "none"):
+        raise ValueError(f"flex: expected 'variants', 'all' or 'none', got {flex!r}")
+    dt = getattr(torch, dtype)
+    rows = []
+    for name in names:
+        heads, heads_kv, d, cap, window = MODELS[name]
+        for n in seqlens:
+            q = torch.randn(1, n, heads, d, device="cuda", dtype=dt)
+            k, v = (torch.randn(1, n, heads_kv, d, device="cuda", dtype=dt) for _ in range(2))
+            win = (window, 0) if 0 <= window < n else (-1, 0)
+            variant = bool(cap) or win[0] >= 0
+            fns = {"tvmflash": functools.partial(attention, q, k, v, causal=True, softcap=cap, window_size=win)}
+            if not variant:
+                for method, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION),
+                                        ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    fns[method] = functools.partial(_sdpa_gqa(backend), q, k, v)
+            if flex == "all" or (flex == "variants" and (cap or window >= 0)):
+                fns["flex"] = functools.partial(_flex(cap, win[0], n), q, k, v)
+            work = 4 * heads * d * visible_scores(n, n, True, win)
+            row = {"model": name, "seqlen": n, "heads": heads, "heads_kv": heads_kv, "head_dim": d,
+                   "softcap": cap, "window": win[0]}
+            for method, ms in _time_interleaved(fns, reps=reps).items():
+                row[method] = (None, type(ms).__name__) if isinstance(ms, Exception) else (ms, work / ms / 1e9)
+            for method in MODEL_METHODS:
+                row.setdefault(method, (None, "n/a"))
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(_format_model_row(row), flush=True)
+    return rows
+
+
+def _sdpa_gqa(backend):
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=k.shape[2] != q.shape[2])
+
+    return run
+
+
+def _format_model_row(row) -> str:
+    cells = [f"{row['model']:<11} N={row['seqlen']:<6}"]
+    for method in MODEL_METHODS:
+        ms, val = row[method]
+        cells.append(f"{method}: " + (f"{val:6.1f} TF/s {ms:7.3f} ms" if ms is not None else f"{val:>18}"))
+    return " | ".join(cells)
+
+
+def print_model_table(rows) -> None:
+    """The README's table: TFLOP/s (ms) per method and tvmflash's ratio to the fastest other."""
+    print("| model | heads (q/kv, d) | variant | seqlen | " + " | ".join(f"{m} TFLOP/s (ms)" for m in MODEL_METHODS)
+          + " | tvmflash / best other |")
+    print("|" + "---|" * (5 + len(MODEL_METHODS)))
+    for r in rows:
+        variant = ", ".join(x for x in (f"softcap {r['softcap']:g}" if r["softcap"] else "",
+                                        f"window {r['window']}" if r["window"] >= 0 else "") if x) or "-"
+        cells = []
+        for m in MODEL_METHODS:
+            ms, val = r[m]
+            cells.append(f"{val:.1f} ({ms:.3f})" if ms is not None else str(val))
+        others = [r[m][0] for m in MODEL_METHODS[1:] if r[m][0] is not None]
+        ratio = f"{min(others) / r['tvmflash'][0]:.2f}x" if others and r["tvmflash"][0] is not None else "-"
+        print(f"| {r['model']} | {r['heads']}/{r['heads_kv']}, {r['head_dim']} | {variant} | {r['seqlen']} | "
+              + " | ".join(cells) + f" | {ratio} |")
 
 
 def peak_memory(seqlens=(4096, 16384, 32768, 65536), head_dim: int = 128, heads: int = 16, batch: int = 1,
@@ -256,7 +430,7 @@ def to_json(rows, methods, **meta) -> dict:
             results[name] = {"ms": ms, "tflops": val} if ms is not None else {"ms": None, "error": str(val)}
         out["rows"].append({"head_dim": r["head_dim"], "seqlen": r["seqlen"], "batch": r["batch"],
                             "causal": r["causal"], "heads": meta.get("heads"), "dtype": meta.get("dtype"),
-                            "group": 1, "results": results})
+                            "group": r.get("group", 1), "results": results})
     return out
 
 

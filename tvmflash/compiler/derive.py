@@ -56,7 +56,7 @@ from ..definition.fused import (
     S_GEMM, S_GEMM_TILE, S_STORE, STATE_UPDATE, TILE, V_LOAD,
 )
 from ..definition.mask import NEG_INF, guarded
-from ..definition.plain import ScoreMod, plain_attention, without_param
+from ..definition.plain import ScoreMod, plain_attention, without_buffer, without_param
 from ..spec import KernelSpec
 
 __all__ = [
@@ -75,8 +75,12 @@ SPLIT_COMBINE = "combine"
 #: Shape variables of the definitions, by name (the derived function declares its own).
 _SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
 #: The scalar parameters a derived function can carry, in its signature's order after the buffers:
-#: the softmax scale, and the cap of a runtime softcap (``definition.plain.SOFTCAP``).
-SCALARS = ("sm_scale", "softcap")
+#: the softmax scale, the cap of a runtime softcap (``definition.plain.SOFTCAP``) and a sliding
+#: window's edges (``KernelSpec.window``).
+SCALARS = ("sm_scale", "softcap", "window_left", "window_right")
+#: The input buffers a derived function can carry besides q, k, v (after lse in its signature):
+#: ALiBi's slopes [batch, heads] (``KernelSpec.alibi``), read by the score.
+BUFFERS = ("alibi_slopes",)
 #: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
 _ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
 
@@ -211,7 +215,7 @@ class Chain:
         to ``loads``."""
         vmap = {step.roles[r]: v for r, v in roles.items() if r in step.roles}
         vmap.update({self.shape[n]: shape[n] for n in self.shape})
-        vmap.update({self.params[n]: scalars[n] for n in SCALARS if n in self.params})
+        vmap.update({self.params[n]: scalars[n] for n in SCALARS + BUFFERS if n in self.params})
         return _subst(e, vmap, loads)
 
 
@@ -272,10 +276,11 @@ def analyze(func) -> Chain:
     for name in ("Q", "K", "V", "O", "LSE", "sm_scale"):
         if name not in params:
             raise NotRepairable(f"the function has no parameter {name!r} (expected q, k, v, o, lse, sm_scale)")
-    extra = [n for n in params if n not in ("Q", "K", "V", "O", "LSE") and n not in SCALARS]
+    extra = [n for n in params if n not in ("Q", "K", "V", "O", "LSE") and n not in SCALARS + BUFFERS]
     if extra:
         raise NotRepairable(f"the function has parameters {extra} the derived forms do not carry (they take "
-                            f"the buffers and the scalars {list(SCALARS)})")
+                            f"q, k, v, o, lse, the buffers {list(BUFFERS)} and the scalars {list(SCALARS)})")
+    inputs = [params[n] for n in BUFFERS if n in params]
     Q, K, V, O, LSE = (params[n] for n in ("Q", "K", "V", "O", "LSE"))
     shape = {}
     for buf in (Q, K, V, O, LSE):
@@ -312,9 +317,10 @@ def analyze(func) -> Chain:
     if not any(s.same_as(gemm.out) for s in srcs):
         cands = [writer[s] for s in writer if any(s.same_as(x) for x in srcs)]
         _expect(len(cands) == 1 and not cands[0].reduce and _reads(cands[0].store.value, gemm.out)
-                and all(ld.source.same_as(gemm.out) or ld.source.same_as(params["sm_scale"])
+                and all(ld.source.same_as(gemm.out) or any(ld.source.same_as(b) for b in inputs)
                         for ld in _loads(cands[0].store.value)), max_st,
-                "the max's operand must be S or one elementwise block of S")
+                f"the max's operand must be S or one elementwise block of S (reading only S and the inputs "
+                f"{list(BUFFERS)})")
         score = cands[0]
     # 2. every use of m before the epilogue: inside P's exponential
     m_readers = [st for st in blocks if st is not max_st and _reads(st.store.value, m)]
@@ -387,12 +393,10 @@ def analyze(func) -> Chain:
 # -- the derived functions -------------------------------------------------------------------
 
 
-def _kv_tile_bound(ch: Chain, x, qb, BM: int):
-    """The exclusive bound of the keys a query tile can see, or None when the mask does not
-    bound them: a term ``j <= R(i)`` of the mask with R increasing by 1 per row means the tile's
-    last row sees keys below R((qb + 1) * BM)."""
+def _mask_terms(ch: Chain, x) -> list:
+    """The terms of the mask ``Select(t1 and t2 ..., s, -inf)`` of the max's operand ``x``."""
     if not (isinstance(x, tirx.Select) and _is_const(x.false_value, NEG_INF)):
-        return None
+        return []
     terms, stack = [], [x.condition]
     while stack:
         c = stack.pop()
@@ -400,23 +404,52 @@ def _kv_tile_bound(ch: Chain, x, qb, BM: int):
             stack += [c.a, c.b]
         else:
             terms.append(c)
+    return terms
+
+
+def _row_bound(ch: Chain, t, cls):
+    """R of a mask term ``j <= R(i)`` (``cls`` LE) or ``j >= R(i)`` (GE) whose R increases by 1
+    per row, else None."""
     st = ch.max
     vi, vj = st.roles.get("i"), st.roles.get("j")
-    for t in terms:
-        if isinstance(t, tirx.LE) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
-            step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
-            if _is_const(step, 1):
-                return _subst(t.b, {vi: (qb + 1) * BM}, {})
+    if isinstance(t, cls) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
+        step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
+        if _is_const(step, 1):
+            return t.b
     return None
 
 
-def _kv_tile_count(last_key, BN: int):
-    """Tiles up to ``last_key``, at least one: a tile with no visible key (causal, seq_q > seq_k;
+def _kv_tile_bound(ch: Chain, x, qb, BM: int):
+    """The exclusive bound of the keys a query tile can see, or None when the mask does not
+    bound them: a term ``j <= R(i)`` of the mask with R increasing by 1 per row means the tile's
+    last row sees keys below R((qb + 1) * BM)."""
+    for t in _mask_terms(ch, x):
+        r = _row_bound(ch, t, tirx.LE)
+        if r is not None:
+            return _subst(r, {ch.max.roles["i"]: (qb + 1) * BM}, {})
+    return None
+
+
+def _kv_tile_first(ch: Chain, x, qb, BM: int):
+    """The first key a query tile can see, or None when the mask does not bound it below: a term
+    ``j >= L(i)`` with L increasing by 1 per row (a sliding window's left edge) means the tile's
+    first row sees no key below L(qb * BM)."""
+    for t in _mask_terms(ch, x):
+        r = _row_bound(ch, t, tirx.GE)
+        if r is not None:
+            return _subst(r, {ch.max.roles["i"]: qb * BM}, {})
+    return None
+
+
+def _kv_tile_count(last_key, BN: int, first=None):
+    """Tiles up to ``last_key`` (from tile ``first``, where given), at least one: a tile with no visible key (causal, seq_q > seq_k;
     or seq_k == 0) is wholly masked and leaves the identities, as no tile would. The bound lets
     TVM's software pipeliner prove its prologue and epilogue run (else it guards them by
     conditions, and ThreadSync refuses the __syncthreads inside: "Cannot insert syncs inside
     condition")."""
-    return tirx.max(tirx.ceildiv(last_key, BN), 1)
+    if first is None:
+        return tirx.max(tirx.ceildiv(last_key, BN), 1)
+    return tirx.max(tirx.ceildiv(last_key, BN) - first, 1)
 
 
 def _tile_mask(x, inside, even: bool):
@@ -438,10 +471,10 @@ class _Exprs:
         self.ch, self.even = ch, even
         self.shape = self.scalars = None
 
-    def bind(self, shape: dict, *scalars):
-        """The derived function's shape variables and scalars, in ``SCALARS`` order (called as
-        its body is parsed)."""
-        self.shape, self.scalars = shape, dict(zip(SCALARS, scalars))
+    def bind(self, shape: dict, *scalars_and_buffers):
+        """The derived function's shape variables, scalars and input buffers, in ``SCALARS`` then
+        ``BUFFERS`` order (called as its body is parsed)."""
+        self.shape, self.scalars = shape, dict(zip(SCALARS + BUFFERS, scalars_and_buffers))
 
     def _at(self, st, e, roles, loads):
         return self.ch.at(st, e, roles, loads, self.shape, self.scalars)
@@ -545,11 +578,14 @@ def rolling_update(func, block_m: int, block_n: int, *, even: bool = False) -> t
 
 
 def _carried(ch: Chain, func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The derived ``func`` with the scalar parameters Algorithm 0 has: the templates declare
-    every one of ``SCALARS``, and those it lacks (a softcap) go."""
+    """The derived ``func`` with the scalar and buffer parameters Algorithm 0 has: the templates
+    declare every one of ``SCALARS`` and ``BUFFERS``, and those it lacks (a softcap) go."""
     for name in SCALARS:
         if name not in ch.params:
             func = without_param(func, name)
+    for name in BUFFERS:
+        if name not in ch.params:
+            func = without_buffer(func, name)
     return func
 
 
@@ -567,11 +603,31 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
     # the macros below see the names of the function they expand in: they reach these through ex
     ex.m_init, ex.l_init, ex.o_init, ex.tile_max_init = m_init, l_init, o_init, tile_max_init
 
+    def here(e):
+        """An expression of Algorithm 0's shape and scalars in the derived function's."""
+        vmap = {ch.shape[n]: ex.shape[n] for n in ch.shape}
+        vmap.update({ch.params[n]: ex.scalars[n] for n in SCALARS + BUFFERS if n in ch.params})
+        return None if e is None else _subst(e, vmap, {})
+
+    def first_tile(qb, seq_k):
+        """The first key tile query tile ``qb`` can see (None: the first of all, 0), kept inside
+        the keys so that even kernels, which have no bound checks, never read past them."""
+        first = here(_kv_tile_first(ch, ch.x, qb, BM))
+        if first is None:
+            return None
+        return tirx.max(tirx.min(tirx.floordiv(first, BN), tirx.ceildiv(seq_k, BN) - 1), 0)
+
     def kv_tiles(qb, seq_q, seq_k):
-        bound = _kv_tile_bound(ch, ch.x, qb, BM)
-        bound = _subst(bound, {ch.shape[n]: ex.shape[n] for n in ch.shape}, {}) if bound is not None else None
+        """How many key tiles query tile ``qb`` visits, from ``first_tile``."""
+        bound = here(_kv_tile_bound(ch, ch.x, qb, BM))
         last_key = seq_k if bound is None else tirx.min(seq_k, bound)
-        return _kv_tile_count(last_key, BN)
+        first = first_tile(qb, seq_k)
+        return _kv_tile_count(last_key, BN, first)
+
+    def kv_first(qb, seq_k, kb):
+        """The first key of the ``kb``-th tile query tile ``qb`` visits."""
+        first = first_tile(qb, seq_k)
+        return kb * BN if first is None else (first + kb) * BN
 
     # The steps both forms share, as TVMScript macros expanded at the call site (whose tile
     # buffers and iterators they use).
@@ -665,6 +721,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
                 m_i[vi] = m_new[vi]
                 l_i[vi] = l_new[vi]
 
+    ex.kv_first = kv_first
     return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
 
 
@@ -674,8 +731,8 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
 
     @T.prim_func(s_tir=True)
     def main(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
-        softcap: T.float32,
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
+        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -688,7 +745,9 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
         V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap)
+        alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
+                window_left, window_right, alibi_slopes)
 
         for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
             with T.sblock(TILE):
@@ -719,7 +778,7 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                 start_tile()
                 # the key tiles the mask leaves visible (all where it bounds none)
                 for kb in T.serial(kv_tiles(vqb, seq_q, seq_k)):
-                    kv_step(kb * BN)
+                    kv_step(ex.kv_first(vqb, seq_k, kb))
 
                 with T.sblock(EPILOGUE):
                     for i, d in T.grid(BM, D):
@@ -773,8 +832,8 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
 
     @T.prim_func(s_tir=True)
     def main(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, sm_scale: T.float32,
-        softcap: T.float32,
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
+        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -787,7 +846,9 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
         V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap)
+        alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
+                window_left, window_right, alibi_slopes)
         with T.sblock("root"):
             m_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
             l_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
@@ -822,7 +883,7 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
                     alpha = T.sblock_alloc_buffer((BM,), "float32")
                     start_tile()
                     for kb in T.serial(chunk_tiles(vqb, vc, seq_q, seq_k)[0]):
-                        kv_step((chunk_tiles(vqb, vc, seq_q, seq_k)[1] + kb) * BN)
+                        kv_step(ex.kv_first(vqb, seq_k, chunk_tiles(vqb, vc, seq_q, seq_k)[1] + kb))
                     # the chunk's partial state leaves the tile (rows past seq_q are not stored)
                     with T.sblock(SPLIT_PARTIAL):
                         for i, d in T.grid(BM, D):

@@ -91,30 +91,39 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
 
         def split(loop):
             kb, E = loop.loop_var, loop.extent
-            terms = {}
+            upper, lower = {}, {}  # term -> U (it holds while kb < U), term -> L (while kb >= L)
             for cond, ranges in mask_conditions(loop.body):
                 relax = {**threads, **ranges}
                 for term in and_terms(cond):
                     if not _uses(term, kb):
                         continue
                     bound = deduce_bound(kb, term, {}, relax)
-                    if bound.is_nothing() or not bound.min_value.same_as(neg_inf()) or bound.max_value.same_as(pos_inf()):
+                    if bound.is_nothing():
                         continue
-                    terms[term] = bound.max_value + 1
-            if not terms:
+                    low, high = bound.min_value.same_as(neg_inf()), bound.max_value.same_as(pos_inf())
+                    if low and not high:
+                        upper[term] = bound.max_value + 1
+                    elif high and not low:
+                        lower[term] = bound.min_value
+            if not upper and not lower:
                 return loop
             # the pipeline guards its statements by conditions on kb that hold for kb < E; proved
             # here while the bound is E (StmtSimplify could not from the split loops' bounds)
             with analyzer.constraint_scope(tirx.all(kb >= loop.min, kb < loop.min + E)):
                 loop = _with_body(loop, _drop_proven_guards(loop.body, analyzer))
             everywhere, local = [], []  # terms that hold over the whole loop, and the others
-            for term, u in terms.items():
+            for term, u in upper.items():
                 (everywhere if analyzer.can_prove(u >= E, ProofStrength.SYMBOLIC_BOUND) else local).append(term)
+            local_lower = [t for t, lo in lower.items() if not analyzer.can_prove(lo <= 0, ProofStrength.SYMBOLIC_BOUND)]
+            everywhere += [t for t in lower if t not in local_lower]
             body = _replace_terms(loop.body, everywhere)
-            if not local:
+            if not local and not local_lower:
                 return _with_body(loop, body)
-            cut = tirx.min(tirx.max(functools.reduce(tirx.min, [terms[t] for t in local]), 0), E)
-            unmasked = _replace_terms(body, local)
+            unmasked = _replace_terms(body, local + local_lower)
+            cut = tirx.min(tirx.max(functools.reduce(tirx.min, [upper[t] for t in local]), 0), E) if local else E
+            if local_lower:
+                # a sliding window's left edge: masked tiles before the unmasked ones as well
+                return _three_way(loop, body, unmasked, lower, local_lower, cut)
             # a part that never runs is left out here: removed later, it would leave its copies
             # of the mma fragments unused, and LowerWarpMemory fails on those ("Divide by zero")
             if never(cut):
@@ -144,6 +153,25 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
     return tvm.transform.Sequential(
         [tirx.transform.prim_func_pass(transform, opt_level=0, name="tvmflash.UnmaskFullKVTiles"),
          tirx.transform.ConvertSSA()])
+
+
+def _three_way(loop, body, unmasked, lower: dict, local_lower: list, cut):
+    """``loop`` as the masked tiles below every lower bound, the unmasked ones up to ``cut``
+    and the masked ones from there: a window's first tiles, its inside and its diagonal. Each
+    part a loop from 0 (LowerWarpMemory fails on a loop from a symbolic start)."""
+    kb, E = loop.loop_var, loop.extent
+    start = tirx.min(tirx.max(functools.reduce(tirx.max, [lower[t] for t in local_lower]), 0), E)
+    cut = tirx.max(cut, start)
+
+    def part(name, begin, end, stmt):
+        if name is None:
+            return tirx.For(kb, 0, end, loop.kind, stmt, loop.thread_binding, loop.annotations)
+        var = tvm.ir.Var(kb.name + name, "int32")
+        return tirx.For(var, 0, end - begin, loop.kind, tirx.SeqStmt([tirx.Bind(kb, var + begin), stmt]),
+                        loop.thread_binding, loop.annotations)
+
+    return tirx.SeqStmt([part(None, 0, start, body), part("_inside", start, cut, unmasked),
+                         part("_masked", cut, E, body)])
 
 
 def _drop_proven_guards(stmt, analyzer):

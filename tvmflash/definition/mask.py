@@ -14,20 +14,32 @@ LN2 = 0.6931471805599453  # ln(2): log(x) == log2(x) * ln(2)
 NEG_INF = float("-inf")
 
 
-def visible(row, col, seq_q, seq_k, causal: bool, even: bool = False):
+def visible(row, col, seq_q, seq_k, causal: bool, even: bool = False, window=None):
     """Whether query ``row`` attends to key ``col`` (None: always, a non-causal even kernel).
-    Causal is aligned to the bottom-right corner: row r sees keys c <= r + seq_k - seq_q."""
-    below = col <= row + seq_k - seq_q if causal else None
-    if even:  # every key column exists
-        return below
-    inside = col < seq_k
-    return inside if below is None else tirx.all(inside, below)
+    Causal is aligned to the bottom-right corner: row r sees keys c <= r + seq_k - seq_q.
+    ``window``: (left, right) int expressions, FlashAttention-2's sliding window: row r sees keys
+    r + seq_k - seq_q - left <= c <= r + seq_k - seq_q + right (``right`` None: the causal bound
+    alone, as FlashAttention-2 sets right = 0 for causal). Each term is one bound, written
+    ``col <= upper`` or ``col >= lower``: the tile-skipping and unmasking passes read them so."""
+    terms = []
+    if not even:  # past the end: the tiles' padding
+        terms.append(col < seq_k)
+    if causal:
+        terms.append(col <= row + seq_k - seq_q)
+    if window is not None:
+        left, right = window
+        terms.append(col >= row + seq_k - seq_q - left)
+        if right is not None:
+            terms.append(col <= row + seq_k - seq_q + right)
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else tirx.all(*terms)
 
 
-def masked(s, row, col, seq_q, seq_k, causal: bool, even: bool = False):
+def masked(s, row, col, seq_q, seq_k, causal: bool, even: bool = False, window=None):
     """Score ``s`` of (row, col), or -inf where the query does not see the key:
     ``Select(visible, s, -inf)``, each term of ``visible`` one bound (``is_masked_score``)."""
-    cond = visible(row, col, seq_q, seq_k, causal, even)
+    cond = visible(row, col, seq_q, seq_k, causal, even, window)
     return s if cond is None else tirx.Select(cond, s, tirx.const(NEG_INF, "float32"))
 
 

@@ -20,7 +20,10 @@ update); nothing of the online form is written here.
 
 Layout and mask as the other definitions: q, o [batch, seq_q, heads, head_dim]; k, v [batch,
 seq_k, heads_kv, head_dim]; lse [batch, heads, seq_q]; causal aligned bottom-right (``mask``).
-The mask has no key-padding term: every key of Algorithm 0 exists; tiling adds that term.
+The mask has no key-padding term: every key of Algorithm 0 exists; tiling adds that term. A
+sliding window (``KernelSpec.window``) adds the bounds of ``mask.visible`` on the runtime
+``window_left`` and ``window_right`` (``window_left`` alone with causal, whose bound is the
+window's right edge at 0); the derivation reads them to skip the key tiles outside the window.
 """
 
 from __future__ import annotations
@@ -33,19 +36,21 @@ from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-__all__ = ["NOMINAL_CAP", "RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
+__all__ = ["NOMINAL_CAP", "NOMINAL_WINDOW", "RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
 
 @dataclass(frozen=True)
 class ScoreMod:
     """What the softmax sees of a raw score ``s``: ``score(s, sm_scale, cap)``, and the constant
     its base-2 exponential multiplies by, ``exp_scale(sm_scale)``. ``cap`` is the function's
     runtime ``softcap`` parameter, which only a mod with ``runtime_cap`` reads (the others'
-    functions have no such parameter)."""
+    functions have no such parameter). ``scaled``: the score includes ``sm_scale`` (its
+    exponential multiplies by log2(e) only)."""
 
     name: str
     score: Callable
     exp_scale: Callable
     runtime_cap: bool = False
+    scaled: bool = False
 
 
 #: Raw scores, the scale inside exp2 (FlashAttention-2's form).
@@ -61,9 +66,14 @@ def _capped(s, sm_scale, cap):
 #: schedule does not depend on the value; a measurement needs one).
 NOMINAL_CAP = 50.0
 
+#: The window edge a sliding-window kernel is tuned with (its schedule does not depend on it; the
+#: tuning lengths are a few thousand keys, so a window of 1024 leaves tiles to skip and to mask).
+NOMINAL_WINDOW = 1024
+
 #: Soft-capping with the cap a runtime argument (``KernelSpec.softcap``), then exp2 of the capped
 #: score times log2(e).
-SOFTCAP = ScoreMod("softcap", _capped, lambda sm_scale: tirx.const(LOG2E, "float32"), runtime_cap=True)
+SOFTCAP = ScoreMod("softcap", _capped, lambda sm_scale: tirx.const(LOG2E, "float32"), runtime_cap=True,
+                   scaled=True)
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -73,25 +83,49 @@ def softcap(cap: float) -> ScoreMod:
         raise ValueError(f"softcap: expected a positive finite cap, got {cap!r}")
     cap_c = tirx.const(float(cap), "float32")
     return ScoreMod(f"softcap({cap:g})", lambda s, sm_scale, _: _capped(s, sm_scale, cap_c),
-                    lambda sm_scale: tirx.const(LOG2E, "float32"))
+                    lambda sm_scale: tirx.const(LOG2E, "float32"), scaled=True)
+
+
+def _alibi(x, slope, row, col, seq_q, seq_k):
+    """The scaled score ``x`` with ALiBi's bias (Press et al. 2022; FlashAttention-2's
+    ``alibi_slopes``): minus the slope times the distance to the row's diagonal key,
+    |row + seq_k - seq_q - col|. The distance is taken between the two positions in float32
+    (exact below 2^24), so that a kernel converts each row's and each column's position once,
+    not every score's."""
+    diag = tirx.Cast("float32", row + seq_k - seq_q)
+    return x - slope * tirx.abs(diag - tirx.Cast("float32", col))
 
 
 def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx.PrimFunc:
     """Algorithm 0 for ``spec`` (its dtype, head dim, group and causal flag): q, k, v, o, lse
     buffers and ``sm_scale``, as the fused kernels take them, and ``softcap`` after them where
-    the score mod reads it. ``score_mod`` defaults to the spec's: ``SOFTCAP`` with
-    ``spec.softcap``, else ``RAW``."""
+    the score mod reads it, and the window's ``window_left`` (and, not causal, ``window_right``,
+    int32) where ``spec.window``; ``alibi_slopes`` [batch, heads] float32 after lse where
+    ``spec.alibi`` (the scaled score plus ALiBi's bias, ``_alibi``). ``score_mod`` defaults to
+    the spec's: ``SOFTCAP`` with ``spec.softcap``, else ``RAW``."""
     mod = score_mod or (SOFTCAP if spec.softcap else RAW)
     if spec.softcap and not mod.runtime_cap:
         raise ValueError(f"score_mod: a spec with softcap=True takes the runtime cap (SOFTCAP), got {mod.name}")
     func = _plain(spec, mod)
-    return func if mod.runtime_cap else without_param(func, "softcap")
+    unused = [name for name, used in (("softcap", mod.runtime_cap), ("window_left", spec.window),
+                                      ("window_right", spec.window and not spec.causal)) if not used]
+    for name in unused:
+        func = without_param(func, name)
+    return func if spec.alibi else without_buffer(func, "alibi_slopes")
+
+
+def without_buffer(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    """``func`` less its buffer parameter ``name``, which its body does not read."""
+    keep = [p for p in func.params if p.name != name]
+    if len(keep) == len(func.params):
+        raise ValueError(f"name: the function has no parameter {name!r}")
+    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs)
 
 
 def without_param(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
     """``func`` less its scalar parameter ``name``, which its body does not read."""
     param = next(p for p in func.params if p.name == name)
-    return func.specialize({param: tirx.const(0.0, "float32")})
+    return func.specialize({param: tirx.const(0, str(param.ty.dtype))})
 
 
 @fast_tvmscript()
@@ -103,13 +137,23 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     neg_inf = tirx.const(NEG_INF, "float32")
     zero_f = tirx.const(0.0, "float32")
 
-    def seen(s, i, j, seq_q, seq_k):
-        return masked(s, i, j, seq_q, seq_k, causal, True)
+    def scored(s, slopes, b, h, i, j, seq_q, seq_k, sm_scale, cap):
+        x = mod.score(s, sm_scale, cap)
+        if not spec.alibi:
+            return x
+        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, seq_q, seq_k)
+
+    def exp_scale(sm_scale):
+        return tirx.const(LOG2E, "float32") if spec.alibi and not mod.scaled else mod.exp_scale(sm_scale)
+
+    def seen(s, i, j, seq_q, seq_k, left, right):
+        window = (left, None if causal else right) if spec.window else None
+        return masked(s, i, j, seq_q, seq_k, causal, True, window)
 
     @T.prim_func(s_tir=True)
     def main(
-        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
-        sm_scale: T.float32, softcap: T.float32,
+        q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
+        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -122,6 +166,7 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+        alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         with T.sblock("root"):
             S = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
             Sc = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
@@ -141,19 +186,20 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    Sc[vb, vh, vi, vj] = mod.score(S[vb, vh, vi, vj], sm_scale, softcap)
+                    Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, vb, vh, vi, vj, seq_q, seq_k, sm_scale,
+                                                softcap)
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_max"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
                     with T.init():
                         m[vb, vh, vi] = neg_inf
-                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k))
+                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k, window_left, window_right))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("P"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
                     P[vb, vh, vi, vj] = T.exp2(
-                        (seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k) - finite(m[vb, vh, vi]))
-                        * mod.exp_scale(sm_scale)
+                        (seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k, window_left, window_right) - finite(m[vb, vh, vi]))
+                        * exp_scale(sm_scale)
                     )
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_sum"):
@@ -185,7 +231,7 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
                     LSE[vb, vh, vi] = T.Select(
                         l[vb, vh, vi] == zero_f,
                         neg_inf,
-                        (m[vb, vh, vi] * mod.exp_scale(sm_scale) + T.log2(l[vb, vh, vi])) * T.float32(LN2),
+                        (m[vb, vh, vi] * exp_scale(sm_scale) + T.log2(l[vb, vh, vi])) * T.float32(LN2),
                     )
 
     return main

@@ -8,9 +8,13 @@ import numpy as np
 
 
 def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-                        softcap: float = 0.0):
+                        softcap: float = 0.0, window_size=(-1, -1), alibi_slopes=None):
     """softmax(Q K^T * scale) V in float64, FlashAttention layout and semantics; with ``softcap``
     > 0 the scaled scores are soft-capped first, ``softcap * tanh(s / softcap)``.
+    ``window_size`` (left, right): row i sees keys i + seq_k - seq_q - left .. i + seq_k - seq_q
+    + right, -1 unbounded (FlashAttention-2's sliding window; causal is right 0).
+    ``alibi_slopes`` (heads,) or (batch, heads): the scaled (and capped) score of (i, j) gets
+    -slope * |i + seq_k - seq_q - j| (FlashAttention-2's ALiBi).
 
     q: [batch, seq_q, heads, d]; k, v: [batch, seq_k, heads_kv, d] (heads % heads_kv == 0).
     Causal is aligned bottom-right: row i sees keys j <= i + seq_k - seq_q.
@@ -29,10 +33,18 @@ def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float |
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
     if softcap:
         s = softcap * np.tanh(s / softcap)
-    if causal:
-        rows = np.arange(sq)[:, None]
-        cols = np.arange(sk)[None, :]
-        s = np.where(cols <= rows + sk - sq, s, -np.inf)
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, h))[:, :, None, None]
+        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
+        s = s - slopes * dist
+    left, right = window_size
+    right = 0 if causal else right
+    rows = np.arange(sq)[:, None] + sk - sq  # the key on each row's diagonal
+    cols = np.arange(sk)[None, :]
+    if right >= 0:
+        s = np.where(cols <= rows + right, s, -np.inf)
+    if left >= 0:
+        s = np.where(cols >= rows - left, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk > 0 else np.full((b, h, sq, 1), -np.inf)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m_safe)

@@ -79,13 +79,16 @@ class Kernel:
 
     # -- calling --
     def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False,
-                 softcap: float = 0.0):
+                 softcap: float = 0.0, window_size=None, alibi_slopes=None):
         """Attention of q [batch, seq_q, heads, d] over k, v [batch, seq_k, heads_kv, d].
 
         ``out`` / ``lse`` are optional buffers to write into (shapes [batch, seq_q, heads, d] and
         [batch, heads, seq_q], float32). Returns ``out``, or ``(out, lse)`` with ``return_lse``.
         lse is the natural-log log-sum-exp of the scaled (and capped) scores. ``softcap``: the
-        cap of a kernel built with ``KernelSpec(softcap=True)`` (> 0), else 0.
+        cap of a kernel built with ``KernelSpec(softcap=True)`` (> 0), else 0. ``window_size``:
+        (left, right) of a kernel built with ``KernelSpec(window=True)`` (-1 = unbounded; right 0
+        or -1 for a causal one), else None. ``alibi_slopes``: (heads,) or (batch, heads) float32
+        of a kernel built with ``KernelSpec(alibi=True)``, else None.
         """
         spec = self.spec
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
@@ -103,6 +106,13 @@ class Kernel:
         if cap and not spec.softcap:
             raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
                              f"{softcap!r}")
+        scalars = (scale,) + ((cap,) if spec.softcap else ()) + self._window_args(window_size, sq, sk)
+        if spec.alibi and alibi_slopes is None:
+            raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
+                             "float32 slopes, got None")
+        if alibi_slopes is not None and not spec.alibi:
+            raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
+        slopes = V.check_alibi(alibi_slopes, kind, device, b, h) if spec.alibi else None
         if spec.shape is not None and (b, sq, sk, h) != spec.shape:
             eb, esq, esk, eh = spec.shape
             raise ValueError(
@@ -145,13 +155,28 @@ class Kernel:
         if b * sq * h > 0:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
             ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
+            inputs = (arrays.to_tvm(slopes),) if spec.alibi else ()
             if spec.algorithm == "fused":
-                self._functions[0](qt, kt, vt, ot, lt, scale, *((cap,) if spec.softcap else ()))
+                self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             else:
                 self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
             arrays.finish(ot, out)
             arrays.finish(lt, lse)
         return (out, lse) if return_lse else out
+
+    def _window_args(self, window_size, seq_q: int, seq_k: int) -> tuple:
+        """The window's int32 edges the kernel takes: (left, right), (left,) when causal, () for
+        a kernel without a window (which accepts only None, or the window its mask already is)."""
+        spec = self.spec
+        if not spec.window:
+            if window_size is not None and V.check_window(window_size, spec.causal) != (-1, 0 if spec.causal else -1):
+                raise ValueError(f"window_size: kernel {self.key} has no window (built with window=False): expected "
+                                 f"None or (-1, {0 if spec.causal else -1}), got {tuple(window_size)!r}")
+            return ()
+        if window_size is None:
+            raise ValueError(f"window_size: kernel {self.key} is built with a window: expected (left, right), got None")
+        left, right = V.window_bounds(V.check_window(window_size, spec.causal), seq_q, seq_k)
+        return (left,) if spec.causal else (left, right)
 
     def _run_standard(self, arrays, qt, kt, vt, ot, lt, scale, shape):
         """The three kernels of the standard algorithm, S and P in device memory."""

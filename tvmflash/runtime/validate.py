@@ -160,6 +160,81 @@ def check_softcap(softcap) -> float:
     return float(softcap)
 
 
+def check_window(window_size, causal: bool) -> tuple[int, int]:
+    """``window_size`` as (left, right) ints, -1 meaning unbounded (FlashAttention-2's
+    semantics: query i sees keys i + seq_k - seq_q - left .. i + seq_k - seq_q + right). None is
+    (-1, -1). With ``causal`` the right edge is 0: (left, -1) and (left, 0) give (left, 0), and a
+    right edge above 0 is an error (causal attention sees no key right of the diagonal)."""
+    if window_size is None:
+        window_size = (-1, -1)
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise TypeError(f"window_size: expected (left, right), two ints (-1 = unbounded), got {window_size!r}")
+    edges = []
+    for name, x in zip(("left", "right"), window_size):
+        import numpy as np
+
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"window_size: expected (left, right), two ints (-1 = unbounded), got {name} "
+                            f"{x!r} ({type(x).__name__})")
+        if x < -1 or x > INT32_MAX:
+            raise ValueError(f"window_size: expected {name} >= 0 or -1 (unbounded), got {int(x)}")
+        edges.append(int(x))
+    left, right = edges
+    if causal:
+        if right > 0:
+            raise ValueError(f"window_size: causal attention sees no key right of the diagonal: expected right 0 or "
+                             f"-1 with causal=True, got right {right}")
+        right = 0
+    return left, right
+
+
+def window_bounds(window: tuple[int, int], seq_q: int, seq_k: int) -> tuple[int, int]:
+    """The kernels' int32 (left, right) of a ``check_window`` window at these lengths: an
+    unbounded edge (-1) or one wider than every row's keys becomes the widest that is still
+    exact (left = seq_k, right = seq_q), so no key arithmetic in the kernel overflows."""
+    left, right = window
+    left = seq_k if left < 0 or left > seq_k else left
+    right = seq_q if right < 0 or right > seq_q else right
+    return left, right
+
+
+def window_kind(window: tuple[int, int], seq_q: int, seq_k: int) -> tuple[bool, bool]:
+    """(causal, window) of the kernel that runs a ``check_window`` window at these lengths: no
+    window where both edges see every key (left >= seq_k - 1, right >= seq_q - 1, or -1), and
+    a causal kernel where the right edge is the diagonal (right 0), as FlashAttention-2 does."""
+    left, right = window
+    open_left = left < 0 or left >= seq_k - 1
+    open_right = right < 0 or right >= seq_q - 1
+    causal = right == 0
+    return causal, not open_left or (not causal and not open_right)
+
+
+def check_alibi(alibi_slopes, kind: str, device: str, batch: int, heads: int):
+    """ALiBi's slopes as the kernels take them, [batch, heads] float32 and compact: from
+    (heads,) or (batch, heads), float32 (as FlashAttention-2), the kind and device of q."""
+    if array_kind(alibi_slopes, "alibi_slopes") != kind:
+        raise TypeError(f"alibi_slopes: expected the same kind of array as q ({kind}), got "
+                        f"{array_kind(alibi_slopes, 'alibi_slopes')}")
+    if dtype_of(alibi_slopes) != "float32":
+        raise TypeError(f"alibi_slopes: expected dtype float32, got {dtype_of(alibi_slopes)}")
+    shape = tuple(int(n) for n in alibi_slopes.shape)
+    if shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes: expected shape ({heads},) or ({batch}, {heads}) (heads, or batch and "
+                         f"heads, of q), got {shape}")
+    if device_of(alibi_slopes, kind, "alibi_slopes") != device:
+        raise ValueError(f"alibi_slopes: expected device {device} (the device of q), got "
+                         f"{device_of(alibi_slopes, kind, 'alibi_slopes')}")
+    if kind == "torch":
+        return alibi_slopes.expand(batch, heads).contiguous()
+    if kind == "numpy":
+        import numpy as np
+
+        return np.ascontiguousarray(np.broadcast_to(alibi_slopes, (batch, heads)))
+    if shape != (batch, heads):
+        raise ValueError(f"alibi_slopes: a tvm Tensor must have shape ({batch}, {heads}), got {shape}")
+    return alibi_slopes
+
+
 def _real(value, expected: str):
     """``value`` (a Python or numpy int or float, not a bool) as it is, or a numpy scalar as a
     float; TypeError "<expected>, got <type>" otherwise."""

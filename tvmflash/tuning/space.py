@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import definition as D
 from .._compat import tirx, tvm
-from ..definition.plain import NOMINAL_CAP
+from ..definition.plain import NOMINAL_CAP, NOMINAL_WINDOW
 from ..rules import Space, rule_for
 from ..spec import KernelSpec
 
@@ -77,6 +77,8 @@ def specialise(func: tirx.PrimFunc, shape: Shape, scale: float) -> tirx.PrimFunc
             binding[param] = tirx.const(scale, "float32")
         elif param.name == "softcap":  # the cap is a runtime value: tuned at a nominal one
             binding[param] = tirx.const(NOMINAL_CAP, "float32")
+        elif param.name in ("window_left", "window_right"):  # likewise the window's edges
+            binding[param] = tirx.const(NOMINAL_WINDOW, "int32")
     return func.specialize(binding)
 
 
