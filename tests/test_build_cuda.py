@@ -134,6 +134,23 @@ def test_window_kernel_runs_its_inside_tiles_unmasked(causal=True):
     assert masks["kb_inside"] == 0 and masks["kb"] > 0 and masks["kb_masked"] > 0, masks
 
 
+def test_window_kernels_build_where_a_part_never_runs_and_where_guards_need_the_window():
+    """A static shape of one query tile leaves the window's inside part empty (left out, as the
+    two-way split does: LowerWarpMemory fails on the unused fragment copies); a tuning workload
+    (static shape, nominal window) keeps the pipeline's guards in each part unless they are
+    proved before the split ("Cannot insert syncs inside condition")."""
+    from tvmflash.compiler import compile_module
+    from tvmflash.tuning import space as SP
+
+    spec = KernelSpec(64, causal=True, window=True, target="nvidia/nvidia-h100")
+    assert "__global__" in cuda_source(spec.replace(shape=(1, 128, 128, 4)))
+    rule = S.RULE
+    rule.prepare(spec)
+    config = rule.default_config(spec)
+    mod = SP.workload(spec, rule.tile(config), SP.default_shape(spec))
+    compile_module(rule.apply(mod["main"], config).mod, spec.tvm_target, rule.pass_config(spec))
+
+
 def test_alibi_kernel_builds_for_cuda():
     """ALiBi on tensor cores: the slopes are a float32 buffer of the kernel, read by the score."""
     spec = KernelSpec(128, alibi=True, target="nvidia/nvidia-h100")

@@ -91,6 +91,16 @@ def test_fake_shapes_and_errors():
             OP(q.float(), k.float(), k.float())
 
 
+def test_alibi_passes_through_the_op():
+    q, k, v = _qkv(6, 2, 33, 40, 4, 2, 64)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    result = torch.library.opcheck(OP.default, (q, k, v), dict(causal=True, alibi_slopes=slopes))
+    assert set(result.values()) == {"SUCCESS"}, result
+    out, lse = OP(q, k, v, causal=True, alibi_slopes=slopes)
+    ref = attention_reference(*(x.numpy() for x in (q, k, v)), causal=True, alibi_slopes=slopes.numpy())
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")
+
+
 def test_window_passes_through_the_op():
     q, k, v = _qkv(5, 1, 45, 60, 4, 2, 64)
     out, lse = OP(q, k, v, True, None, 0.0, 12, -1)

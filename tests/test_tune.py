@@ -311,6 +311,23 @@ def test_validation_rejects_a_wrong_schedule(monkeypatch):
     assert why is not None and "max |out - ref|" in why
 
 
+def test_variant_kernels_are_validated_and_timed_with_their_runtime_values():
+    """Softcap and ALiBi kernels' candidates get their runtime values where tuning runs them (the
+    validation against the reference with the same values; the timing as built): the kernel
+    takes slopes after lse and the cap after sm_scale, and a call without them fails every
+    candidate. A window kernel's edges follow the cap, the left one only when causal."""
+    spec = KernelSpec(32, causal=True, softcap=True, alibi=True)
+    tile = (32, 64)
+    record = types.SimpleNamespace(trace=_sampled(spec, tile, seed=5).trace)
+    assert rank.validate_record(spec, tile, record) is None
+    (times,) = measure.deployed_times(spec, [SHAPE], [(tile, record)], reps=1)
+    assert times[0] != records.FAILED_RUN and 0 < times[0] < 10, times
+    for causal, edges in ((True, [50]), (False, [50, 50])):
+        windowed = KernelSpec(32, causal=causal, softcap=True, window=True)
+        values = SP.variant_values(windowed, 1, 2, window=50)
+        assert SP.variant_args(windowed, values, tvm.cpu()) == ([], [SP.NOMINAL_CAP] + edges)
+
+
 def test_best_tile_is_ranked_as_built_then_validated(monkeypatch):
     """The tuner's choice on synthetic records (nothing built or run): the fastest few on the
     workload are re-timed as built and ranked by that time; the fastest of those that validates

@@ -199,6 +199,8 @@ def test_bad_window_size(qkv):
           window_size=(-2, 0))
     check(ValueError, r"window_size: expected right >= 0 or -1 \(unbounded\), got -5", tvmflash.attention, q, k, v,
           window_size=(3, -5))
+    check(ValueError, r"window_size: expected left at most 2147483647 \(int32\) or -1 \(unbounded\), got 2147483648",
+          tvmflash.attention, q, k, v, window_size=(2**31, 0))
     check(ValueError, r"window_size: causal attention sees no key right of the diagonal: expected right 0 or -1 "
           r"with causal=True, got right 4", tvmflash.attention, q, k, v, causal=True, window_size=(3, 4))
     check(ValueError, r"window_size: the fused algorithm only, got algorithm='standard'", tvmflash.attention, q, k, v,

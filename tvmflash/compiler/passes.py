@@ -123,7 +123,7 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
             cut = tirx.min(tirx.max(functools.reduce(tirx.min, [upper[t] for t in local]), 0), E) if local else E
             if local_lower:
                 # a sliding window's left edge: masked tiles before the unmasked ones as well
-                return _three_way(loop, body, unmasked, lower, local_lower, cut)
+                return _three_way(loop, body, unmasked, lower, local_lower, cut, never)
             # a part that never runs is left out here: removed later, it would leave its copies
             # of the mma fragments unused, and LowerWarpMemory fails on those ("Divide by zero")
             if never(cut):
@@ -155,7 +155,7 @@ def unmask_full_kv_tiles(loop_name: str = KV_LOOP_VAR):
          tirx.transform.ConvertSSA()])
 
 
-def _three_way(loop, body, unmasked, lower: dict, local_lower: list, cut):
+def _three_way(loop, body, unmasked, lower: dict, local_lower: list, cut, never):
     """``loop`` as the masked tiles below every lower bound, the unmasked ones up to ``cut``
     and the masked ones from there: a window's first tiles, its inside and its diagonal. Each
     part a loop from 0 (LowerWarpMemory fails on a loop from a symbolic start)."""
@@ -170,13 +170,23 @@ def _three_way(loop, body, unmasked, lower: dict, local_lower: list, cut):
         return tirx.For(var, 0, end - begin, loop.kind, tirx.SeqStmt([tirx.Bind(kb, var + begin), stmt]),
                         loop.thread_binding, loop.annotations)
 
-    return tirx.SeqStmt([part(None, 0, start, body), part("_inside", start, cut, unmasked),
-                         part("_masked", cut, E, body)])
+    # a part that never runs is left out, as in the two-way split (LowerWarpMemory fails on the
+    # unused fragment copies it would leave): a static shape's single query tile, say
+    parts = [(None, 0, start, body), ("_inside", start, cut, unmasked), ("_masked", cut, E, body)]
+    kept = [part(*p) for p in parts if not never(p[2] - p[1])]
+    if not kept:  # the steady state never runs: leave the loop as it was
+        return _with_body(loop, body)
+    return kept[0] if len(kept) == 1 else tirx.SeqStmt(kept)
 
 
 def _drop_proven_guards(stmt, analyzer):
-    """``stmt`` with each ``if`` whose condition ``analyzer`` proves replaced by its body."""
-    if isinstance(stmt, tirx.IfThenElse) and analyzer.can_prove(stmt.condition):
+    """``stmt`` with each ``if`` whose condition ``analyzer`` proves replaced by its body. The
+    symbolic-bound proof too: a window's tile count is a min/max expression, and the default
+    proof cannot carry ``kb < min(a, b) + 1`` to ``kb < min(a, b) + 2``."""
+    from tvm.sym import ProofStrength
+
+    if isinstance(stmt, tirx.IfThenElse) and (analyzer.can_prove(stmt.condition) or analyzer.can_prove(
+            stmt.condition, ProofStrength.SYMBOLIC_BOUND)):
         return _drop_proven_guards(stmt.then_case, analyzer)
     if isinstance(stmt, (tirx.SeqStmt, tirx.AttrStmt)):  # the pipeline's guards are not nested deeper
         return _map_children(stmt, lambda s: _drop_proven_guards(s, analyzer))

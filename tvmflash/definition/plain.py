@@ -36,7 +36,7 @@ from .._compat import T, fast_tvmscript, tirx
 from ..spec import KernelSpec
 from .mask import LN2, LOG2E, NEG_INF, finite, masked
 
-__all__ = ["NOMINAL_CAP", "NOMINAL_WINDOW", "RAW", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
+__all__ = ["NOMINAL_CAP", "NOMINAL_WINDOW", "RAW", "alibi_geometric_slopes", "SOFTCAP", "ScoreMod", "plain_attention", "softcap"]
 
 @dataclass(frozen=True)
 class ScoreMod:
@@ -69,6 +69,14 @@ NOMINAL_CAP = 50.0
 #: The window edge a sliding-window kernel is tuned with (its schedule does not depend on it; the
 #: tuning lengths are a few thousand keys, so a window of 1024 leaves tiles to skip and to mask).
 NOMINAL_WINDOW = 1024
+
+
+def alibi_geometric_slopes(heads: int):
+    """ALiBi's slopes 2^(-8 i / heads), i = 1 .. heads (Press et al. 2022), float32: the slopes an
+    ALiBi kernel is tuned and benchmarked with."""
+    import numpy as np
+
+    return (2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)).astype(np.float32)
 
 #: Soft-capping with the cap a runtime argument (``KernelSpec.softcap``), then exp2 of the capped
 #: score times log2(e).

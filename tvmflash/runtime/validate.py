@@ -176,8 +176,11 @@ def check_window(window_size, causal: bool) -> tuple[int, int]:
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
             raise TypeError(f"window_size: expected (left, right), two ints (-1 = unbounded), got {name} "
                             f"{x!r} ({type(x).__name__})")
-        if x < -1 or x > INT32_MAX:
+        if x < -1:
             raise ValueError(f"window_size: expected {name} >= 0 or -1 (unbounded), got {int(x)}")
+        if x > INT32_MAX:
+            raise ValueError(f"window_size: expected {name} at most {INT32_MAX} (int32) or -1 (unbounded), got "
+                             f"{int(x)}")
         edges.append(int(x))
     left, right = edges
     if causal:

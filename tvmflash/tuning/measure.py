@@ -27,7 +27,7 @@ from ..compiler import device_code as DC
 from ..rules import rule_for
 from ..spec import KernelSpec, numpy_dtype
 from . import records
-from .space import Shape
+from .space import Shape, variant_args, variant_values
 
 # -- build (in the builder's workers) ---------------------------------------------------------
 
@@ -248,8 +248,9 @@ def deployed_times(spec: KernelSpec, shapes: list[Shape], candidates: list, buil
         # q, k, v as the runner measured the workload with (``host_array``)
         args = [tvm.runtime.tensor(host_array(i, spec.dtype, s), dev)
                 for i, s in enumerate(((b, sq, h, d), (b, sk, shape.heads_kv, d), (b, sk, shape.heads_kv, d)))]
+        inputs, scalars = variant_args(spec, variant_values(spec, b, h), dev)
         args += [tvm.runtime.empty((b, sq, h, d), spec.dtype, dev), tvm.runtime.empty((b, h, sq), "float32", dev),
-                 d**-0.5]
+                 *inputs, d**-0.5, *scalars]
         timers, samples = {}, {}
         for i, (tile, _) in enumerate(candidates):
             mod = loaded.get((i, build_of(tile, shape).even))

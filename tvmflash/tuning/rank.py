@@ -25,7 +25,7 @@ from ..definition import attention_reference
 from ..rules import Space
 from ..spec import KernelSpec, numpy_dtype
 from . import measure, records, search
-from .space import Shape
+from .space import Shape, variant_args, variant_values
 
 
 def geomean(values) -> float:
@@ -85,6 +85,9 @@ def rank_key(tile: TileResult) -> tuple[float, float]:
 VALIDATE_TRIES = 3  # records per tile tried, fastest first
 #: Max |out - reference| a record may reach on the validation shape (P and O rounded to dtype).
 VALIDATE_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
+#: The window edge a window kernel's candidates are validated with (the validation's lengths are
+#: a few hundred keys: the nominal window would mask nothing).
+VALIDATE_WINDOW = 50
 RERANK_PER_TILE = 3  # records per tile timed as build compiles them (the fastest on the workload) ...
 RERANK_TILES = 2  # ... in the tiles whose best workload times are the lowest
 
@@ -125,6 +128,7 @@ def validate_record(spec: KernelSpec, tile, record) -> str | None:
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(s).astype(numpy_dtype(spec.dtype)) for s in ((b, sq, h, d), (b, sk, hk, d),
                                                                                  (b, sk, hk, d)))
+    values = variant_values(spec, b, h, window=VALIDATE_WINDOW)  # a window that masks at these lengths
     try:
         mod, pass_config = measure.deployed_module(spec, tile, record.trace)
         ex = compile_module(mod, spec.tvm_target, pass_config)
@@ -134,11 +138,12 @@ def validate_record(spec: KernelSpec, tile, record) -> str | None:
             dev = tvm.cuda(0) if spec.is_cuda else tvm.cpu()
             out = tvm.runtime.empty((b, sq, h, d), spec.dtype, dev)
             lse = tvm.runtime.empty((b, h, sq), "float32", dev)
-            func(*(tvm.runtime.tensor(x, dev) for x in (q, k, v)), out, lse, d**-0.5)
+            inputs, scalars = variant_args(spec, values, dev)
+            func(*(tvm.runtime.tensor(x, dev) for x in (q, k, v)), out, lse, *inputs, d**-0.5, *scalars)
             out, lse = out.numpy().astype(np.float64), lse.numpy().astype(np.float64)
     except Exception as err:  # noqa: BLE001
         return f"it does not build or run here: {records.first_line(err)}"
-    ref, ref_lse = attention_reference(q, k, v, causal=spec.causal)
+    ref, ref_lse = attention_reference(q, k, v, causal=spec.causal, **values)
     err = float(np.abs(out - ref).max())
     finite = np.isfinite(ref_lse)
     lse_err = float(np.abs(lse[finite] - ref_lse[finite]).max()) if finite.any() else 0.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import definition as D
 from .._compat import tirx, tvm
-from ..definition.plain import NOMINAL_CAP, NOMINAL_WINDOW
+from ..definition.plain import NOMINAL_CAP, NOMINAL_WINDOW, alibi_geometric_slopes
 from ..rules import Space, rule_for
 from ..spec import KernelSpec
 
@@ -80,6 +80,33 @@ def specialise(func: tirx.PrimFunc, shape: Shape, scale: float) -> tirx.PrimFunc
         elif param.name in ("window_left", "window_right"):  # likewise the window's edges
             binding[param] = tirx.const(NOMINAL_WINDOW, "int32")
     return func.specialize(binding)
+
+
+def variant_values(spec: KernelSpec, batch: int, heads: int, window: int = NOMINAL_WINDOW) -> dict:
+    """The runtime values of a variant kernel's call as ``attention`` takes them (``softcap``,
+    ``window_size``, ``alibi_slopes`` as numpy): the nominal ones the workload binds, ``window``
+    for the window's edges."""
+    import numpy as np
+
+    values = {}
+    if spec.softcap:
+        values["softcap"] = NOMINAL_CAP
+    if spec.window:
+        values["window_size"] = (window, 0 if spec.causal else window)
+    if spec.alibi:
+        values["alibi_slopes"] = np.ascontiguousarray(np.broadcast_to(alibi_geometric_slopes(heads), (batch, heads)))
+    return values
+
+
+def variant_args(spec: KernelSpec, values: dict, device) -> tuple[list, list]:
+    """(the input buffers after lse, the scalars after sm_scale) of a built kernel's module for
+    ``variant_values``, in the kernel's signature order."""
+    buffers = [tvm.runtime.tensor(values["alibi_slopes"], device)] if spec.alibi else []
+    scalars = [values["softcap"]] if spec.softcap else []
+    if spec.window:
+        left, right = values["window_size"]
+        scalars += [left] if spec.causal else [left, right]
+    return buffers, scalars
 
 
 def workload(spec: KernelSpec, tile: tuple[int, int], shape: Shape, scale: float | None = None) -> tvm.IRModule:
