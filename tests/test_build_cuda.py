@@ -151,6 +151,19 @@ def test_window_kernels_build_where_a_part_never_runs_and_where_guards_need_the_
     compile_module(rule.apply(mod["main"], config).mod, spec.tvm_target, rule.pass_config(spec))
 
 
+def test_a_d256_static_shape_of_one_kv_tile_builds_on_the_next_rule():
+    """At 16 rows a warp a K/V loop of one trip fails in TVM's LowerWarpMemory, so the tensor-core
+    rule leaves a static shape whose keys fit one tile to the one-thread-per-row rule; one more key
+    and it is the tensor-core rule's again."""
+    from tvmflash.rules import rule_for
+
+    one = KernelSpec(256, causal=True, target="nvidia/nvidia-h100", shape=(1, 300, 64, 2))
+    assert rule_for(one).name == "fused_cuda_plain"
+    assert "__global__" in cuda_source(one)
+    assert rule_for(one.replace(shape=(1, 300, 65, 2))).name == "fused_cuda_mma"
+    assert rule_for(one.replace(shape=None)).name == "fused_cuda_mma"
+
+
 def test_alibi_kernel_builds_for_cuda():
     """ALiBi on tensor cores: the slopes are a float32 buffer of the kernel, read by the score."""
     spec = KernelSpec(128, alibi=True, target="nvidia/nvidia-h100")

@@ -344,3 +344,20 @@ def test_alibi_through_attention_flash_rule(dtype, causal, head_dim, group, seq_
     if not softcap:
         ref_lse = torch.logsumexp(_scores(q, k, causal, window, slopes), -1)
         assert (lse.double() - ref_lse).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_d256_static_shape_of_one_kv_tile(causal):
+    """``attention(static_shape=True)`` at head dim 256 with keys that fit one K/V tile (served by
+    the one-thread-per-row rule): FlashAttention's rule against float64."""
+    import torch
+
+    torch.manual_seed(7)
+    q = torch.randn(1, 300, 4, 256, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 64, 2, 256, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 64, 2, 256, device="cuda", dtype=torch.float16)
+    out = tvmflash.attention(q, k, v, causal=causal, static_shape=True)
+    torch.cuda.synchronize()
+    ref = _torch_reference(q, k, v, causal)
+    plain = _torch_reference(q, k, v, causal, dtype=torch.float16)
+    assert (out.double() - ref).abs().max().item() <= 2 * (plain.double() - ref).abs().max().item() + 1e-5

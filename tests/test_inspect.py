@@ -174,10 +174,15 @@ def test_inspect_builds_a_softcap_kernel(capsys):
 
 def test_inspect_builds_window_and_alibi_kernels(capsys):
     from tvmflash import cli
+    from tvmflash.builder.artifact import _argument_layout
 
-    assert cli.main(["inspect", "--head-dim", "64", "--window", "--causal", "--target", "cpu"]) == 0
+    assert cli.main(["inspect", "--head-dim", "64", "--alibi", "--causal", "--target", "cpu"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["key"] == KernelSpec(64, causal=True, window=True).key and shown["spec"]["window"] is True
-    assert "window_left" in shown["arguments"] and "window_right" not in shown["arguments"]
-    args = argparse.Namespace(head_dim=64, dtype="float16", causal=False, gqa=1, algorithm="fused", alibi=True)
-    assert cli._spec_from_args(args, "cpu") == KernelSpec(64, alibi=True)
+    assert shown["key"] == KernelSpec(64, causal=True, alibi=True).key and shown["spec"]["alibi"] is True
+    assert list(shown["arguments"])[:6] == ["q", "k", "v", "out", "lse", "alibi_slopes"]
+    args = argparse.Namespace(head_dim=64, dtype="float16", causal=True, gqa=1, algorithm="fused", window=True)
+    spec = cli._spec_from_args(args, "cpu")
+    assert spec == KernelSpec(64, causal=True, window=True)
+    layout = _argument_layout(spec)  # (a window kernel's CPU build is the slow one: not built here)
+    assert "window_left" in layout and "window_right" not in layout
+    assert "window_right" in _argument_layout(spec.replace(causal=False))

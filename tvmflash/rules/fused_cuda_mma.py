@@ -314,6 +314,17 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     sch.annotate(kb, "software_pipeline_async_stages", [0])
 
 
+def _one_kv_tile_at_16_rows(spec: KernelSpec) -> bool:
+    """A static shape whose keys fit one K/V tile of a 16-rows-a-warp hand config: the K/V loop
+    of one trip leaves the software pipeline no steady state, and TVM 0.27's LowerWarpMemory
+    then fails on the fragments as with ``stages=1`` ("Cannot access address of warp memory
+    directly"). The registry's next rule (one thread per row) serves those few keys."""
+    if spec.shape is None:
+        return False
+    config = _hand_config(spec.head_dim)
+    return config.rows_per_warp == 16 and spec.shape[2] <= config.block_n
+
+
 def _hand_config(head_dim: int) -> FlashConfig:
     """Hand-chosen tiles: 128x64 with 4 warps (FlashAttention-2's for sm_80/sm_90 forward), and
     at head dim 256 64x64 with 4 warps of 16 rows (acc_o in registers; the tile of ``TILES_256``
@@ -361,7 +372,7 @@ class FusedCudaMma(ScheduleRule):
 
     def supports(self, spec: KernelSpec) -> bool:
         return (spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES
-                and spec.head_dim in HEAD_DIMS)
+                and spec.head_dim in HEAD_DIMS and not _one_kv_tile_at_16_rows(spec))
 
     def default_config(self, spec: KernelSpec) -> FlashConfig:
         return _hand_config(spec.head_dim)
