@@ -360,7 +360,8 @@ def cmd_bench(args) -> int:
     if args.json:
         from .analysis.bench import write_json
 
-        write_json(args.json, rows, methods, dtype=args.dtype or "float16", heads=args.heads, tokens=args.tokens, reps=args.reps)
+        write_json(args.json, rows, methods, dtype=args.dtype or "float16", heads=args.heads, tokens=args.tokens,
+                   reps=args.reps)
         print(f"rows written to {args.json} (read by: tvmflash explain --bench {args.json})")
     return 0
 
@@ -507,8 +508,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=None,
                    help="subset of: 'tvmflash fused' 'tvmflash fused general' 'tvmflash fused hand' (the hand "
                         "config, tuning logs off) 'tvmflash fused static' 'tvmflash standard' 'tvmflash fused softcap' "
-                        "(softcap=50) 'tvmflash fused window' (window_size=(W, W), causal (W, 0)) 'tvmflash fused alibi' 'sdpa flash' "
-                        "'sdpa cudnn'")
+                        "(softcap=50) 'tvmflash fused window' (window_size=(W, W), causal (W, 0)) "
+                        "'tvmflash fused alibi' 'sdpa flash' 'sdpa cudnn'")
     p.add_argument("--window", type=int, default=4096, metavar="W",
                    help="the window edge W of the 'tvmflash fused window' method (default 4096)")
     p.add_argument("--reps", type=int, default=10)

@@ -139,7 +139,8 @@ class KernelSpec:
         if self.window and self.algorithm != "fused":
             raise ValueError(f"window: the fused algorithm only, got algorithm={self.algorithm!r}")
         if not isinstance(self.alibi, bool):
-            raise TypeError(f"alibi: expected a bool (the slopes are a runtime tensor), got {type(self.alibi).__name__}")
+            raise TypeError(f"alibi: expected a bool (the slopes are a runtime tensor), got "
+                            f"{type(self.alibi).__name__}")
         if self.alibi and self.algorithm != "fused":
             raise ValueError(f"alibi: the fused algorithm only, got algorithm={self.algorithm!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
@@ -174,6 +175,22 @@ class KernelSpec:
             parts.append("even")
         parts.append(target_id(self.target))
         return "_".join(parts)
+
+    @property
+    def input_buffers(self) -> tuple[str, ...]:
+        """The kernel's input buffers after q, k, v, o, lse, in its signature's order."""
+        return ("alibi_slopes",) if self.alibi else ()
+
+    @property
+    def scalar_params(self) -> tuple[str, ...]:
+        """The kernel's scalar parameters after its buffers, in its signature's order: the
+        softmax scale, then the runtime values of its variants."""
+        names = ["sm_scale"]
+        if self.softcap:
+            names.append("softcap")
+        if self.window:
+            names += ["window_left"] if self.causal else ["window_left", "window_right"]
+        return tuple(names)
 
     @property
     def shape_dims(self) -> dict | None:

@@ -211,8 +211,9 @@ def _window(window: int, causal: bool) -> tuple[int, int]:
 def _slopes(heads: int, device: str):
     import torch
 
-    # ALiBi's geometric slopes 2^(-8 i / heads), i = 1 .. heads (Press et al. 2022)
-    return 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device, dtype=torch.float32) / heads)
+    from ..definition.plain import alibi_geometric_slopes
+
+    return torch.from_numpy(alibi_geometric_slopes(heads)).to(device)
 
 
 def alibi_slopes(q):
@@ -239,7 +240,7 @@ def _flex(softcap: float, window: int, seqlen: int):
     """FlexAttention (``torch.nn.attention.flex_attention``, compiled) with the model's causal
     mask, window and softcap as mask_mod / score_mod."""
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     compiled = _compiled_flex()
 
@@ -297,7 +298,7 @@ def bench_models(models=None, seqlens=(2048, 8192), dtype: str = "bfloat16", rep
             if not variant:
                 for method, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION),
                                         ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
-                    fns[method] = functools.partial(_sdpa_gqa(backend), q, k, v)
+                    fns[method] = functools.partial(_sdpa(backend), q, k, v, True)
             if flex == "all" or (flex == "variants" and (cap or window >= 0)):
                 fns["flex"] = functools.partial(_flex(cap, win[0], n), q, k, v)
             work = 4 * heads * d * visible_scores(n, n, True, win)
@@ -311,19 +312,6 @@ def bench_models(models=None, seqlens=(2048, 8192), dtype: str = "bfloat16", rep
             rows.append(row)
             print(_format_model_row(row), flush=True)
     return rows
-
-
-def _sdpa_gqa(backend):
-    import torch
-    from torch.nn.attention import sdpa_kernel
-
-    def run(q, k, v):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=k.shape[2] != q.shape[2])
-
-    return run
 
 
 def _format_model_row(row) -> str:

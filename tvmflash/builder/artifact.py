@@ -50,6 +50,15 @@ def manifest(lowered: Lowered, build_seconds: float) -> dict:
     }
 
 
+#: The kernel arguments of the variants (``KernelSpec.input_buffers``, ``scalar_params``).
+_VARIANT_ARGUMENTS = {
+    "alibi_slopes": "[batch, heads] float32: the scaled score of (i, j) gets -slope * |i + seqlen_k - seqlen_q - j|",
+    "softcap": "float32 > 0: scores become softcap * tanh(scores / softcap)",
+    "window_left": "int32 >= 0: row i sees keys from i + seqlen_k - seqlen_q - window_left",
+    "window_right": "int32 >= 0: row i sees keys up to i + seqlen_k - seqlen_q + window_right",
+}
+
+
 def _argument_layout(spec: KernelSpec) -> dict:
     d = spec.head_dim
     return {
@@ -58,14 +67,9 @@ def _argument_layout(spec: KernelSpec) -> dict:
         "v": f"[batch, seqlen_k, heads / {spec.group}, {d}] {spec.dtype}",
         "out": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
         "lse": "[batch, heads, seqlen_q] float32 (natural log)",
-        **({"alibi_slopes": "[batch, heads] float32: the scaled score of (i, j) gets "
-                            "-slope * |i + seqlen_k - seqlen_q - j|"} if spec.alibi else {}),
+        **{name: _VARIANT_ARGUMENTS[name] for name in spec.input_buffers},
         "softmax_scale": "float32, default 1/sqrt(head_dim)",
-        **({"softcap": "float32 > 0: scores become softcap * tanh(scores / softcap)"} if spec.softcap else {}),
-        **({"window_left": "int32 >= 0: row i sees keys from i + seqlen_k - seqlen_q - window_left"}
-           if spec.window else {}),
-        **({"window_right": "int32 >= 0: row i sees keys up to i + seqlen_k - seqlen_q + window_right"}
-           if spec.window and not spec.causal else {}),
+        **{name: _VARIANT_ARGUMENTS[name] for name in spec.scalar_params[1:]},
     }
 
 

@@ -407,46 +407,39 @@ def _mask_terms(ch: Chain, x) -> list:
     return terms
 
 
-def _row_bound(ch: Chain, t, cls):
-    """R of a mask term ``j <= R(i)`` (``cls`` LE) or ``j >= R(i)`` (GE) whose R increases by 1
-    per row, else None."""
-    st = ch.max
-    vi, vj = st.roles.get("i"), st.roles.get("j")
-    if isinstance(t, cls) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
-        step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
-        if _is_const(step, 1):
-            return t.b
+def _mask_edge(ch: Chain, x, cls, row):
+    """R(``row``) of the first mask term of ``x`` that reads ``j <= R(i)`` (``cls`` LE) or
+    ``j >= R(i)`` (GE) with R increasing by 1 per row, else None (the mask does not bound the
+    keys so)."""
+    vi, vj = ch.max.roles.get("i"), ch.max.roles.get("j")
+    for t in _mask_terms(ch, x):
+        if isinstance(t, cls) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
+            step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
+            if _is_const(step, 1):
+                return _subst(t.b, {vi: row}, {})
     return None
 
 
 def _kv_tile_bound(ch: Chain, x, qb, BM: int):
     """The exclusive bound of the keys a query tile can see, or None when the mask does not
-    bound them: a term ``j <= R(i)`` of the mask with R increasing by 1 per row means the tile's
+    bound them: a term ``j <= R(i)`` of the mask (causal, a window's right edge) means the tile's
     last row sees keys below R((qb + 1) * BM)."""
-    for t in _mask_terms(ch, x):
-        r = _row_bound(ch, t, tirx.LE)
-        if r is not None:
-            return _subst(r, {ch.max.roles["i"]: (qb + 1) * BM}, {})
-    return None
+    return _mask_edge(ch, x, tirx.LE, (qb + 1) * BM)
 
 
 def _kv_tile_first(ch: Chain, x, qb, BM: int):
     """The first key a query tile can see, or None when the mask does not bound it below: a term
-    ``j >= L(i)`` with L increasing by 1 per row (a sliding window's left edge) means the tile's
-    first row sees no key below L(qb * BM)."""
-    for t in _mask_terms(ch, x):
-        r = _row_bound(ch, t, tirx.GE)
-        if r is not None:
-            return _subst(r, {ch.max.roles["i"]: qb * BM}, {})
-    return None
+    ``j >= L(i)`` (a sliding window's left edge) means the tile's first row sees no key below
+    L(qb * BM)."""
+    return _mask_edge(ch, x, tirx.GE, qb * BM)
 
 
 def _kv_tile_count(last_key, BN: int, first=None):
-    """Tiles up to ``last_key`` (from tile ``first``, where given), at least one: a tile with no visible key (causal, seq_q > seq_k;
-    or seq_k == 0) is wholly masked and leaves the identities, as no tile would. The bound lets
-    TVM's software pipeliner prove its prologue and epilogue run (else it guards them by
-    conditions, and ThreadSync refuses the __syncthreads inside: "Cannot insert syncs inside
-    condition")."""
+    """Tiles up to ``last_key`` (from tile ``first``, where given), at least one: a tile with no
+    visible key (causal, seq_q > seq_k; or seq_k == 0) is wholly masked and leaves the
+    identities, as no tile would. The bound lets TVM's software pipeliner prove its prologue and
+    epilogue run (else it guards them by conditions, and ThreadSync refuses the __syncthreads
+    inside: "Cannot insert syncs inside condition")."""
     if first is None:
         return tirx.max(tirx.ceildiv(last_key, BN), 1)
     return tirx.max(tirx.ceildiv(last_key, BN) - first, 1)

@@ -78,6 +78,7 @@ def alibi_geometric_slopes(heads: int):
 
     return (2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)).astype(np.float32)
 
+
 #: Soft-capping with the cap a runtime argument (``KernelSpec.softcap``), then exp2 of the capped
 #: score times log2(e).
 SOFTCAP = ScoreMod("softcap", _capped, lambda sm_scale: tirx.const(LOG2E, "float32"), runtime_cap=True,
@@ -115,11 +116,11 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx
     if spec.softcap and not mod.runtime_cap:
         raise ValueError(f"score_mod: a spec with softcap=True takes the runtime cap (SOFTCAP), got {mod.name}")
     func = _plain(spec, mod)
-    unused = [name for name, used in (("softcap", mod.runtime_cap), ("window_left", spec.window),
-                                      ("window_right", spec.window and not spec.causal)) if not used]
-    for name in unused:
-        func = without_param(func, name)
-    return func if spec.alibi else without_buffer(func, "alibi_slopes")
+    keep = set(spec.scalar_params) | set(spec.input_buffers) | ({"softcap"} if mod.runtime_cap else set())
+    for name in ("softcap", "window_left", "window_right"):
+        if name not in keep:
+            func = without_param(func, name)
+    return func if "alibi_slopes" in keep else without_buffer(func, "alibi_slopes")
 
 
 def without_buffer(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:

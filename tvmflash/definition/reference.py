@@ -33,14 +33,13 @@ def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float |
     s = np.einsum("bihd,bjhd->bhij", q, k) * scale
     if softcap:
         s = softcap * np.tanh(s / softcap)
-    if alibi_slopes is not None:
-        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, h))[:, :, None, None]
-        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
-        s = s - slopes * dist
-    left, right = window_size
-    right = 0 if causal else right
     rows = np.arange(sq)[:, None] + sk - sq  # the key on each row's diagonal
     cols = np.arange(sk)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, dtype=np.float64), (b, h))[:, :, None, None]
+        s = s - slopes * np.abs(rows - cols)
+    left, right = window_size
+    right = 0 if causal else right
     if right >= 0:
         s = np.where(cols <= rows + right, s, -np.inf)
     if left >= 0:

@@ -69,10 +69,7 @@ def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused", softcap
     heads)). ``window``: a ``validate.check_window`` window; where it bounds the keys at these
     lengths the spec has a window (causal where its right edge is the diagonal)."""
     _, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(q, k, v)
-    if causal or window != (-1, -1):
-        causal, windowed = V.window_kind(window, sq, sk)
-    else:
-        windowed = False
+    causal, windowed = V.window_kind(window, sq, sk)
     if windowed and algorithm != "fused":
         raise ValueError(f"window_size: the fused algorithm only, got algorithm={algorithm!r}")
     if alibi and algorithm != "fused":

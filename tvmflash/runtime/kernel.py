@@ -106,7 +106,8 @@ class Kernel:
         if cap and not spec.softcap:
             raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
                              f"{softcap!r}")
-        scalars = (scale,) + ((cap,) if spec.softcap else ()) + self._window_args(window_size, sq, sk)
+        values = {"sm_scale": scale, "softcap": cap, **self._window_args(window_size, sq, sk)}
+        scalars = tuple(values[name] for name in spec.scalar_params)
         if spec.alibi and alibi_slopes is None:
             raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
                              "float32 slopes, got None")
@@ -164,19 +165,20 @@ class Kernel:
             arrays.finish(lt, lse)
         return (out, lse) if return_lse else out
 
-    def _window_args(self, window_size, seq_q: int, seq_k: int) -> tuple:
-        """The window's int32 edges the kernel takes: (left, right), (left,) when causal, () for
-        a kernel without a window (which accepts only None, or the window its mask already is)."""
+    def _window_args(self, window_size, seq_q: int, seq_k: int) -> dict:
+        """The window's int32 edges, ``window_left`` and ``window_right`` (the kernel of a causal
+        window takes the left one only); none for a kernel without a window (which accepts only
+        None, or the window its mask already is)."""
         spec = self.spec
         if not spec.window:
             if window_size is not None and V.check_window(window_size, spec.causal) != (-1, 0 if spec.causal else -1):
                 raise ValueError(f"window_size: kernel {self.key} has no window (built with window=False): expected "
                                  f"None or (-1, {0 if spec.causal else -1}), got {tuple(window_size)!r}")
-            return ()
+            return {}
         if window_size is None:
             raise ValueError(f"window_size: kernel {self.key} is built with a window: expected (left, right), got None")
         left, right = V.window_bounds(V.check_window(window_size, spec.causal), seq_q, seq_k)
-        return (left,) if spec.causal else (left, right)
+        return {"window_left": left, "window_right": right}
 
     def _run_standard(self, arrays, qt, kt, vt, ot, lt, scale, shape):
         """The three kernels of the standard algorithm, S and P in device memory."""

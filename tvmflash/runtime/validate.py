@@ -169,10 +169,10 @@ def check_window(window_size, causal: bool) -> tuple[int, int]:
         window_size = (-1, -1)
     if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
         raise TypeError(f"window_size: expected (left, right), two ints (-1 = unbounded), got {window_size!r}")
+    import numpy as np
+
     edges = []
     for name, x in zip(("left", "right"), window_size):
-        import numpy as np
-
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
             raise TypeError(f"window_size: expected (left, right), two ints (-1 = unbounded), got {name} "
                             f"{x!r} ({type(x).__name__})")

@@ -101,12 +101,10 @@ def variant_values(spec: KernelSpec, batch: int, heads: int, window: int = NOMIN
 def variant_args(spec: KernelSpec, values: dict, device) -> tuple[list, list]:
     """(the input buffers after lse, the scalars after sm_scale) of a built kernel's module for
     ``variant_values``, in the kernel's signature order."""
-    buffers = [tvm.runtime.tensor(values["alibi_slopes"], device)] if spec.alibi else []
-    scalars = [values["softcap"]] if spec.softcap else []
-    if spec.window:
-        left, right = values["window_size"]
-        scalars += [left] if spec.causal else [left, right]
-    return buffers, scalars
+    named = {"softcap": values.get("softcap"), "alibi_slopes": values.get("alibi_slopes")}
+    named["window_left"], named["window_right"] = values.get("window_size", (None, None))
+    buffers = [tvm.runtime.tensor(named[name], device) for name in spec.input_buffers]
+    return buffers, [named[name] for name in spec.scalar_params[1:]]
 
 
 def workload(spec: KernelSpec, tile: tuple[int, int], shape: Shape, scale: float | None = None) -> tvm.IRModule:
