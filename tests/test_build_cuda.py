@@ -416,3 +416,30 @@ def test_synchronous_kv_loads_without_pipeline():
     kernel = _kernel_body(KernelSpec(128, target="nvidia/nvidia-a100"), S.FlashConfig(stages=1))
     assert "cp.async" not in kernel and "cp_async" not in kernel
     assert S.FlashConfig(stages=1, kv_buffers=2) == S.FlashConfig(stages=1, kv_buffers=1)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("head_dim, dtype, group, target", [
+    (128, "float16", 4, "nvidia/nvidia-h100"), (256, "bfloat16", 2, "nvidia/nvidia-a100")])
+def test_split_kv_decode_builds_on_tensor_cores(tmp_path, head_dim, dtype, group, target):
+    """``KernelSpec(splits=n)`` goes to ``decode_cuda_mma``: the tile kernel of one warp (a 16-row
+    tile holding a GQA group's query heads) on mma.sync with cp.async K/V loads, writing the
+    partials, and the combine kernel reading them; registers within the budget at head dims up to
+    128."""
+    from tvmflash.rules import rule_for
+
+    spec = KernelSpec(head_dim, dtype, causal=True, group=group, target=target, splits=4)
+    assert rule_for(spec).name == "decode_cuda_mma"
+    so, manifest = build(spec, tmp_path)
+    cu = (tmp_path / (spec.key + ".cu")).read_text()
+    kernels = dict(_kernels(cu))
+    assert sorted(kernels) == ["main_kernel", "main_kernel_1"]
+    tile = re.findall(r"\* __restrict__ (\w+)_ptr", kernels["main_kernel"])
+    assert sorted(tile) == ["K", "Q", "V", "acc_part", "l_part", "m_part"]
+    assert "__launch_bounds__(32) main_kernel" in cu and "mma.sync.aligned.m16n8k16" in cu
+    assert "cp.async.cg.shared.global" in cu
+    resources = json.loads(open(manifest).read())["device_code"]["resources"]
+    for kernels_of_arch in resources.values():
+        tile_kernel = kernels_of_arch["main_kernel"]
+        if head_dim <= 128:
+            assert tile_kernel["spill_stores"] == 0, tile_kernel

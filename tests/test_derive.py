@@ -108,6 +108,25 @@ def test_split_k_update_gives_flash_decoding(rng, seq_q, seq_k, causal, group, p
     assert_close_to_reference(out, lse, *D.attention_reference(q, k, v, causal=causal), spec.dtype)
 
 
+@pytest.mark.parametrize("seq_q,seq_k,causal,heads,group,block_m", [
+    (1, 1000, False, 8, 4, 16),  # decode: one K/V head's 4 query heads in a tile's rows
+    (5, 300, True, 6, 3, 16),  # a group that leaves a tile's last row idle (5 rows of 3 heads)
+    (7, 77, True, 8, 8, 16),  # two query rows a tile of 8 heads, the causal bound per row
+    (2, 200, False, 4, 4, 2),  # a group larger than the tile: not packed
+])
+def test_split_k_update_packs_a_gqa_group_into_a_tile(rng, seq_q, seq_k, causal, heads, group, block_m):
+    """``pack_gqa``: one program per K/V head and key chunk, its group's query heads in the
+    tile's rows, so each K/V tile is read once per group; the numerics are Algorithm 0's."""
+    spec = KernelSpec(64, causal=causal, group=group)
+    func = derive.split_k_update(plain_attention(spec), block_m, 32, 3, pack_gqa=True)
+    tile = next(b for b in derive._leaf_blocks(func) if b.name_hint == D.TILE)
+    packed = group <= block_m
+    assert str(tile.iter_vars[1].dom.extent) == ("heads_kv" if packed else "heads")
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, heads, heads // group, 64, spec.dtype)
+    out, lse = _run(func, q, k, v, 64 ** -0.5)
+    assert_close_to_reference(out, lse, *D.attention_reference(q, k, v, causal=causal), spec.dtype)
+
+
 def test_split_k_update_carries_a_softcap(rng):
     spec = KernelSpec(64, causal=True)
     func = derive.split_k_update(plain_attention(spec, softcap(5.0)), 8, 32, 4)

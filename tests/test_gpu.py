@@ -361,3 +361,46 @@ def test_a_d256_static_shape_of_one_kv_tile(causal):
     ref = _torch_reference(q, k, v, causal)
     plain = _torch_reference(q, k, v, causal, dtype=torch.float16)
     assert (out.double() - ref).abs().max().item() <= 2 * (plain.double() - ref).abs().max().item() + 1e-5
+
+
+@pytest.mark.parametrize("dtype, causal, head_dim, heads, group, batch, seq_q, seq_k, num_splits, window", [
+    ("float16", False, 128, 8, 4, 3, 1, 4096, 0, (-1, -1)),  # decode: the split count chosen
+    ("bfloat16", True, 128, 8, 8, 2, 1, 1000, 0, (-1, -1)),
+    ("float16", True, 64, 8, 4, 2, 5, 513, 4, (-1, -1)),  # a few rows, bottom-right causal
+    ("float16", False, 64, 8, 1, 1, 16, 37, 8, (-1, -1)),  # more chunks than key tiles
+    ("bfloat16", False, 96, 8, 2, 2, 3, 777, 3, (-1, -1)),
+    ("float16", True, 256, 8, 2, 1, 1, 3000, 0, (-1, -1)),
+    ("float16", True, 32, 8, 1, 2, 40, 300, 2, (-1, -1)),  # three query tiles
+    ("float16", True, 128, 6, 3, 2, 7, 900, 4, (-1, -1)),  # a group of 3: a tile row idle
+    ("bfloat16", True, 128, 8, 4, 2, 3, 2000, 0, (256, 0)),  # a sliding window
+    ("float16", True, 64, 8, 2, 1, 12, 5, 2, (-1, -1)),  # rows that see no key
+])
+def test_split_kv_through_attention_flash_rule(monkeypatch, dtype, causal, head_dim, heads, group, batch, seq_q,
+                                               seq_k, num_splits, window):
+    """FlashDecoding (``num_splits``, or chosen for short queries): the split-K kernel from
+    ``rules.decode_cuda_mma``, FlashAttention's rule against float64, lse against float64's."""
+    import torch
+
+    from tvmflash.runtime import api
+
+    used = []
+    kernel_for = api.kernel_for
+    monkeypatch.setattr(api, "kernel_for", lambda spec, sq, sk: used.append(kernel_for(spec, sq, sk)) or used[-1])
+    torch.manual_seed(head_dim + seq_q + seq_k)
+    dt = getattr(torch, dtype)
+    q = torch.randn(batch, seq_q, heads, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(batch, seq_k, heads // group, head_dim, device="cuda", dtype=dt)
+    v = torch.randn(batch, seq_k, heads // group, head_dim, device="cuda", dtype=dt)
+    out, lse = tvmflash.attention(q, k, v, causal=causal, return_lse=True, num_splits=num_splits, window_size=window)
+    torch.cuda.synchronize()
+    assert used[0].spec.splits >= 1 and used[0].manifest["schedule"]["rule"] == "decode_cuda_mma"
+    ref = _torch_reference(q, k, v, causal, window_size=window).nan_to_num(0.0)
+    plain = _torch_reference(q, k, v, causal, dtype=dt, window_size=window).nan_to_num(0.0)
+    err = (out.double() - ref).abs().max().item()
+    plain_err = (plain.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= 2 * plain_err + 1e-5, f"max error {err:.3e} > 2 x plain {dtype} error {plain_err:.3e}"
+    ref_lse = torch.logsumexp(_scores(q, k, causal, window), -1)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert (lse.double() - ref_lse)[seen].abs().max().item() < 1e-3

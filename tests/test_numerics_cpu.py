@@ -262,3 +262,46 @@ def test_alibi_matches_the_biased_reference(rng, causal, batch_slopes, window, c
     assert_close_to_reference(out, lse, *ref, "float16")
     unbiased = attention_reference(q, k, v, causal=causal, window_size=window, softcap=cap)[0]
     assert np.abs(out.astype(np.float64) - unbiased).max() > 0.05
+
+
+@pytest.mark.parametrize("seq_q, seq_k, heads, group, causal, num_splits, window", [
+    (1, 700, 8, 4, False, 4, (-1, -1)),  # decode, GQA packed
+    (5, 513, 6, 3, True, 3, (-1, -1)),  # a group that leaves a tile row idle
+    (9, 400, 4, 2, True, 2, (50, 0)),  # a sliding window
+])
+def test_split_kv_through_attention_on_the_cpu(rng, monkeypatch, seq_q, seq_k, heads, group, causal, num_splits,
+                                               window):
+    """``attention(num_splits=n)`` runs the split-K function (``KernelSpec.splits``), scheduled by
+    the CPU rule: against the float64 reference; ``num_splits=1`` the one-pass kernel."""
+    from tvmflash.runtime import api
+
+    used = []
+    kernel_for = api.kernel_for
+    monkeypatch.setattr(api, "kernel_for", lambda spec, sq, sk: used.append(spec) or kernel_for(spec, sq, sk))
+    q, k, v = make_qkv(rng, 2, seq_q, seq_k, heads, heads // group, 64, "float16")
+    out, lse = tvmflash.attention(q, k, v, causal=causal, window_size=window, num_splits=num_splits,
+                                  return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, "float16")
+    tvmflash.attention(q, k, v, causal=causal, window_size=window, num_splits=1)
+    assert [s.splits for s in used] == [num_splits, 0]
+
+
+def test_the_split_count_fills_the_gpu_within_bounds(monkeypatch):
+    """``splits_for``: none for long queries or on the CPU, ``num_splits`` as asked; else the
+    programs (one per K/V head of a packed GQA group) kept within SPLIT_BLOCKS_PER_SM per SM and
+    each chunk at least MIN_CHUNK_TILES key tiles."""
+    from tvmflash.runtime import api
+
+    monkeypatch.setattr(api, "_sm_count", lambda: 132)
+    gpu = KernelSpec(128, group=4, target="nvidia/nvidia-h100")
+    assert api.splits_for(gpu, 8, 1, 32768, 32) == 8  # 64 programs: 8 chunks of 64 key tiles
+    assert api.splits_for(gpu, 64, 1, 4096, 32) == 1  # 512 programs fill it
+    assert api.splits_for(gpu, 1, 1, 300, 32) == 1  # 5 key tiles: one chunk
+    assert api.splits_for(gpu, 1, 1, 8192, 32) == 32  # chunks of 4 tiles
+    assert api.splits_for(gpu, 4, 100, 4096, 32) == 0  # a prefill: the prefill kernel
+    assert api.splits_for(gpu, 4, 100, 4096, 32, num_splits=3) == 3
+    assert api.splits_for(gpu, 8, 1, 32768, 32, num_splits=1) == 0
+    assert api.splits_for(KernelSpec(128, group=4), 8, 1, 32768, 32) == 0  # the CPU: asked for only
+    mqa = KernelSpec(128, group=32, target="nvidia/nvidia-h100")  # a group no tile holds: a program a head
+    assert api.splits_for(mqa, 8, 1, 32768, 32) == 2  # 256 programs, 2 chunks each

@@ -250,3 +250,25 @@ def test_kernel_softcap_must_match_its_build(qkv):
           r"got 0", capped, q, k, v)
     check(ValueError, r"softcap: kernel fwd_f16_d64_g2_cpu\w* has none \(built with softcap=False\): expected 0, "
           r"got 20.0", plain, q, k, v, softcap=20.0)
+
+
+def test_bad_num_splits(qkv):
+    q, k, v = qkv
+    check(TypeError, r"num_splits: expected an int \(0 = choose, 1 = no split\), got bool", tvmflash.attention, q, k,
+          v, num_splits=True)
+    check(TypeError, r"num_splits: expected an int .* got float \(2.0\)", tvmflash.attention, q, k, v, num_splits=2.0)
+    check(ValueError, r"num_splits: expected 0 \(choose\) to 128, got -1", tvmflash.attention, q, k, v, num_splits=-1)
+    check(ValueError, r"num_splits: expected 0 \(choose\) to 128, got 129", tvmflash.attention, q, k, v,
+          num_splits=129)
+    check(ValueError, r"num_splits: a split kernel has any shape, got num_splits=2 with static_shape=True",
+          tvmflash.attention, q, k, v, num_splits=2, static_shape=True)
+    check(ValueError, r"num_splits: the fused algorithm only, got algorithm='standard'", tvmflash.attention, q, k, v,
+          num_splits=2, algorithm="standard")
+    big = make_qkv(np.random.default_rng(0), 1, 4096, 8, 64, 64, 128, "float16")  # 2^25 values of q
+    check(ValueError, r"num_splits: the split kernel keeps splits \* batch \* seq_q \* heads \* head_dim = "
+          r"4,294,967,296 partial values, more than its int32 indexing allows", tvmflash.attention, *big,
+          num_splits=128)
+    check(ValueError, r"splits: expected an int >= 0 \(0: no split over the keys\), got -1", KernelSpec, 64,
+          splits=-1)
+    check(ValueError, r"splits: for the fused algorithm with any shape and no even build, got .*even=True", KernelSpec,
+          64, splits=2, even=True)

@@ -26,6 +26,7 @@ def _spec_from_args(args, target: str):
         softcap=bool(getattr(args, "softcap", False)),
         window=bool(getattr(args, "window", False)),
         alibi=bool(getattr(args, "alibi", False)),
+        splits=int(getattr(args, "splits", 0) or 0),
     )
 
 
@@ -70,6 +71,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
                         "with --causal the left edge only")
     p.add_argument("--alibi", action="store_true", default=d(False),
                    help="ALiBi compiled in (the slopes are a runtime argument, attention(alibi_slopes=...))")
+    p.add_argument("--splits", type=int, default=d(0), metavar="N",
+                   help="FlashDecoding: the keys split into N chunks combined by a second kernel (default 0: none; "
+                        "what attention(num_splits=N) runs)")
 
 
 def cmd_build(args) -> int:
@@ -262,9 +266,9 @@ def _inspected_spec(args) -> KernelSpec:
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
                        ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
-                       ("--window", "window"), ("--alibi", "alibi"), ("--target", "target")]
+                       ("--window", "window"), ("--alibi", "alibi"), ("--splits", "splits"), ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
-                         softcap=False, window=False, alibi=False,
+                         softcap=False, window=False, alibi=False, splits=0,
                          target="nvidia/nvidia-a100")
 
 
@@ -340,6 +344,14 @@ def cmd_bench(args) -> int:
                             reps=args.reps, flex=args.flex)
         print()
         print_model_table(rows)
+        return 0
+    if args.decode:
+        from .analysis.bench import bench_decode, print_decode_table
+
+        head_dim = args.head_dims[0] if len(args.head_dims) == 1 else 128
+        rows, methods = bench_decode(head_dim=head_dim, dtype=args.dtype or "float16", reps=args.reps)
+        print()
+        print_decode_table(rows, methods)
         return 0
     if args.memory:
         from .analysis.bench import peak_memory, print_memory_table
@@ -514,6 +526,9 @@ def main(argv=None) -> int:
                    help="the window edge W of the 'tvmflash fused window' method (default 4096)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the measured rows to PATH (for tvmflash explain --bench)")
+    p.add_argument("--decode", action="store_true",
+                   help="instead: decode (1 and 16 new tokens over a 4k-32k KV cache, 32 q / 8 kv heads, head dim "
+                        "128 or the one --head-dims gives) in us and TB/s against SDPA flash and cuDNN")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak GPU memory of fused vs standard per --seqlens (batch 1, the first --head-dims)")
     p.add_argument("--models", nargs="*", default=None, metavar="MODEL",

@@ -84,6 +84,11 @@ class KernelSpec:
     alibi:     (fused) ALiBi, FlashAttention-2's ``alibi_slopes``: the scaled score of (i, j)
                gets the bias -slope * |i + seqlen_k - seqlen_q - j|, the slope per head (and
                batch), a runtime float32 tensor (``attention(..., alibi_slopes=...)``).
+    splits:    (fused) FlashDecoding: 0 (default), one program per query tile runs all its keys;
+               n >= 1, the keys of each query tile are cut into n chunks, one program each,
+               whose partial results a combine merges (``compiler.derive.split_k_update``). For
+               short queries over long keys (decode), where query tiles alone leave the GPU idle;
+               ``attention`` picks n by itself there (``num_splits``).
     """
 
     head_dim: int
@@ -97,6 +102,7 @@ class KernelSpec:
     softcap: bool = False
     window: bool = False
     alibi: bool = False
+    splits: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -143,6 +149,11 @@ class KernelSpec:
                             f"{type(self.alibi).__name__}")
         if self.alibi and self.algorithm != "fused":
             raise ValueError(f"alibi: the fused algorithm only, got algorithm={self.algorithm!r}")
+        if isinstance(self.splits, bool) or not isinstance(self.splits, int) or self.splits < 0:
+            raise ValueError(f"splits: expected an int >= 0 (0: no split over the keys), got {self.splits!r}")
+        if self.splits and (self.algorithm != "fused" or self.shape is not None or self.even):
+            raise ValueError(f"splits: for the fused algorithm with any shape and no even build, got "
+                             f"algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -168,6 +179,8 @@ class KernelSpec:
         if self.alibi:
             parts.append("alibi")
         parts.append(f"g{self.group}")
+        if self.splits:
+            parts.append(f"s{self.splits}")
         if self.shape is not None:
             b, sq, sk, h = self.shape
             parts.append(f"b{b}q{sq}k{sk}h{h}")

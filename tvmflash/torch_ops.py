@@ -28,22 +28,23 @@ _DTYPES = (torch.float16, torch.bfloat16)
 @torch.library.custom_op("tvmflash::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                   softmax_scale: float | None = None, softcap: float = 0.0, window_left: int = -1,
-                  window_right: int = -1, alibi_slopes: torch.Tensor | None = None
+                  window_right: int = -1, alibi_slopes: torch.Tensor | None = None, num_splits: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) = softmax(q k^T * softmax_scale) v, as ``tvmflash.attention(..., return_lse=True)``.
 
     q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim], float16 or
     bfloat16. out: like q; lse: [batch, heads, seqlen_q] float32, natural log. softcap: 0 (off)
     or the logit cap. window_left, window_right: ``attention``'s ``window_size`` (-1 unbounded).
-    alibi_slopes: (heads,) or (batch, heads) float32, or None.
+    alibi_slopes: (heads,) or (batch, heads) float32, or None. num_splits: ``attention``'s (0
+    chooses, 1 never splits the keys).
     """
     return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True, softcap=softcap,
-                     window_size=(window_left, window_right), alibi_slopes=alibi_slopes)
+                     window_size=(window_left, window_right), alibi_slopes=alibi_slopes, num_splits=num_splits)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None, softcap=0.0, window_left=-1, window_right=-1,
-                        alibi_slopes=None):
+                        alibi_slopes=None, num_splits=0):
     # Only what can be checked without specialising symbolic sizes: ranks and dtypes. The real
     # kernel checks the rest (validate.check_qkv) when it runs.
     for name, x in (("q", q), ("k", k), ("v", v)):

@@ -314,6 +314,81 @@ def bench_models(models=None, seqlens=(2048, 8192), dtype: str = "bfloat16", rep
     return rows
 
 
+#: The decode cases of ``bench_decode``: (batch, new query tokens, keys in the cache), as the
+#: inference issue measures them (head dim 128, 32 query heads over 8 kv heads).
+DECODE_CASES = ((8, 1, 4096), (64, 1, 4096), (8, 1, 32768), (64, 1, 32768), (8, 16, 8192))
+
+#: HBM bandwidth of the GPUs the decode table reports against (bytes/s).
+HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads_kv: int = 8,
+                 dtype: str = "float16", reps: int = 10, methods=None):
+    """Rows of us per call and TB/s (the bytes of q, k, v and o over the time) of decode-shaped
+    attention, side by side: tvmflash with its split count chosen (``num_splits=0``), tvmflash's
+    prefill kernel (``num_splits=1``), SDPA flash and cuDNN. Not causal: SDPA's ``is_causal`` is
+    aligned top-left, which is not decode's; with one new token the two are the same, with 16 the
+    bottom-right mask would drop 120 of 131k scores."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from ..runtime.api import attention
+
+    all_methods = {
+        "tvmflash split": lambda q, k, v: attention(q, k, v),
+        "tvmflash no split": lambda q, k, v: attention(q, k, v, num_splits=1),
+        "sdpa flash": lambda q, k, v: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, False),
+        "sdpa cudnn": lambda q, k, v: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, False),
+    }
+    methods = list(methods or all_methods)
+    unknown = [m for m in methods if m not in all_methods]
+    if unknown:
+        raise ValueError(f"methods: expected names among {list(all_methods)}, got {unknown}")
+    dt = getattr(torch, dtype)
+    rows = []
+    for batch, seq_q, seq_k in cases:
+        q = torch.randn(batch, seq_q, heads, head_dim, device="cuda", dtype=dt)
+        k, v = (torch.randn(batch, seq_k, heads_kv, head_dim, device="cuda", dtype=dt) for _ in range(2))
+        moved = 2 * (q.numel() * 2 + k.numel() + v.numel())
+        row = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim, "heads": heads,
+               "heads_kv": heads_kv}
+        fns = {name: functools.partial(all_methods[name], q, k, v) for name in methods}
+        for name, ms in _time_interleaved(fns, reps=reps).items():
+            row[name] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, moved / ms / 1e9)
+        del q, k, v
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(" | ".join([f"B={batch} q={seq_q} kv={seq_k}"] + [
+            f"{m}: " + (f"{row[m][0]:8.1f} us {row[m][1]:5.2f} TB/s" if row[m][0] is not None else row[m][1])
+            for m in methods]), flush=True)
+    return rows, methods
+
+
+def _why(err: Exception) -> str:
+    """A table cell for a method that raised: its type and the start of its message."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:80]}" if text else type(err).__name__
+
+
+def print_decode_table(rows, methods) -> None:
+    name = _device_name()
+    peak = next((bw for gpu, bw in HBM_PEAK.items() if gpu in name), None)
+    print(f"decode, {rows[0]['head_dim'] if rows else ''} head dim, {rows[0]['heads'] if rows else ''} q / "
+          f"{rows[0]['heads_kv'] if rows else ''} kv heads; us per call, TB/s"
+          + (f" (% of {peak / 1e12:.1f} TB/s)" if peak else "") + f" on {name}")
+    print("| batch | new tokens | kv length | " + " | ".join(methods) + " |")
+    print("|" + "---|" * (3 + len(methods)))
+    for r in rows:
+        cells = []
+        for m in methods:
+            us, val = r[m]
+            if us is None:
+                cells.append(str(val))
+            else:
+                cells.append(f"{us:.0f} us, {val:.2f} TB/s" + (f" ({100 * val * 1e12 / peak:.0f}%)" if peak else ""))
+        print(f"| {r['batch']} | {r['seq_q']} | {r['seq_k']} | " + " | ".join(cells) + " |")
+
+
 def _format_model_row(row) -> str:
     cells = [f"{row['model']:<11} N={row['seqlen']:<6}"]
     for method in MODEL_METHODS:

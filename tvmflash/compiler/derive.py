@@ -71,6 +71,13 @@ _SPATIAL, _REDUCE = 0, 2
 #: Block names of the split-K form (beside the tile block's, which it shares).
 SPLIT_PARTIAL = "partial_store"
 SPLIT_COMBINE = "combine"
+#: the split form's other block names (GPU schedules look them up)
+PARTIAL_ACC = "acc_partial"
+PARTIAL_STATE = "state_partial"
+COMBINE_MAX = "combine_max"
+COMBINE_SUM = "combine_sum"
+COMBINE_ACC = "combine_acc"
+COMBINE_LSE = "combine_lse"
 
 #: Shape variables of the definitions, by name (the derived function declares its own).
 _SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
@@ -420,18 +427,18 @@ def _mask_edge(ch: Chain, x, cls, row):
     return None
 
 
-def _kv_tile_bound(ch: Chain, x, qb, BM: int):
+def _kv_tile_bound(ch: Chain, x, row_end):
     """The exclusive bound of the keys a query tile can see, or None when the mask does not
     bound them: a term ``j <= R(i)`` of the mask (causal, a window's right edge) means the tile's
-    last row sees keys below R((qb + 1) * BM)."""
-    return _mask_edge(ch, x, tirx.LE, (qb + 1) * BM)
+    last row sees keys below R(``row_end``), ``row_end`` one past that row ((qb + 1) * BM)."""
+    return _mask_edge(ch, x, tirx.LE, row_end)
 
 
-def _kv_tile_first(ch: Chain, x, qb, BM: int):
+def _kv_tile_first(ch: Chain, x, row_first):
     """The first key a query tile can see, or None when the mask does not bound it below: a term
-    ``j >= L(i)`` (a sliding window's left edge) means the tile's first row sees no key below
-    L(qb * BM)."""
-    return _mask_edge(ch, x, tirx.GE, qb * BM)
+    ``j >= L(i)`` (a sliding window's left edge) means the tile's first row (``row_first``,
+    qb * BM) sees no key below L(row_first)."""
+    return _mask_edge(ch, x, tirx.GE, row_first)
 
 
 def _kv_tile_count(last_key, BN: int, first=None):
@@ -460,9 +467,54 @@ class _Exprs:
     """Algorithm 0's expressions as the derived function needs them, each re-indexed into the
     tiles (``row``/``col``: the global query row and key of a tile element)."""
 
-    def __init__(self, ch: Chain, even: bool):
-        self.ch, self.even = ch, even
+    def __init__(self, ch: Chain, even: bool, BM: int, pack: int = 1):
+        self.ch, self.even, self.BM, self.pack = ch, even, BM, pack
         self.shape = self.scalars = None
+
+    # A tile's rows. Unpacked (``pack`` 1): the grid's head ``vh`` and query rows ``qb * BM + i``.
+    # Packed (GQA, FlashAttention's "pack GQA"): the grid's head is a K/V head and the tile's rows
+    # run over the ``pack`` query heads of its group, query row by query row: tile row i is query
+    # row qb * P + i // pack of query head vh * pack + i % pack, P = BM // pack query rows a tile
+    # (the rows past P * pack idle), so the group's heads share each K/V tile.
+    @property
+    def per_tile(self) -> int:
+        """Query rows a tile holds (of each head)."""
+        return self.BM // self.pack
+
+    def at(self, vh, vqb, vi):
+        """(query head, query row) of row ``vi`` of tile ``vqb``."""
+        return self.head(vh, vqb, vi), self.row(vqb, vi)
+
+    def head(self, vh, vqb, vi):
+        """The query head of row ``vi`` of tile ``vqb``."""
+        return vh if self.pack == 1 else vh * self.pack + tirx.floormod(vi, self.pack)
+
+    def row(self, vqb, vi):
+        """The query row of row ``vi`` of tile ``vqb``."""
+        return vqb * self.BM + vi if self.pack == 1 else vqb * self.per_tile + tirx.floordiv(vi, self.pack)
+
+    def valid(self, vqb, vi, seq_q):
+        """Whether row ``vi`` of tile ``vqb`` is a query row."""
+        if self.pack == 1:
+            return vqb * self.BM + vi < seq_q
+        inside = self.row(vqb, vi) < seq_q
+        return inside if self.per_tile * self.pack == self.BM else tirx.And(vi < self.per_tile * self.pack, inside)
+
+    def tiles(self, seq_q):
+        """Query tiles of ``seq_q`` rows."""
+        return tirx.ceildiv(seq_q, self.BM if self.pack == 1 else self.per_tile)
+
+    def kv_src(self, vh):
+        """A query head whose K/V head the loads of grid head ``vh`` read."""
+        return vh if self.pack == 1 else vh * self.pack
+
+    def row_end(self, qb):
+        """One past the query row of tile ``qb``'s last row."""
+        return (qb + 1) * (self.BM if self.pack == 1 else self.per_tile)
+
+    def row_first(self, qb):
+        """The query row of tile ``qb``'s first row."""
+        return qb * (self.BM if self.pack == 1 else self.per_tile)
 
     def bind(self, shape: dict, *scalars_and_buffers):
         """The derived function's shape variables, scalars and input buffers, in ``SCALARS`` then
@@ -582,9 +634,10 @@ def _carried(ch: Chain, func: tirx.PrimFunc) -> tirx.PrimFunc:
     return func
 
 
-def _shared(ch: Chain, BM: int, BN: int, even: bool):
+def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     """What both derived forms share: dtypes, the expressions, the visible key tiles and the two
-    macros (the tile's start, one key tile's step)."""
+    macros (the tile's start, one key tile's step). ``pack``: the query heads a tile's rows run
+    over (``_Exprs.head``)."""
     dtype = str(ch.params["Q"].ty.dtype)
     D = int(ch.params["Q"].ty.shape[3])
     acc_dtype = str(ch.pv.out.ty.dtype)
@@ -592,7 +645,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
     p_dtype = str(ch.cast.out.ty.dtype) if ch.cast is not None else str(ch.exp.out.ty.dtype)
     # rfactor needs the max reducer's identity as TVM knows it (min_value, not -inf) for the tile's max
     tile_max_init = tirx.min_value(str(ch.m.ty.dtype))
-    ex = _Exprs(ch, even)
+    ex = _Exprs(ch, even, BM, pack)
     # the macros below see the names of the function they expand in: they reach these through ex
     ex.m_init, ex.l_init, ex.o_init, ex.tile_max_init = m_init, l_init, o_init, tile_max_init
 
@@ -605,14 +658,14 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
     def first_tile(qb, seq_k):
         """The first key tile query tile ``qb`` can see (None: the first of all, 0), kept inside
         the keys so that even kernels, which have no bound checks, never read past them."""
-        first = here(_kv_tile_first(ch, ch.x, qb, BM))
+        first = here(_kv_tile_first(ch, ch.x, ex.row_first(qb)))
         if first is None:
             return None
         return tirx.max(tirx.min(tirx.floordiv(first, BN), tirx.ceildiv(seq_k, BN) - 1), 0)
 
     def kv_tiles(qb, seq_q, seq_k):
         """How many key tiles query tile ``qb`` visits, from ``first_tile``."""
-        bound = here(_kv_tile_bound(ch, ch.x, qb, BM))
+        bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb)))
         last_key = seq_k if bound is None else tirx.min(seq_k, bound)
         first = first_tile(qb, seq_k)
         return _kv_tile_count(last_key, BN, first)
@@ -629,7 +682,8 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
         for i, d in T.grid(BM, D):
             with T.sblock(Q_LOAD):
                 vi, vd = T.axis.remap("SS", [i, d])
-                Q_tile[vi, vd] = guarded(even, vqb * BM + vi < seq_q, ex.load("q", Q, vb, vh, vqb * BM + vi, vd), dtype)
+                hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                Q_tile[vi, vd] = guarded(even, ex.valid(vqb, vi, seq_q), ex.load("q", Q, vb, hq, iq, vd), dtype)
         # the running state starts at the reductions' identities
         for i in range(BM):
             with T.sblock(INIT_M):
@@ -650,11 +704,13 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
         for j, d in T.grid(BN, D):
             with T.sblock(K_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
-                K_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, vh, kv_load + vj, vd), dtype)
+                hk = T.meta_var(ex.kv_src(vh))
+                K_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, hk, kv_load + vj, vd), dtype)
         for j, d in T.grid(BN, D):
             with T.sblock(V_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
-                V_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, vh, kv_load + vj, vd), dtype)
+                hk = T.meta_var(ex.kv_src(vh))
+                V_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, hk, kv_load + vj, vd), dtype)
         kv0: T.let[T.int32] = first
         with T.sblock(S_GEMM_TILE):
             for i, j, d in T.grid(BM, BN, D):
@@ -662,18 +718,21 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
                     vi, vj, vd = T.axis.remap("SSR", [i, j, d])
                     with T.init():
                         acc_s[vi, vj] = ex.init(ex.ch.gemm)
-                    acc_s[vi, vj] = acc_s[vi, vj] + ex.s_term(vb, vh, Q_tile[vi, vd], K_tile[vj, vd])
+                    hq = T.meta_var(ex.head(vh, vqb, vi))
+                    acc_s[vi, vj] = acc_s[vi, vj] + ex.s_term(vb, hq, Q_tile[vi, vd], K_tile[vj, vd])
         for i, j in T.grid(BM, BN):
             with T.sblock(S_STORE):
                 vi, vj = T.axis.remap("SS", [i, j])
-                S_tile[vi, vj] = ex.score(vb, vh, vqb * BM + vi, kv0 + vj, acc_s[vi, vj])
+                hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                S_tile[vi, vj] = ex.score(vb, hq, iq, kv0 + vj, acc_s[vi, vj])
         with T.sblock(ROW_MAX_TILE):
             for i, j in T.grid(BM, BN):
                 with T.sblock(ROW_MAX):
                     vi, vj = T.axis.remap("SR", [i, j])
                     with T.init():
                         m_tile[vi] = ex.tile_max_init
-                    m_tile[vi] = T.max(m_tile[vi], ex.max_operand(vb, vh, vqb * BM + vi, kv0 + vj, S_tile[vi, vj]))
+                    hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                    m_tile[vi] = T.max(m_tile[vi], ex.max_operand(vb, hq, iq, kv0 + vj, S_tile[vi, vj]))
         for i in range(BM):
             with T.sblock(RUNNING_MAX):
                 vi = T.axis.remap("S", [i])
@@ -681,18 +740,21 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
         for i in range(BM):
             with T.sblock(ALPHA):
                 vi = T.axis.remap("S", [i])
-                alpha[vi] = ex.alpha(vb, vh, vqb * BM + vi, m_i[vi], m_new[vi])
+                hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                alpha[vi] = ex.alpha(vb, hq, iq, m_i[vi], m_new[vi])
         for i, j in T.grid(BM, BN):
             with T.sblock(P_EXP):
                 vi, vj = T.axis.remap("SS", [i, j])
-                P_f32[vi, vj] = ex.p(vb, vh, vqb * BM + vi, kv0 + vj, S_tile[vi, vj], m_new[vi])
+                hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                P_f32[vi, vj] = ex.p(vb, hq, iq, kv0 + vj, S_tile[vi, vj], m_new[vi])
         with T.sblock(ROW_SUM_TILE):
             for i, j in T.grid(BM, BN):
                 with T.sblock(ROW_SUM):
                     vi, vj = T.axis.remap("SR", [i, j])
                     with T.init():
                         l_tile[vi] = ex.l_init
-                    l_tile[vi] = l_tile[vi] + ex.l_term(vb, vh, vqb * BM + vi, kv0 + vj, P_f32[vi, vj])
+                    hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                    l_tile[vi] = l_tile[vi] + ex.l_term(vb, hq, iq, kv0 + vj, P_f32[vi, vj])
         for i in range(BM):
             with T.sblock(L_UPDATE):
                 vi = T.axis.remap("S", [i])
@@ -707,7 +769,8 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool):
                     vi, vd, vj = T.axis.remap("SSR", [i, d, j])
                     with T.init():
                         acc_o[vi, vd] = acc_o[vi, vd] * alpha[vi]
-                    acc_o[vi, vd] = acc_o[vi, vd] + ex.o_term(vb, vh, vqb * BM + vi, P_tile[vi, vj], V_tile[vj, vd])
+                    hq, iq = T.meta_var(ex.at(vh, vqb, vi))
+                    acc_o[vi, vd] = acc_o[vi, vd] + ex.o_term(vb, hq, iq, P_tile[vi, vj], V_tile[vj, vd])
         for i in range(BM):
             with T.sblock(STATE_UPDATE):
                 vi = T.axis.remap("S", [i])
@@ -799,29 +862,60 @@ def derived_attention(spec: KernelSpec, block_m: int, block_n: int,
     return rolling_update(plain_attention(spec, score_mod), block_m, block_n, even=spec.even)
 
 
-def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool = False) -> tirx.PrimFunc:
+def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool = False,
+                   pack_gqa: bool = False) -> tirx.PrimFunc:
     """Algorithm 0 ``func`` as FlashDecoding: the keys of each query tile cut into ``parts``
     chunks of whole key tiles, each chunk a program running the rolling update to a partial
     (m_c, l_c, acc_c) in float32, then a combine that repairs the partials to the global max
     (``l = sum_c l_c * p(m_c, m)``, acc alike) and runs Algorithm 0's epilogue. One function,
     the same arguments as the fused kernel's; the partials are global intermediates.
 
+    ``pack_gqa``: where Algorithm 0 reads K and V at head ``h // G`` (GQA), the programs run per
+    K/V head and a tile's rows over its G query heads (``_Exprs.head``), so each K/V tile is read
+    once per group, not G times (FlashAttention's "pack GQA"). Not for even builds, nor for
+    groups larger than ``block_m``.
+
     Raises ``NotRepairable`` as ``rolling_update`` does, and ValueError for ``parts`` < 1."""
     if not (isinstance(parts, int) and parts >= 1):
         raise ValueError(f"parts: expected an int >= 1, got {parts!r}")
     ch = analyze(func)
-    return _carried(ch, _split(ch, int(block_m), int(block_n), bool(even), parts))
+    group = _gqa_group(ch) or 1
+    pack = group if pack_gqa and not even and group <= block_m else 1
+    return _carried(ch, _split(ch, int(block_m), int(block_n), bool(even), parts, pack))
+
+
+def _gqa_group(ch: Chain) -> int | None:
+    """G where Algorithm 0 reads K and V at head ``h // G`` (1 where at ``h``), else None."""
+    found = set()
+    for st, ld in ((ch.gemm, ch.k_load), (ch.pv, ch.v_load)):
+        idx, h = ld.indices[2], st.roles.get("h")
+        if isinstance(idx, tirx.Var) and idx.same_as(h):
+            found.add(1)
+        elif (isinstance(idx, tirx.FloorDiv) and isinstance(idx.a, tirx.Var) and idx.a.same_as(h)
+              and isinstance(idx.b, tirx.IntImm) and idx.b.value >= 1):
+            found.add(int(idx.b.value))
+        else:
+            return None
+    return found.pop() if len(found) == 1 else None
 
 
 @fast_tvmscript()
-def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc:
-    dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step = _shared(ch, BM, BN, even)
+def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> tirx.PrimFunc:
+    dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step = _shared(ch, BM, BN, even, pack)
+
+    def grid_heads(heads, heads_kv):
+        """The programs' heads: query heads, or K/V heads where packed."""
+        return heads if pack == 1 else heads_kv
 
     def chunk_tiles(qb, c, seq_q, seq_k):
-        """The key tiles of chunk ``c``: an equal share of the tile's visible ones, in order."""
+        """(count, first) of the key tiles of chunk ``c``: an equal share of the tile's visible
+        ones, in order. A chunk left without one (more chunks than tiles) still runs one, past
+        the visible ones and so wholly masked (the key-padding mask or the definition's), as
+        ``_kv_tile_count`` does: a GPU software pipeline needs a loop it can prove runs. An even
+        build has no padding mask, so there such a chunk runs none."""
         n = kv_tiles(qb, seq_q, seq_k)
         per = tirx.ceildiv(n, parts)
-        return tirx.max(tirx.min(n, (c + 1) * per) - c * per, 0), c * per
+        return tirx.max(tirx.min(n, (c + 1) * per) - c * per, 0 if even else 1), c * per
 
     @T.prim_func(s_tir=True)
     def main(
@@ -843,22 +937,28 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
         ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
                 window_left, window_right, alibi_slopes)
         with T.sblock("root"):
-            m_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
-            l_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q), "float32")
-            acc_part = T.sblock_alloc_buffer((parts, batch, heads, seq_q, D), acc_dtype)
+            # (the partials per query head: heads_kv * pack of them where packed, which the
+            # programs' writes are seen to cover)
+            m_part = T.sblock_alloc_buffer((parts, batch, grid_heads(heads, heads_kv) * pack, seq_q), "float32")
+            l_part = T.sblock_alloc_buffer((parts, batch, grid_heads(heads, heads_kv) * pack, seq_q), "float32")
+            acc_part = T.sblock_alloc_buffer((parts, batch, grid_heads(heads, heads_kv) * pack, seq_q, D), acc_dtype)
             m_all = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
             l_all = T.sblock_alloc_buffer((batch, heads, seq_q), "float32")
             acc_all = T.sblock_alloc_buffer((batch, heads, seq_q, D), acc_dtype)
-            for b, h, qb, c in T.grid(batch, heads, T.ceildiv(seq_q, BM), parts):
+            for b, h, qb, c in T.grid(batch, grid_heads(heads, heads_kv), ex.tiles(seq_q), parts):
                 with T.sblock(TILE):
                     vb, vh, vqb, vc = T.axis.remap("SSSS", [b, h, qb, c])
                     T.reads(
-                        Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
-                        K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
-                        V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                        Q[vb, ex.row_first(vqb) : ex.row_end(vqb), ex.kv_src(vh) : ex.kv_src(vh) + pack, 0:D],
+                        K[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                        V[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
                     )
-                    T.writes(m_part[vc, vb, vh, vqb * BM : vqb * BM + BM], l_part[vc, vb, vh, vqb * BM : vqb * BM + BM],
-                             acc_part[vc, vb, vh, vqb * BM : vqb * BM + BM, 0:D])
+                    T.writes(
+                        m_part[vc, vb, ex.kv_src(vh) : ex.kv_src(vh) + pack, ex.row_first(vqb) : ex.row_end(vqb)],
+                        l_part[vc, vb, ex.kv_src(vh) : ex.kv_src(vh) + pack, ex.row_first(vqb) : ex.row_end(vqb)],
+                        acc_part[vc, vb, ex.kv_src(vh) : ex.kv_src(vh) + pack, ex.row_first(vqb) : ex.row_end(vqb),
+                                 0:D],
+                    )
                     Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
                     K_tile = T.sblock_alloc_buffer((BN, D), dtype)
                     V_tile = T.sblock_alloc_buffer((BN, D), dtype)
@@ -874,51 +974,59 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int) -> tirx.PrimFunc
                     l_new = T.sblock_alloc_buffer((BM,), "float32")
                     l_i = T.sblock_alloc_buffer((BM,), "float32")
                     alpha = T.sblock_alloc_buffer((BM,), "float32")
+                    O_tile = T.sblock_alloc_buffer((BM, D), acc_dtype)
                     start_tile()
                     for kb in T.serial(chunk_tiles(vqb, vc, seq_q, seq_k)[0]):
                         kv_step(ex.kv_first(vqb, seq_k, chunk_tiles(vqb, vc, seq_q, seq_k)[1] + kb))
-                    # the chunk's partial state leaves the tile (rows past seq_q are not stored)
+                    # the chunk's partial state leaves the tile (rows past seq_q are not stored),
+                    # acc staged as the fused epilogue stages it (a GPU schedule stores its
+                    # fragments there)
                     with T.sblock(SPLIT_PARTIAL):
                         for i, d in T.grid(BM, D):
-                            with T.sblock("acc_partial"):
+                            with T.sblock(O_STAGE):
                                 vi, vd = T.axis.remap("SS", [i, d])
-                                if even or vqb * BM + vi < seq_q:
-                                    acc_part[vc, vb, vh, vqb * BM + vi, vd] = acc_o[vi, vd]
+                                O_tile[vi, vd] = acc_o[vi, vd]
+                        for i, d in T.grid(BM, D):
+                            with T.sblock(PARTIAL_ACC):
+                                vi, vd = T.axis.remap("SS", [i, d])
+                                if even or ex.valid(vqb, vi, seq_q):
+                                    acc_part[vc, vb, ex.head(vh, vqb, vi), ex.row(vqb, vi), vd] = O_tile[vi, vd]
                         for i in range(BM):
-                            with T.sblock("state_partial"):
+                            with T.sblock(PARTIAL_STATE):
                                 vi = T.axis.remap("S", [i])
-                                if even or vqb * BM + vi < seq_q:
-                                    m_part[vc, vb, vh, vqb * BM + vi] = m_i[vi]
-                                    l_part[vc, vb, vh, vqb * BM + vi] = l_i[vi]
+                                if even or ex.valid(vqb, vi, seq_q):
+                                    m_part[vc, vb, ex.head(vh, vqb, vi), ex.row(vqb, vi)] = m_i[vi]
+                                    l_part[vc, vb, ex.head(vh, vqb, vi), ex.row(vqb, vi)] = l_i[vi]
             # the combine: the partials repaired to the global max, then Algorithm 0's epilogue
             for b, h, i, c in T.grid(batch, heads, seq_q, parts):
-                with T.sblock("combine_max"):
+                with T.sblock(COMBINE_MAX):
                     vb, vh, vi, vc = T.axis.remap("SSSR", [b, h, i, c])
                     with T.init():
                         m_all[vb, vh, vi] = ex.m_init
                     m_all[vb, vh, vi] = T.max(m_all[vb, vh, vi], m_part[vc, vb, vh, vi])
             for b, h, i, c in T.grid(batch, heads, seq_q, parts):
-                with T.sblock("combine_sum"):
+                with T.sblock(COMBINE_SUM):
                     vb, vh, vi, vc = T.axis.remap("SSSR", [b, h, i, c])
                     with T.init():
                         l_all[vb, vh, vi] = ex.l_init
                     l_all[vb, vh, vi] = l_all[vb, vh, vi] + l_part[vc, vb, vh, vi] * ex.alpha(
                         vb, vh, vi, m_part[vc, vb, vh, vi], m_all[vb, vh, vi])
             for b, h, i, d, c in T.grid(batch, heads, seq_q, D, parts):
-                with T.sblock("combine_acc"):
+                with T.sblock(COMBINE_ACC):
                     vb, vh, vi, vd, vc = T.axis.remap("SSSSR", [b, h, i, d, c])
                     with T.init():
                         acc_all[vb, vh, vi, vd] = ex.o_init
                     acc_all[vb, vh, vi, vd] = acc_all[vb, vh, vi, vd] + acc_part[vc, vb, vh, vi, vd] * ex.alpha(
                         vb, vh, vi, m_part[vc, vb, vh, vi], m_all[vb, vh, vi])
-            for b, h, i, d in T.grid(batch, heads, seq_q, D):
-                with T.sblock(SPLIT_COMBINE):
-                    vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                    O[vb, vi, vh, vd] = ex.o(vb, vh, vi, acc_all[vb, vh, vi, vd], l_all[vb, vh, vi])
+            # (one nest for O and lse: a schedule can then place the max and the sum under a row)
             for b, h, i in T.grid(batch, heads, seq_q):
-                with T.sblock("combine_lse"):
+                with T.sblock(COMBINE_LSE):
                     vb, vh, vi = T.axis.remap("SSS", [b, h, i])
                     LSE[vb, vh, vi] = ex.lse(vb, vh, vi, m_all[vb, vh, vi], l_all[vb, vh, vi])
+                for d in range(D):
+                    with T.sblock(SPLIT_COMBINE):
+                        vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
+                        O[vb, vi, vh, vd] = ex.o(vb, vh, vi, acc_all[vb, vh, vi, vd], l_all[vb, vh, vi])
 
     return main
 
@@ -946,6 +1054,12 @@ def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: Sc
     (block_m, block_n) (what the rule then schedules)."""
     plain = plain_attention(spec, score_mod)
     ch = analyze(plain)
+    if spec.splits:
+        third = (f"3. Split-K update at tile {block_m}x{block_n}, {spec.splits} key chunks: one program per (K/V "
+                 "head with its GQA group packed, query tile, chunk), then the combine",
+                 split_k_update(plain, block_m, block_n, spec.splits, even=spec.even, pack_gqa=True).script())
+        return [("1. Algorithm 0 (definition.plain): S and P span all keys", plain.script()),
+                ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)), third]
     return [
         ("1. Algorithm 0 (definition.plain): S and P span all keys", plain.script()),
         ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)),

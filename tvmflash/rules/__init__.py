@@ -5,9 +5,11 @@ first, the general ones after. Each rule is one file exporting ``RULE``; a new k
 Hopper kernel, a head dim) is a new file and a line here. ``register`` adds a rule at run time
 (first, unless ``before`` names another), for plugins and tests.
 
+    decode_cuda_mma   fused split over the keys (FlashDecoding, ``KernelSpec.splits``), CUDA,
+                      tensor cores
     fused_cuda_mma    fused, CUDA, tensor cores (head dims 32, 64, 96, 128, 256)
     fused_cuda_plain  fused, CUDA, one thread per query row (what no tensor-core rule serves)
-    fused_cpu         fused, llvm
+    fused_cpu         fused (and split over the keys), llvm
     standard_cuda     standard (S and P in memory), CUDA: TVM's stock dlight rules
     standard_cpu      standard, llvm
 """
@@ -17,13 +19,14 @@ from __future__ import annotations
 import threading
 
 from ..spec import KernelSpec
-from . import fused_cpu, fused_cuda_mma, fused_cuda_plain, standard_cpu, standard_cuda
+from . import decode_cuda_mma, fused_cpu, fused_cuda_mma, fused_cuda_plain, standard_cpu, standard_cuda
 from .base import ScheduleRule, Space
 
 __all__ = ["RULES", "ScheduleRule", "Space", "generation", "register", "rule_for", "rule_named", "unregister"]
 
 #: The registry, first match wins.
 RULES: list[ScheduleRule] = [
+    decode_cuda_mma.RULE,
     fused_cuda_mma.RULE,
     fused_cuda_plain.RULE,
     fused_cpu.RULE,
@@ -43,7 +46,7 @@ def generation() -> int:
 def rule_for(spec: KernelSpec) -> ScheduleRule:
     """The first rule of ``RULES`` that supports ``spec``; NotImplementedError if none does."""
     for rule in list(RULES):
-        if rule.supports(spec):
+        if (rule.split_builds or not spec.splits) and rule.supports(spec):
             return rule
     raise NotImplementedError(
         f"spec: no schedule rule supports {spec.key} (algorithm {spec.algorithm!r}, target {spec.target!r}, "

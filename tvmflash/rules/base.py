@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from .. import definition as D
-from ..compiler.derive import derived_attention
+from ..compiler.derive import derived_attention, split_k_update
+from ..definition.plain import plain_attention
 from .._compat import Schedule, tirx, tvm
 from ..spec import KernelSpec
 
@@ -46,6 +47,9 @@ class ScheduleRule:
     #: whether a spec of any shape also has an even build (lengths multiples of the tile: no
     #: bound checks, FlashAttention-2's ``Is_even_MN``) that ``attention`` picks where it can
     even_builds: ClassVar[bool] = False
+    #: whether the rule schedules the split-K function of a spec with ``splits`` (FlashDecoding);
+    #: ``rule_for`` gives split specs only to rules that say so
+    split_builds: ClassVar[bool] = False
     trace_instructions: ClassVar[frozenset] = frozenset()
     trace_annotations: ClassVar[frozenset] = frozenset()
 
@@ -60,10 +64,14 @@ class ScheduleRule:
 
     def definition(self, spec: KernelSpec, tile):
         """The TensorIR this rule schedules for ``spec`` at ``tile`` (``self.tile(config)``): by
-        default Algorithm 0 derived into the online softmax tiled (block_m, block_n), with every extent bound for a static
+        default Algorithm 0 derived into the online softmax tiled (block_m, block_n) (split over
+        the keys where ``spec.splits`` asks: ``split_k_update``), with every extent bound for a static
         shape (bound checks fold away). A tuning workload is this function specialised to the
         measured shape, so the definition may depend on the tile only."""
-        func = derived_attention(spec, *tile)
+        if spec.splits:  # FlashDecoding: the split-K update's function
+            func = split_k_update(plain_attention(spec), *tile, spec.splits, even=spec.even, pack_gqa=True)
+        else:
+            func = derived_attention(spec, *tile)
         return func if spec.shape is None else D.specialize_shape(func, spec.shape_dims)
 
     def pass_config(self, spec: KernelSpec) -> dict:

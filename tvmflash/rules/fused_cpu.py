@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from .. import definition as D
 from .._compat import Schedule, tirx
+from ..compiler.derive import COMBINE_ACC, PARTIAL_ACC, SPLIT_COMBINE
 from ..spec import KernelSpec
 from .base import COMMON_INSTRUCTIONS, ScheduleRule, Space
 
@@ -54,8 +55,8 @@ def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
     """The fused CPU schedule, applied in place to ``sch`` (a Schedule of
     ``definition.fused_attention(spec, config.block_m, config.block_n)``)."""
     # Step 1. Parallel tasks of ``grain`` consecutive (batch, head, query tile)s.
-    b, h, qb = sch.get_loops(D.TILE)
-    task, _ = sch.split(sch.fuse(b, h, qb), factors=[None, config.grain])
+    # (batch, head, query tile), and the key chunk of a split-K function (``KernelSpec.splits``)
+    task, _ = sch.split(sch.fuse(*sch.get_loops(D.TILE)), factors=[None, config.grain])
     sch.parallel(task)
     sch.annotate(task, "pragma_auto_unroll_max_step", config.unroll)
 
@@ -80,8 +81,23 @@ def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
     # the primitive refuses; the rescale stays behind `if j == 0`, hoisted by LLVM.)
 
     # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
-    for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, D.O_STORE, D.S_STORE, D.P_EXP, D.P_CAST):
+    split = _has_block(sch, PARTIAL_ACC)
+    for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, PARTIAL_ACC if split else D.O_STORE, D.S_STORE, D.P_EXP,
+                 D.P_CAST):
         vectorize_inner(sch, name, config.vec)
+    if split:
+        # the combine: parallel over (batch, head, query row)
+        for name in (COMBINE_ACC, SPLIT_COMBINE):
+            loops = sch.get_loops(name)
+            sch.parallel(sch.fuse(*loops[:3]))
+
+
+def _has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # TVM raises its own error type for a missing block
+        return False
+    return True
 
 
 def _knobs(d: int):
@@ -98,6 +114,7 @@ class FusedCpu(ScheduleRule):
     """The fused kernel on the CPU (llvm): parallel tiles, vectorised inner loops."""
 
     name: ClassVar[str] = "fused_cpu"
+    split_builds: ClassVar[bool] = True
     config_type: ClassVar[type] = CpuConfig
     trace_instructions: ClassVar[frozenset] = COMMON_INSTRUCTIONS | {
         "Annotate", "DecomposeReduction", "Fuse", "Parallel", "Reorder", "SampleCategorical", "Split",

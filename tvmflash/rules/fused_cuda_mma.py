@@ -29,6 +29,7 @@ from typing import ClassVar
 
 from .. import definition as D
 from .._compat import Schedule, ms, tirx
+from ..compiler.derive import PARTIAL_ACC, PARTIAL_STATE
 from ..spec import KernelSpec
 from . import mma_intrinsics as I
 from .base import COMMON_INSTRUCTIONS, ScheduleRule, Space, bind_grid, dynamic_shared_memory_target
@@ -372,7 +373,7 @@ class FusedCudaMma(ScheduleRule):
 
     def supports(self, spec: KernelSpec) -> bool:
         return (spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES
-                and spec.head_dim in HEAD_DIMS and not _one_kv_tile_at_16_rows(spec))
+                and spec.head_dim in HEAD_DIMS and not spec.splits and not _one_kv_tile_at_16_rows(spec))
 
     def default_config(self, spec: KernelSpec) -> FlashConfig:
         return _hand_config(spec.head_dim)
@@ -400,87 +401,108 @@ class FusedCudaMma(ScheduleRule):
         )
 
     def apply(self, func: tirx.PrimFunc, config: FlashConfig) -> Schedule:
-        sch = Schedule(func)
-        intrin = I.intrinsics(_dtype(func))
+        return schedule_tiles(func, config)
 
-        # Step 1. One thread block per (batch, head, query tile).
+
+def schedule_tiles(func: tirx.PrimFunc, config: FlashConfig, partial: bool = False) -> Schedule:
+    """The tensor-core schedule of the tile block of ``func``: the rolling update's function, or
+    with ``partial`` the split-K update's, whose tile block (one more grid axis, the key chunk)
+    ends in the chunk's partial state instead of the epilogue (the combine is left unscheduled)."""
+    sch = Schedule(func)
+    intrin = I.intrinsics(_dtype(func))
+    static_o = partial and _head_dim(func) <= 128
+    # Step 1. One thread block per (batch, head, query tile) (and key chunk).
+    if partial:
+        b, h, qb, c = sch.get_loops(D.TILE)
+        sch.bind(sch.fuse(qb, c), "blockIdx.x")
+        sch.bind(h, "blockIdx.y")
+        sch.bind(b, "blockIdx.z")
+    else:
         bind_grid(sch)
 
-        # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
-        # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max
-        # and sum one row per thread in registers; what crosses between the two thread mappings
-        # (the new max, alpha, the partial row reductions) in shared memory.
-        for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.RUNNING_MAX, D.ALPHA, D.O_STAGE):
-            sch.set_scope(block, 0, "shared.dyn")
-        for block in (D.INIT_M, D.INIT_L, D.ROW_MAX, D.ROW_SUM, D.L_UPDATE):
-            sch.set_scope(block, 0, "local")
-        # (S stores its 16x16 tiles in another order than acc_s and P: StorageRewrite would otherwise
-        # reuse the source of an element-wise copy in place, and LowerWarpMemory cannot lower a warp
-        # buffer that aliases another.)
-        for block, layout in ((D.S_STORE, _fragment_map_t), (D.P_EXP, _fragment_map), (D.P_CAST, _fragment_map)):
-            sch.set_scope(block, 0, "warp")
-            sch.transform_layout(block, ("write", 0), layout)
+    # Step 2. Where each tile lives. Q, K, V in shared memory; S, P and the accumulators in mma
+    # fragments (registers, the tensor cores' layout) for the whole K/V loop; the running max
+    # and sum one row per thread in registers; what crosses between the two thread mappings
+    # (the new max, alpha, the partial row reductions) in shared memory.
+    for block in (D.Q_LOAD, D.K_LOAD, D.V_LOAD, D.RUNNING_MAX, D.ALPHA, D.O_STAGE):
+        # (a partial's O stage is small enough to fit in the dead K tile, which the mma store's
+        # access pointer refuses as it refuses the Q tile (``_o_stage_fits_in_q``): static
+        # shared memory is not merged with the dynamic, where the two fit in 48 KB)
+        sch.set_scope(block, 0, "shared" if static_o and block == D.O_STAGE else "shared.dyn")
+    for block in (D.INIT_M, D.INIT_L, D.ROW_MAX, D.ROW_SUM, D.L_UPDATE):
+        sch.set_scope(block, 0, "local")
+    # (S stores its 16x16 tiles in another order than acc_s and P: StorageRewrite would otherwise
+    # reuse the source of an element-wise copy in place, and LowerWarpMemory cannot lower a warp
+    # buffer that aliases another.)
+    for block, layout in ((D.S_STORE, _fragment_map_t), (D.P_EXP, _fragment_map), (D.P_CAST, _fragment_map)):
+        sch.set_scope(block, 0, "warp")
+        sch.transform_layout(block, ("write", 0), layout)
 
-        # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
-        for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
-            sch.storage_align(name, 0, axis=0, factor=ROW_ALIGN[0], offset=ROW_ALIGN[1])
+    # Pad the ldmatrix operands' rows by 16 bytes against shared-memory bank conflicts.
+    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+        sch.storage_align(name, 0, axis=0, factor=ROW_ALIGN[0], offset=ROW_ALIGN[1])
 
-        # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
-        for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
-            _cooperative(sch, name, config)
+    # Step 3. Cooperative, vectorised loads of the Q, K and V tiles.
+    for name in (D.Q_LOAD, D.K_LOAD, D.V_LOAD):
+        _cooperative(sch, name, config)
 
-        # Step 4. S = Q K^T on tensor cores, the accumulator in mma fragments.
-        _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
-        sch.set_scope(D.S_GEMM, 0, "warp")
-        sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
-        sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
-        sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
+    # Step 4. S = Q K^T on tensor cores, the accumulator in mma fragments.
+    _mma_gemm(sch, D.S_GEMM, "Q_tile", "K_tile", intrin["load_a"], intrin["load_b_trans"], config)
+    sch.set_scope(D.S_GEMM, 0, "warp")
+    sch.transform_layout(D.S_GEMM, ("write", 0), _fragment_map)
+    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM))[-3], intrin["mma_trans_b"])
+    sch.tensorize(sch.get_loops(sch.get_sblock(D.S_GEMM + "_init"))[-2], intrin["fill"])
 
-        # Step 5. The online softmax on the fragments (FlashAttention-2): element-wise stages run on
-        # the fragment layout, each thread on the scores it holds; row max and row sum are reduced
-        # per thread and then across the four lanes of a row; the running state, one row per thread.
-        for name in (D.S_STORE, D.P_EXP, D.P_CAST):
-            _on_fragments(sch, name, config)
-        for name in (D.ROW_MAX, D.ROW_SUM):
-            _row_reduce_on_fragments(sch, name, config)
-        for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.RUNNING_MAX, 1), (D.ALPHA, 1), (D.L_UPDATE, 1),
-                          (D.STATE_UPDATE, 1), (D.LSE_STORE, 0)):
-            _bind_rows(sch, sch.get_loops(name)[row], config)
+    # Step 5. The online softmax on the fragments (FlashAttention-2): element-wise stages run on
+    # the fragment layout, each thread on the scores it holds; row max and row sum are reduced
+    # per thread and then across the four lanes of a row; the running state, one row per thread.
+    for name in (D.S_STORE, D.P_EXP, D.P_CAST):
+        _on_fragments(sch, name, config)
+    for name in (D.ROW_MAX, D.ROW_SUM):
+        _row_reduce_on_fragments(sch, name, config)
+    for name, row in ((D.INIT_M, 0), (D.INIT_L, 0), (D.RUNNING_MAX, 1), (D.ALPHA, 1), (D.L_UPDATE, 1),
+                      (D.STATE_UPDATE, 1), (PARTIAL_STATE if partial else D.LSE_STORE, 0)):
+        _bind_rows(sch, sch.get_loops(name)[row], config)
+    if not partial:
         # the epilogue reads l_i with the store's thread mapping: a shared copy
         o_store = sch.get_sblock(D.O_STORE)
         l_copy = sch.cache_read(o_store, _read_index(sch, o_store, "l_i"), "shared.dyn")
         _bind_rows(sch, sch.get_loops(l_copy)[-1], config)
 
-        # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
-        # alpha in place (its thread/register layout made explicit), then acc_o += P V with P
-        # taken straight from the registers the softmax left it in.
-        sch.set_scope(D.INIT_O, 0, "warp")
-        sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
-        (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
-        ty, _ = sch.split(mo, factors=[config.num_warps, config.rows_per_warp // 16])
-        sch.bind(ty, "threadIdx.y")
-        sch.tensorize(mi, intrin["fill"])
-        o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
-        # the update does not read alpha (only the init does): drop it so the mma pattern matches
-        sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
-        sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
-        sch.transform_block_layout(o_init, lambda i, j: I.fragment_layout(i, j))
-        tx, local = sch.get_loops(o_init)[-2:]
-        sch.bind(tx, "threadIdx.x")
-        sch.unroll(local)
+    # Step 6. acc_o lives in mma fragments for the whole K/V loop: zero-filled once, rescaled by
+    # alpha in place (its thread/register layout made explicit), then acc_o += P V with P
+    # taken straight from the registers the softmax left it in.
+    sch.set_scope(D.INIT_O, 0, "warp")
+    sch.transform_layout(D.INIT_O, ("write", 0), _fragment_map)
+    (mo, _), (mi, _) = _tile16(sch, D.INIT_O, 2)
+    ty, _ = sch.split(mo, factors=[config.num_warps, config.rows_per_warp // 16])
+    sch.bind(ty, "threadIdx.y")
+    sch.tensorize(mi, intrin["fill"])
+    o_gemm, o_init = _mma_gemm(sch, D.O_GEMM, "P_tile", "V_tile", None, intrin["load_b"], config)
+    # the update does not read alpha (only the init does): drop it so the mma pattern matches
+    sch.unsafe_hide_buffer_access(o_gemm, "read", [_read_index(sch, o_gemm, "alpha")])
+    sch.tensorize(sch.get_loops(o_gemm)[-3], intrin["mma"])
+    sch.transform_block_layout(o_init, lambda i, j: I.fragment_layout(i, j))
+    tx, local = sch.get_loops(o_init)[-2:]
+    sch.bind(tx, "threadIdx.x")
+    sch.unroll(local)
 
-        # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
-        _store_fragments(sch, D.O_STAGE, intrin["store_shared"], config)
-        if _o_stage_fits_in_q(func):
-            # StorageRewrite would place the float32 O stage in the dead float16 Q tile, which
-            # the mma store's access pointer refuses (docs/tvm-0.27.md, section 4): padded rows
-            # make the stage larger than the Q tile.
-            sch.storage_align(_tensorized(sch, D.O_STAGE), 0, axis=0, factor=32, offset=8)
-        _cooperative(sch, D.O_STORE, config, vectorize=False)
+    # Step 7. Epilogue: fragments -> shared memory -> normalised by l_i -> global memory.
+    _store_fragments(sch, D.O_STAGE, I.store_shared_static() if static_o else intrin["store_shared"], config)
+    if partial and not static_o:
+        # the O stage in dynamic shared memory: rows padded until it is larger than the K and V
+        # tiles (which it would otherwise be placed in, as in the Q tile below)
+        sch.storage_align(_tensorized(sch, D.O_STAGE), 0, axis=0, factor=_o_stage_row(func, config), offset=0)
+    elif _o_stage_fits_in_q(func):
+        # StorageRewrite would place the float32 O stage in the dead float16 Q tile, which
+        # the mma store's access pointer refuses (docs/tvm-0.27.md, section 4): padded rows
+        # make the stage larger than the Q tile.
+        sch.storage_align(_tensorized(sch, D.O_STAGE), 0, axis=0, factor=32, offset=8)
+    _cooperative(sch, PARTIAL_ACC if partial else D.O_STORE, config, vectorize=False)
 
-        # Step 8. The K/V loads run ahead of the tile computed, asynchronously (cp.async).
-        _pipeline_kv_loop(sch, config)
-        return sch
+    # Step 8. The K/V loads run ahead of the tile computed, asynchronously (cp.async).
+    _pipeline_kv_loop(sch, config)
+    return sch
 
 
 def _tensorized(sch: Schedule, name: str):
@@ -494,6 +516,20 @@ def _o_stage_fits_in_q(func: tirx.PrimFunc) -> bool:
     d = int(func.params[0].ty.shape[-1])
     factor, offset = ROW_ALIGN
     return 4 * d <= 2 * (d + (offset - d) % factor)
+
+
+def _head_dim(func: tirx.PrimFunc) -> int:
+    return int(func.params[0].ty.shape[-1])
+
+
+def _o_stage_row(func: tirx.PrimFunc, config: FlashConfig) -> int:
+    """Floats a row of the O stage takes so that it is larger than a K or V allocation (float16
+    rows padded by ``ROW_ALIGN``, ``kv_buffers`` tiles): a multiple of 8 of at least the head dim."""
+    d = _head_dim(func)
+    factor, offset = ROW_ALIGN
+    kv_bytes = 2 * config.block_n * (d + (offset - d) % factor) * config.kv_buffers
+    row = max(d, kv_bytes // (4 * config.block_m) + 1)
+    return -(-row // 8) * 8
 
 
 def _dtype(func: tirx.PrimFunc) -> str:

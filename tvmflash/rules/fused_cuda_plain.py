@@ -84,7 +84,7 @@ class FusedCudaPlain(ScheduleRule):
     trace_instructions: ClassVar[frozenset] = COMMON_INSTRUCTIONS | {"Bind", "Fuse", "SetScope", "Split"}
 
     def supports(self, spec: KernelSpec) -> bool:
-        return spec.algorithm == "fused" and spec.is_cuda
+        return spec.algorithm == "fused" and spec.is_cuda and not spec.splits
 
     def default_config(self, spec: KernelSpec) -> PlainCudaConfig:
         return PlainCudaConfig(block_m=64, block_n=32 if spec.head_dim <= 128 else 16)

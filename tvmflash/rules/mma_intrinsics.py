@@ -24,6 +24,20 @@ def _cuda():
     return cuda
 
 
+#: The accumulator store into static shared memory (TVM registers the dynamic one only).
+STORE_SHARED_STATIC = "tvmflash_mma_store_16x16_f32_shared"
+
+
+def store_shared_static() -> str:
+    """``STORE_SHARED_STATIC``, registered once per process."""
+    from tvm.s_tir import TensorIntrin
+
+    if STORE_SHARED_STATIC not in _registered:
+        TensorIntrin.register(STORE_SHARED_STATIC, *_cuda().get_mma_store_intrin("float32", FRAGMENT, "shared", True))
+        _registered[STORE_SHARED_STATIC] = {}
+    return STORE_SHARED_STATIC
+
+
 def fragment_layout(i, j):
     """(thread, local) holding element (i, j) of a 16x16 mma accumulator / operand fragment."""
     return _cuda().shared_16x16_to_ldmatrix_32x8_layout(i, j)

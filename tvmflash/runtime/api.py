@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 from ..builder import build_for
 from ..spec import KernelSpec
 from . import validate as V
 from .cache import get_kernel
 
 
+@functools.lru_cache(maxsize=None)
 def target_for(device: str) -> str:
     """The target of the GPU holding the inputs (tag where TVM has one), or 'cpu'."""
     if device == "cpu":
@@ -23,7 +26,7 @@ def target_for(device: str) -> str:
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None, return_lse: bool = False,
               algorithm: str = "fused", static_shape: bool = False, softcap: float = 0.0,
-              window_size=(-1, -1), alibi_slopes=None):
+              window_size=(-1, -1), alibi_slopes=None, num_splits: int = 0):
     """softmax(q k^T * softmax_scale) v, FlashAttention's layout and semantics.
 
     q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim] with
@@ -47,6 +50,10 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     values: one kernel serves every window.
     alibi_slopes: ALiBi (FlashAttention-2's ``alibi_slopes``): (heads,) or (batch, heads) float32;
     the scaled score of (i, j) gets -slope * |i + seqlen_k - seqlen_q - j|. None (default): off.
+    num_splits: FlashDecoding (FlashAttention-2's ``num_splits``): the keys of each query tile
+    cut into this many chunks run in parallel, their partial results combined by a second kernel.
+    0 (default): on a GPU, short queries (decode: at most ``DECODE_ROWS`` rows) get a count from
+    the GPU's size and the batch, heads and keys (``splits_for``), the rest none; 1: no split.
     """
     causal = V.check_bool(causal, "causal")
     static_shape = V.check_bool(static_shape, "static_shape")
@@ -57,8 +64,17 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
                                     alibi=alibi_slopes is not None)
     V.check_no_grad(V.array_kind(q, "q"), q, k, v)
     V.check_scale(softmax_scale, spec.head_dim)
+    num_splits = V.check_num_splits(num_splits)
     if static_shape:
+        if num_splits > 1:
+            raise ValueError(f"num_splits: a split kernel has any shape, got num_splits={num_splits} with "
+                             "static_shape=True")
         spec = spec.replace(shape=(b, sq, sk, h))
+    elif algorithm == "fused":
+        spec = spec.replace(splits=splits_for(spec, b, sq, sk, h, num_splits, window))
+        V.check_split_partials(spec.splits, b, sq, h, spec.head_dim)
+    elif num_splits > 1:
+        raise ValueError(f"num_splits: the fused algorithm only, got algorithm={algorithm!r}")
     return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=cap,
                                     window_size=window if spec.window else None, alibi_slopes=alibi_slopes)
 
@@ -77,6 +93,60 @@ def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused", softcap
     spec = KernelSpec(head_dim=d, dtype=dtype, causal=causal, group=h // hk, algorithm=algorithm,
                       target=target_for(device), softcap=softcap, window=windowed, alibi=alibi)
     return spec, (b, sq, sk, h)
+
+
+#: Query rows up to which ``attention`` splits the keys by itself on a GPU: one query tile of the
+#: split kernel (``rules.decode_cuda_mma``).
+DECODE_ROWS = 16
+
+#: Programs of the split kernel (one warp each) an SM should get: the split count doubles while
+#: the programs stay at most half of ``SPLIT_BLOCKS_PER_SM`` per SM (measured on the H200,
+#: docs/inference.md: more, smaller chunks cost their partials' traffic).
+SPLIT_BLOCKS_PER_SM = 4
+
+#: Key tiles (64 keys) a chunk keeps at least: fewer leave the K/V pipeline no steady state and
+#: make the partials' traffic count.
+MIN_CHUNK_TILES = 4
+
+
+def splits_for(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int, num_splits: int = 0,
+               window: tuple[int, int] = (-1, -1)) -> int:
+    """``KernelSpec.splits`` for these lengths: ``num_splits`` where given (1: none, 0), else,
+    for short queries on a GPU, the largest power of two whose programs stay within
+    ``SPLIT_BLOCKS_PER_SM`` per SM while each chunk keeps ``MIN_CHUNK_TILES`` key tiles (1
+    where the query tiles alone fill the GPU); 0 (no split, the prefill kernel) for long
+    queries. ``window``: (left, right) of a sliding window, which bounds the keys a query row
+    sees, and so the key tiles to share out."""
+    if num_splits:
+        return 0 if num_splits == 1 else num_splits
+    if not spec.is_cuda or seq_q > DECODE_ROWS or spec.shape is not None:
+        return 0
+    group = spec.group
+    if group <= DECODE_ROWS:  # a program per K/V head, its group's query heads packed in its rows
+        programs = batch * (heads // group) * -(-seq_q // (DECODE_ROWS // group))
+    else:
+        programs = batch * heads * -(-seq_q // DECODE_ROWS)
+    want = _sm_count() * SPLIT_BLOCKS_PER_SM
+    left, right = window
+    visible = seq_k if left < 0 else min(seq_k, left + seq_q + (seq_k if right < 0 else right))
+    tiles = -(-visible // 64)
+    splits = 1
+    while programs * splits * 2 <= want and tiles // (2 * splits) >= MIN_CHUNK_TILES and splits < V.MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+    """SMs of the current CUDA device (132 on an H100/H200 when none is visible)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    except ImportError:
+        pass
+    return 132
 
 
 def kernel_for(spec: KernelSpec, seq_q: int, seq_k: int):

@@ -133,6 +133,8 @@ class Kernel:
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
                 f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
             )
+        if launched:
+            V.check_split_partials(spec.splits, b, sq, h, d)
         largest = max(b * sq * h, b * sk * hk) * d
         if launched and largest > INT32_MAX:
             raise ValueError(

@@ -255,6 +255,34 @@ FLOAT32_MAX = 3.4028234663852886e38
 SCALE_MAX = FLOAT32_MAX / 1.4426950408889634  # softmax_scale * log2(e) stays a finite float32
 
 
+#: The most key chunks a split kernel takes (``num_splits``): beyond, a chunk would hold too few
+#: keys to pay for its partial's store and the combine's reads.
+MAX_SPLITS = 128
+
+
+def check_num_splits(num_splits) -> int:
+    """``num_splits`` as an int: 0 (choose), 1 (no split) up to ``MAX_SPLITS``."""
+    import numpy as np
+
+    if isinstance(num_splits, bool) or not isinstance(num_splits, (int, np.integer)):
+        raise TypeError(f"num_splits: expected an int (0 = choose, 1 = no split), got "
+                        f"{type(num_splits).__name__} ({num_splits!r})")
+    if not 0 <= int(num_splits) <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 0 (choose) to {MAX_SPLITS}, got {int(num_splits)}")
+    return int(num_splits)
+
+
+def check_split_partials(splits: int, b: int, sq: int, h: int, d: int) -> None:
+    """ValueError where a split kernel's partial results (``splits`` of them per output value)
+    would pass its int32 indexing."""
+    n = splits * b * sq * h * d
+    if splits and n > INT32_MAX:
+        raise ValueError(
+            f"num_splits: the split kernel keeps splits * batch * seq_q * heads * head_dim = {n:,} partial values, "
+            f"more than its int32 indexing allows ({INT32_MAX:,}): expected fewer splits than {splits} (or "
+            f"num_splits=1) for q [{b}, {sq}, {h}, {d}]")
+
+
 def check_bool(value, name: str) -> bool:
     """``value`` as a bool: a Python or numpy bool; TypeError otherwise."""
     if isinstance(value, bool):
