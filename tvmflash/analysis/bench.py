@@ -334,11 +334,12 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
 
     from ..runtime.api import attention
 
+    flash, cudnn = _sdpa(SDPBackend.FLASH_ATTENTION), _sdpa(SDPBackend.CUDNN_ATTENTION)
     all_methods = {
         "tvmflash split": lambda q, k, v: attention(q, k, v),
         "tvmflash no split": lambda q, k, v: attention(q, k, v, num_splits=1),
-        "sdpa flash": lambda q, k, v: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, False),
-        "sdpa cudnn": lambda q, k, v: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, False),
+        "sdpa flash": lambda q, k, v: flash(q, k, v, False),
+        "sdpa cudnn": lambda q, k, v: cudnn(q, k, v, False),
     }
     methods = list(methods or all_methods)
     unknown = [m for m in methods if m not in all_methods]

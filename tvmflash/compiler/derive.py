@@ -502,7 +502,7 @@ class _Exprs:
 
     def tiles(self, seq_q):
         """Query tiles of ``seq_q`` rows."""
-        return tirx.ceildiv(seq_q, self.BM if self.pack == 1 else self.per_tile)
+        return tirx.ceildiv(seq_q, self.per_tile)
 
     def kv_src(self, vh):
         """A query head whose K/V head the loads of grid head ``vh`` read."""
@@ -510,11 +510,11 @@ class _Exprs:
 
     def row_end(self, qb):
         """One past the query row of tile ``qb``'s last row."""
-        return (qb + 1) * (self.BM if self.pack == 1 else self.per_tile)
+        return (qb + 1) * self.per_tile
 
     def row_first(self, qb):
         """The query row of tile ``qb``'s first row."""
-        return qb * (self.BM if self.pack == 1 else self.per_tile)
+        return qb * self.per_tile
 
     def bind(self, shape: dict, *scalars_and_buffers):
         """The derived function's shape variables, scalars and input buffers, in ``SCALARS`` then
@@ -1054,15 +1054,16 @@ def derivation_steps(spec: KernelSpec, block_m: int, block_n: int, score_mod: Sc
     (block_m, block_n) (what the rule then schedules)."""
     plain = plain_attention(spec, score_mod)
     ch = analyze(plain)
-    if spec.splits:
-        third = (f"3. Split-K update at tile {block_m}x{block_n}, {spec.splits} key chunks: one program per (K/V "
-                 "head with its GQA group packed, query tile, chunk), then the combine",
-                 split_k_update(plain, block_m, block_n, spec.splits, even=spec.even, pack_gqa=True).script())
-        return [("1. Algorithm 0 (definition.plain): S and P span all keys", plain.script()),
-                ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)), third]
-    return [
+    steps = [
         ("1. Algorithm 0 (definition.plain): S and P span all keys", plain.script()),
         ("2. The chain and its repair (compiler.derive.analyze)", describe(ch)),
+    ]
+    if spec.splits:
+        return steps + [(
+            f"3. Split-K update at tile {block_m}x{block_n}, {spec.splits} key chunks: one program per (K/V head "
+            "with its GQA group packed, query tile, chunk), then the combine",
+            split_k_update(plain, block_m, block_n, spec.splits, even=spec.even, pack_gqa=True).script())]
+    return steps + [
         (f"3. Rolling update at tile {block_m}x{block_n}: one program per query tile, one pass over the key "
          f"tiles{' (even: no bound checks)' if spec.even else ''}",
          _carried(ch, _rolling(ch, int(block_m), int(block_n), spec.even)).script()),

@@ -26,8 +26,7 @@ from typing import ClassVar
 from .._compat import Schedule, tirx
 from ..compiler.derive import COMBINE_ACC, COMBINE_MAX, COMBINE_SUM, SPLIT_COMBINE
 from ..spec import KernelSpec
-from . import mma_intrinsics as I
-from .fused_cuda_mma import HEAD_DIMS, FlashConfig, FusedCudaMma, schedule_tiles
+from .fused_cuda_mma import FlashConfig, FusedCudaMma, schedule_tiles, tensor_cores_serve
 
 #: 16 query rows on one warp, K/V tiles of 64 keys (32 at head dim 256, where acc takes the
 #: registers), cp.async one tile ahead.
@@ -63,8 +62,7 @@ class DecodeCudaMma(FusedCudaMma):
     split_builds: ClassVar[bool] = True
 
     def supports(self, spec: KernelSpec) -> bool:
-        return (spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES
-                and spec.head_dim in HEAD_DIMS and spec.splits >= 1 and spec.shape is None)
+        return tensor_cores_serve(spec) and spec.splits >= 1 and spec.shape is None
 
     def default_config(self, spec: KernelSpec) -> FlashConfig:
         return DECODE_CONFIG if spec.head_dim <= 128 else DECODE_CONFIG_256

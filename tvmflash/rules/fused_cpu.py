@@ -56,7 +56,9 @@ def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
     ``definition.fused_attention(spec, config.block_m, config.block_n)``)."""
     # Step 1. Parallel tasks of ``grain`` consecutive (batch, head, query tile)s.
     # (batch, head, query tile), and the key chunk of a split-K function (``KernelSpec.splits``)
-    task, _ = sch.split(sch.fuse(*sch.get_loops(D.TILE)), factors=[None, config.grain])
+    tile_loops = sch.get_loops(D.TILE)
+    split = len(tile_loops) == 4
+    task, _ = sch.split(sch.fuse(*tile_loops), factors=[None, config.grain])
     sch.parallel(task)
     sch.annotate(task, "pragma_auto_unroll_max_step", config.unroll)
 
@@ -81,7 +83,6 @@ def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
     # the primitive refuses; the rescale stays behind `if j == 0`, hoisted by LLVM.)
 
     # Step 5. Element-wise stages over head_dim or keys: vectorise the inner loop.
-    split = _has_block(sch, PARTIAL_ACC)
     for name in (D.Q_LOAD, D.V_LOAD, D.INIT_O, D.O_STAGE, PARTIAL_ACC if split else D.O_STORE, D.S_STORE, D.P_EXP,
                  D.P_CAST):
         vectorize_inner(sch, name, config.vec)
@@ -91,13 +92,6 @@ def apply_in_place(sch: Schedule, config: CpuConfig) -> None:
             loops = sch.get_loops(name)
             sch.parallel(sch.fuse(*loops[:3]))
 
-
-def _has_block(sch: Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # TVM raises its own error type for a missing block
-        return False
-    return True
 
 
 def _knobs(d: int):

@@ -315,6 +315,11 @@ def _pipeline_kv_loop(sch: Schedule, config: FlashConfig):
     sch.annotate(kb, "software_pipeline_async_stages", [0])
 
 
+def tensor_cores_serve(spec: KernelSpec) -> bool:
+    """A fused CUDA spec whose dtype and head dim the mma.sync tiles take."""
+    return spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES and spec.head_dim in HEAD_DIMS
+
+
 def _one_kv_tile_at_16_rows(spec: KernelSpec) -> bool:
     """A static shape whose keys fit one K/V tile of a 16-rows-a-warp hand config: the K/V loop
     of one trip leaves the software pipeline no steady state, and TVM 0.27's LowerWarpMemory
@@ -372,8 +377,7 @@ class FusedCudaMma(ScheduleRule):
         {"software_pipeline_stage", "software_pipeline_order", "software_pipeline_async_stages"})
 
     def supports(self, spec: KernelSpec) -> bool:
-        return (spec.algorithm == "fused" and spec.is_cuda and spec.dtype in I.MMA_DTYPES
-                and spec.head_dim in HEAD_DIMS and not spec.splits and not _one_kv_tile_at_16_rows(spec))
+        return tensor_cores_serve(spec) and not spec.splits and not _one_kv_tile_at_16_rows(spec)
 
     def default_config(self, spec: KernelSpec) -> FlashConfig:
         return _hand_config(spec.head_dim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from ..builder import build_for
+from ..builder import build_for, plan
 from ..spec import KernelSpec
 from . import validate as V
 from .cache import get_kernel
@@ -71,8 +71,10 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
                              "static_shape=True")
         spec = spec.replace(shape=(b, sq, sk, h))
     elif algorithm == "fused":
-        spec = spec.replace(splits=splits_for(spec, b, sq, sk, h, num_splits, window))
-        V.check_split_partials(spec.splits, b, sq, h, spec.head_dim)
+        splits = splits_for(spec, b, sq, sk, h, num_splits, window)
+        if splits:
+            V.check_split_partials(splits, b, sq, h, spec.head_dim)
+            spec = spec.replace(splits=splits)
     elif num_splits > 1:
         raise ValueError(f"num_splits: the fused algorithm only, got algorithm={algorithm!r}")
     return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=cap,
@@ -104,15 +106,16 @@ DECODE_ROWS = 16
 #: docs/inference.md: more, smaller chunks cost their partials' traffic).
 SPLIT_BLOCKS_PER_SM = 4
 
-#: Key tiles (64 keys) a chunk keeps at least: fewer leave the K/V pipeline no steady state and
-#: make the partials' traffic count.
+#: Key tiles a chunk keeps at least: fewer leave the K/V pipeline no steady state and make the
+#: partials' traffic count.
 MIN_CHUNK_TILES = 4
 
 
 def splits_for(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int, num_splits: int = 0,
                window: tuple[int, int] = (-1, -1)) -> int:
     """``KernelSpec.splits`` for these lengths: ``num_splits`` where given (1: none, 0), else,
-    for short queries on a GPU, the largest power of two whose programs stay within
+    for short queries on a GPU, counted on the tile the split kernel is planned with
+    (``builder.plan``), the largest power of two whose programs stay within
     ``SPLIT_BLOCKS_PER_SM`` per SM while each chunk keeps ``MIN_CHUNK_TILES`` key tiles (1
     where the query tiles alone fill the GPU); 0 (no split, the prefill kernel) for long
     queries. ``window``: (left, right) of a sliding window, which bounds the keys a query row
@@ -121,15 +124,16 @@ def splits_for(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int,
         return 0 if num_splits == 1 else num_splits
     if not spec.is_cuda or seq_q > DECODE_ROWS or spec.shape is not None:
         return 0
+    block_m, block_n = plan(spec.replace(splits=1)).tile
     group = spec.group
-    if group <= DECODE_ROWS:  # a program per K/V head, its group's query heads packed in its rows
-        programs = batch * (heads // group) * -(-seq_q // (DECODE_ROWS // group))
+    if group <= block_m:  # a program per K/V head, its group's query heads packed in its rows
+        programs = batch * (heads // group) * -(-seq_q // (block_m // group))
     else:
-        programs = batch * heads * -(-seq_q // DECODE_ROWS)
+        programs = batch * heads * -(-seq_q // block_m)
     want = _sm_count() * SPLIT_BLOCKS_PER_SM
     left, right = window
     visible = seq_k if left < 0 else min(seq_k, left + seq_q + (seq_k if right < 0 else right))
-    tiles = -(-visible // 64)
+    tiles = -(-visible // block_n)
     splits = 1
     while programs * splits * 2 <= want and tiles // (2 * splits) >= MIN_CHUNK_TILES and splits < V.MAX_SPLITS:
         splits *= 2
