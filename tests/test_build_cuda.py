@@ -443,3 +443,22 @@ def test_split_kv_decode_builds_on_tensor_cores(tmp_path, head_dim, dtype, group
         tile_kernel = kernels_of_arch["main_kernel"]
         if head_dim <= 128:
             assert tile_kernel["spill_stores"] == 0, tile_kernel
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("splits, rule", [(4, "decode_cuda_mma"), (0, "fused_cuda_mma")])
+def test_per_sequence_key_counts_build_on_tensor_cores(tmp_path, splits, rule):
+    """``KernelSpec(seqused_k=True)`` (the KV-cache kernel) on the split decode rule and the
+    prefill rule: the tile kernel takes the lengths and reads them once (``kv_used``), tensor
+    cores stay, and the decode kernel keeps 0 spills at head dim 128."""
+    from tvmflash.rules import rule_for
+
+    spec = KernelSpec(128, causal=True, group=4, target="nvidia/nvidia-h100", splits=splits, seqused_k=True)
+    assert rule_for(spec).name == rule
+    so, manifest = build(spec, tmp_path)
+    cu = (tmp_path / (spec.key + ".cu")).read_text()
+    tile = dict(_kernels(cu))["main_kernel"]
+    assert "seqused_k_ptr" in tile and "mma.sync.aligned.m16n8k16" in cu
+    resources = json.loads(open(manifest).read())["device_code"]["resources"]
+    if splits:
+        assert all(k["main_kernel"]["spill_stores"] == 0 for k in resources.values()), resources

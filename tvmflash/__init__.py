@@ -14,11 +14,13 @@ from .definition import attention_reference
 from .runtime.api import attention
 from .runtime.cache import cache_dir, get_kernel
 from .runtime.kernel import Kernel, load
+from .runtime.kvcache import attention_with_kvcache
 from .spec import KernelSpec
 from .version import __version__
 
 __all__ = [
     "attention",
+    "attention_with_kvcache",
     "attention_reference",
     "build",
     "cache_dir",

@@ -27,6 +27,7 @@ def _spec_from_args(args, target: str):
         window=bool(getattr(args, "window", False)),
         alibi=bool(getattr(args, "alibi", False)),
         splits=int(getattr(args, "splits", 0) or 0),
+        seqused_k=bool(getattr(args, "kv_lengths", False)),
     )
 
 
@@ -74,6 +75,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--splits", type=int, default=d(0), metavar="N",
                    help="FlashDecoding: the keys split into N chunks combined by a second kernel (default 0: none; "
                         "what attention(num_splits=N) runs)")
+    p.add_argument("--kv-lengths", action="store_true", default=d(False),
+                   help="per-sequence key counts compiled in (a runtime (batch,) int32 tensor): the kernel of "
+                        "attention_with_kvcache")
 
 
 def cmd_build(args) -> int:
@@ -266,9 +270,10 @@ def _inspected_spec(args) -> KernelSpec:
 
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
                        ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
-                       ("--window", "window"), ("--alibi", "alibi"), ("--splits", "splits"), ("--target", "target")]
+                       ("--window", "window"), ("--alibi", "alibi"), ("--splits", "splits"),
+                       ("--kv-lengths", "kv_lengths"), ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
-                         softcap=False, window=False, alibi=False, splits=0,
+                         softcap=False, window=False, alibi=False, splits=0, kv_lengths=False,
                          target="nvidia/nvidia-a100")
 
 

@@ -8,6 +8,7 @@ are runtime values, so one built kernel serves all of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 
@@ -89,6 +90,11 @@ class KernelSpec:
                whose partial results a combine merges (``compiler.derive.split_k_update``). For
                short queries over long keys (decode), where query tiles alone leave the GPU idle;
                ``attention`` picks n by itself there (``num_splits``).
+    seqused_k: (fused) per-sequence key lengths, FlashAttention-2's ``seqused_k``: batch b sees
+               only its first ``seqused_k[b]`` keys (a runtime int32 tensor of shape (batch,)),
+               and causal and window alignment is to that length (row i sees keys j <= i +
+               seqused_k[b] - seqlen_q). What a KV cache needs (``attention_with_kvcache``): k and
+               v hold the cache's capacity, each sequence its own filled length.
     """
 
     head_dim: int
@@ -103,6 +109,7 @@ class KernelSpec:
     window: bool = False
     alibi: bool = False
     splits: int = 0
+    seqused_k: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -154,6 +161,12 @@ class KernelSpec:
         if self.splits and (self.algorithm != "fused" or self.shape is not None or self.even):
             raise ValueError(f"splits: for the fused algorithm with any shape and no even build, got "
                              f"algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}")
+        if not isinstance(self.seqused_k, bool):
+            raise TypeError(f"seqused_k: expected a bool (the lengths are a runtime tensor), got "
+                            f"{type(self.seqused_k).__name__}")
+        if self.seqused_k and (self.algorithm != "fused" or self.shape is not None or self.even):
+            raise ValueError(f"seqused_k: for the fused algorithm with any shape and no even build, got "
+                             f"algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -164,7 +177,7 @@ class KernelSpec:
 
     @property
     def is_cuda(self) -> bool:
-        return _compat.is_cuda(self.tvm_target)
+        return _target_is_cuda(self.target)
 
     @property
     def key(self) -> str:
@@ -178,6 +191,8 @@ class KernelSpec:
             parts.append("window")
         if self.alibi:
             parts.append("alibi")
+        if self.seqused_k:
+            parts.append("kvlen")
         parts.append(f"g{self.group}")
         if self.splits:
             parts.append(f"s{self.splits}")
@@ -192,7 +207,7 @@ class KernelSpec:
     @property
     def input_buffers(self) -> tuple[str, ...]:
         """The kernel's input buffers after q, k, v, o, lse, in its signature's order."""
-        return ("alibi_slopes",) if self.alibi else ()
+        return (("alibi_slopes",) if self.alibi else ()) + (("seqused_k",) if self.seqused_k else ())
 
     @property
     def scalar_params(self) -> tuple[str, ...]:
@@ -226,3 +241,10 @@ class KernelSpec:
 
     def replace(self, **changes) -> "KernelSpec":
         return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=256)
+def _target_is_cuda(target: str) -> bool:
+    """Whether the target string names a CUDA target (read once per string: every call of a
+    kernel asks)."""
+    return _compat.is_cuda(_compat.make_target(target))

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 
 from .runtime.api import attention
+from .runtime.kvcache import attention_with_kvcache
 
-__all__ = ["attention_fwd"]
+__all__ = ["attention_fwd", "attention_kvcache_fwd"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -57,6 +58,32 @@ def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None, softcap=0.0, 
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {str(q.dtype).replace('torch.', '')} (the dtype of q), "
                             f"got {str(x.dtype).replace('torch.', '')}")
+    batch, seqlen_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("tvmflash::attention_kvcache_fwd", mutates_args=("k_cache", "v_cache"),
+                         device_types=("cpu", "cuda"))
+def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                          v: torch.Tensor | None, cache_seqlens: torch.Tensor, causal: bool = True,
+                          softmax_scale: float | None = None, softcap: float = 0.0, window_left: int = -1,
+                          window_right: int = -1, alibi_slopes: torch.Tensor | None = None, num_splits: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) = ``tvmflash.attention_with_kvcache(..., return_lse=True)``: k and v (when given)
+    written into k_cache and v_cache at cache_seqlens (in place, which the op's schema records),
+    then attention over each sequence's keys. cache_seqlens: (batch,) int32."""
+    return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal,
+                                  softmax_scale=softmax_scale, return_lse=True, softcap=softcap,
+                                  window_size=(window_left, window_right), alibi_slopes=alibi_slopes,
+                                  num_splits=num_splits)
+
+
+@attention_kvcache_fwd.register_fake
+def _attention_kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, softmax_scale=None,
+                                softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, num_splits=0):
+    _attention_fwd_fake(q, k_cache, v_cache)  # ranks and dtypes (names as the dense op's)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens: expected dtype int32, got {str(cache_seqlens.dtype).replace('torch.', '')}")
     batch, seqlen_q, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 

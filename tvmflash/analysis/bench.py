@@ -326,17 +326,27 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
                  dtype: str = "float16", reps: int = 10, methods=None):
     """Rows of us per call and TB/s (the bytes of q, k, v and o over the time) of decode-shaped
     attention, side by side: tvmflash with its split count chosen (``num_splits=0``), tvmflash's
-    prefill kernel (``num_splits=1``), SDPA flash and cuDNN. Not causal: SDPA's ``is_causal`` is
+    prefill kernel (``num_splits=1``), a decode step through ``attention_with_kvcache`` (its
+    append and its host-side length check included; causal), SDPA flash and cuDNN. Not causal: SDPA's ``is_causal`` is
     aligned top-left, which is not decode's; with one new token the two are the same, with 16 the
     bottom-right mask would drop 120 of 131k scores."""
     import torch
     from torch.nn.attention import SDPBackend
 
     from ..runtime.api import attention
+    from ..runtime.kvcache import attention_with_kvcache
 
     flash, cudnn = _sdpa(SDPBackend.FLASH_ATTENTION), _sdpa(SDPBackend.CUDNN_ATTENTION)
+
+    def kv_cache(q, k, v, k_new, v_new, lengths):
+        # a decode step on the cache API: the new tokens' keys appended at seq_k - seq_q (the same
+        # slots every call), then attention over all seq_k keys; the lengths on the CPU, as a
+        # serving loop's scheduler holds them (checked there, no wait for the GPU)
+        return attention_with_kvcache(q, k, v, k_new, v_new, cache_seqlens=lengths)
+
     all_methods = {
         "tvmflash split": lambda q, k, v: attention(q, k, v),
+        "tvmflash kv cache": kv_cache,
         "tvmflash no split": lambda q, k, v: attention(q, k, v, num_splits=1),
         "sdpa flash": lambda q, k, v: flash(q, k, v, False),
         "sdpa cudnn": lambda q, k, v: cudnn(q, k, v, False),
@@ -354,6 +364,10 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
         row = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim, "heads": heads,
                "heads_kv": heads_kv}
         fns = {name: functools.partial(all_methods[name], q, k, v) for name in methods}
+        if "tvmflash kv cache" in fns:
+            lengths = torch.full((batch,), seq_k - seq_q, dtype=torch.int32)
+            fns["tvmflash kv cache"] = functools.partial(kv_cache, q, k, v, k[:, -seq_q:].clone(),
+                                                         v[:, -seq_q:].clone(), lengths)
         for name, ms in _time_interleaved(fns, reps=reps).items():
             row[name] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, moved / ms / 1e9)
         del q, k, v

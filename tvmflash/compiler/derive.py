@@ -86,8 +86,9 @@ _SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
 #: window's edges (``KernelSpec.window``).
 SCALARS = ("sm_scale", "softcap", "window_left", "window_right")
 #: The input buffers a derived function can carry besides q, k, v (after lse in its signature):
-#: ALiBi's slopes [batch, heads] (``KernelSpec.alibi``), read by the score.
-BUFFERS = ("alibi_slopes",)
+#: ALiBi's slopes [batch, heads] (``KernelSpec.alibi``), read by the score, and the keys each
+#: sequence uses [batch] (``KernelSpec.seqused_k``), read by the mask.
+BUFFERS = ("alibi_slopes", "seqused_k")
 #: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
 _ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
 
@@ -414,31 +415,39 @@ def _mask_terms(ch: Chain, x) -> list:
     return terms
 
 
-def _mask_edge(ch: Chain, x, cls, row):
+def _mask_edge(ch: Chain, x, cls, row, b):
     """R(``row``) of the first mask term of ``x`` that reads ``j <= R(i)`` (``cls`` LE) or
     ``j >= R(i)`` (GE) with R increasing by 1 per row, else None (the mask does not bound the
-    keys so)."""
-    vi, vj = ch.max.roles.get("i"), ch.max.roles.get("j")
+    keys so). ``b``: the batch where R reads one (a sequence's own key count)."""
+    vi, vj, vb = ch.max.roles.get("i"), ch.max.roles.get("j"), ch.max.roles.get("b")
     for t in _mask_terms(ch, x):
         if isinstance(t, cls) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj):
             step = _Analyzer().simplify(_subst(t.b, {vi: vi + 1}, {}) - t.b)
             if _is_const(step, 1):
-                return _subst(t.b, {vi: row}, {})
+                return _subst(t.b, {vi: row, vb: b}, {})
     return None
 
 
-def _kv_tile_bound(ch: Chain, x, row_end):
+def _kv_tile_bound(ch: Chain, x, row_end, b):
     """The exclusive bound of the keys a query tile can see, or None when the mask does not
     bound them: a term ``j <= R(i)`` of the mask (causal, a window's right edge) means the tile's
-    last row sees keys below R(``row_end``), ``row_end`` one past that row ((qb + 1) * BM)."""
-    return _mask_edge(ch, x, tirx.LE, row_end)
+    last row sees keys below R(``row_end``), ``row_end`` one past that row ((qb + 1) * BM); a
+    term ``j < U`` free of the row (the keys a sequence uses) bounds every row's keys by U."""
+    vi, vj, vb = ch.max.roles.get("i"), ch.max.roles.get("j"), ch.max.roles.get("b")
+    bound = _mask_edge(ch, x, tirx.LE, row_end, b)
+    for t in _mask_terms(ch, x):
+        if (isinstance(t, tirx.LT) and isinstance(t.a, tirx.Var) and t.a.same_as(vj) and not _uses(t.b, vj)
+                and not _uses(t.b, vi)):
+            u = _subst(t.b, {vb: b}, {})
+            bound = u if bound is None else tirx.min(u, bound)
+    return bound
 
 
-def _kv_tile_first(ch: Chain, x, row_first):
+def _kv_tile_first(ch: Chain, x, row_first, b):
     """The first key a query tile can see, or None when the mask does not bound it below: a term
     ``j >= L(i)`` (a sliding window's left edge) means the tile's first row (``row_first``,
     qb * BM) sees no key below L(row_first)."""
-    return _mask_edge(ch, x, tirx.GE, row_first)
+    return _mask_edge(ch, x, tirx.GE, row_first, b)
 
 
 def _kv_tile_count(last_key, BN: int, first=None):
@@ -469,7 +478,7 @@ class _Exprs:
 
     def __init__(self, ch: Chain, even: bool, BM: int, pack: int = 1):
         self.ch, self.even, self.BM, self.pack = ch, even, BM, pack
-        self.shape = self.scalars = None
+        self.shape = self.scalars = self.used_var = None
 
     # A tile's rows. Unpacked (``pack`` 1): the grid's head ``vh`` and query rows ``qb * BM + i``.
     # Packed (GQA, FlashAttention's "pack GQA"): the grid's head is a K/V head and the tile's rows
@@ -521,8 +530,15 @@ class _Exprs:
         ``BUFFERS`` order (called as its body is parsed)."""
         self.shape, self.scalars = shape, dict(zip(SCALARS + BUFFERS, scalars_and_buffers))
 
+    def use(self, var):
+        """Read the sequence's key count from ``var`` (a variable the tile binds) from here on,
+        not from its load: one load a tile, and bounds TVM's analyzer can prove. Returns var."""
+        self.used_var = var
+        return var
+
     def _at(self, st, e, roles, loads):
-        return self.ch.at(st, e, roles, loads, self.shape, self.scalars)
+        e = self.ch.at(st, e, roles, loads, self.shape, self.scalars)
+        return e if self.used_var is None else _subst(e, {}, {self.scalars["seqused_k"]: self.used_var})
 
     def load(self, which, buf, b, h, pos, d):
         ch = self.ch
@@ -649,30 +665,38 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     # the macros below see the names of the function they expand in: they reach these through ex
     ex.m_init, ex.l_init, ex.o_init, ex.tile_max_init = m_init, l_init, o_init, tile_max_init
 
-    def here(e):
-        """An expression of Algorithm 0's shape and scalars in the derived function's."""
+    def here(e, used=None):
+        """An expression of Algorithm 0's shape and scalars in the derived function's; ``used``:
+        the variable holding the sequence's key count, for its loads."""
         vmap = {ch.shape[n]: ex.shape[n] for n in ch.shape}
         vmap.update({ch.params[n]: ex.scalars[n] for n in SCALARS + BUFFERS if n in ch.params})
-        return None if e is None else _subst(e, vmap, {})
+        if e is None:
+            return None
+        e = _subst(e, vmap, {})
+        return e if used is None else _subst(e, {}, {ex.scalars["seqused_k"]: used})
 
-    def first_tile(qb, seq_k):
-        """The first key tile query tile ``qb`` can see (None: the first of all, 0), kept inside
-        the keys so that even kernels, which have no bound checks, never read past them."""
-        first = here(_kv_tile_first(ch, ch.x, ex.row_first(qb)))
+    def first_tile(b, qb, seq_k, used=None):
+        """The first key tile query tile ``qb`` of batch ``b`` can see (None: the first of all,
+        0), kept inside the keys so that even kernels, which have no bound checks, never read past
+        them."""
+        first = here(_kv_tile_first(ch, ch.x, ex.row_first(qb), b), used)
         if first is None:
             return None
         return tirx.max(tirx.min(tirx.floordiv(first, BN), tirx.ceildiv(seq_k, BN) - 1), 0)
 
-    def kv_tiles(qb, seq_q, seq_k):
-        """How many key tiles query tile ``qb`` visits, from ``first_tile``."""
-        bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb)))
+    def kv_tiles(b, qb, seq_q, seq_k, used=None):
+        """How many key tiles query tile ``qb`` of batch ``b`` visits, from ``first_tile``.
+        ``used``: a variable bound to the sequence's key count (``KernelSpec.seqused_k``), which
+        the count reads instead of its load (the pipeline's guards are proved on the count, and
+        TVM's analyzer proves them on a variable, not on a load)."""
+        bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb), b), used)
         last_key = seq_k if bound is None else tirx.min(seq_k, bound)
-        first = first_tile(qb, seq_k)
+        first = first_tile(b, qb, seq_k, used)
         return _kv_tile_count(last_key, BN, first)
 
-    def kv_first(qb, seq_k, kb):
-        """The first key of the ``kb``-th tile query tile ``qb`` visits."""
-        first = first_tile(qb, seq_k)
+    def kv_first(b, qb, seq_k, kb, used=None):
+        """The first key of the ``kb``-th tile query tile ``qb`` of batch ``b`` visits."""
+        first = first_tile(b, qb, seq_k, used)
         return kb * BN if first is None else (first + kb) * BN
 
     # The steps both forms share, as TVMScript macros expanded at the call site (whose tile
@@ -778,6 +802,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
                 l_i[vi] = l_new[vi]
 
     ex.kv_first = kv_first
+    ex.used = "seqused_k" in ch.params
     return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
 
 
@@ -788,7 +813,7 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -802,8 +827,9 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
+        seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
-                window_left, window_right, alibi_slopes)
+                window_left, window_right, alibi_slopes, seqused_k)
 
         for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
             with T.sblock(TILE):
@@ -833,8 +859,14 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
 
                 start_tile()
                 # the key tiles the mask leaves visible (all where it bounds none)
-                for kb in T.serial(kv_tiles(vqb, seq_q, seq_k)):
-                    kv_step(ex.kv_first(vqb, seq_k, kb))
+                if ex.used:
+                    kv_used: T.let[T.int32] = seqused_k[vb]
+                    kv_used_ = T.meta_var(ex.use(kv_used))
+                    for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k, kv_used)):
+                        kv_step(ex.kv_first(vb, vqb, seq_k, kb, kv_used))
+                else:
+                    for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k)):
+                        kv_step(ex.kv_first(vb, vqb, seq_k, kb))
 
                 with T.sblock(EPILOGUE):
                     for i, d in T.grid(BM, D):
@@ -907,20 +939,20 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
         """The programs' heads: query heads, or K/V heads where packed."""
         return heads if pack == 1 else heads_kv
 
-    def chunk_tiles(qb, c, seq_q, seq_k):
+    def chunk_tiles(b, qb, c, seq_q, seq_k, used=None):
         """(count, first) of the key tiles of chunk ``c``: an equal share of the tile's visible
         ones, in order. A chunk left without one (more chunks than tiles) still runs one, past
         the visible ones and so wholly masked (the key-padding mask or the definition's), as
         ``_kv_tile_count`` does: a GPU software pipeline needs a loop it can prove runs. An even
         build has no padding mask, so there such a chunk runs none."""
-        n = kv_tiles(qb, seq_q, seq_k)
+        n = kv_tiles(b, qb, seq_q, seq_k, used)
         per = tirx.ceildiv(n, parts)
         return tirx.max(tirx.min(n, (c + 1) * per) - c * per, 0 if even else 1), c * per
 
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -934,8 +966,9 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
+        seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
-                window_left, window_right, alibi_slopes)
+                window_left, window_right, alibi_slopes, seqused_k)
         with T.sblock("root"):
             # (the partials per query head: heads_kv * pack of them where packed, which the
             # programs' writes are seen to cover)
@@ -976,8 +1009,15 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
                     alpha = T.sblock_alloc_buffer((BM,), "float32")
                     O_tile = T.sblock_alloc_buffer((BM, D), acc_dtype)
                     start_tile()
-                    for kb in T.serial(chunk_tiles(vqb, vc, seq_q, seq_k)[0]):
-                        kv_step(ex.kv_first(vqb, seq_k, chunk_tiles(vqb, vc, seq_q, seq_k)[1] + kb))
+                    if ex.used:  # (a variable for the sequence's key count: ``kv_tiles``)
+                        kv_used: T.let[T.int32] = seqused_k[vb]
+                        kv_used_ = T.meta_var(ex.use(kv_used))
+                        for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k, kv_used)[0]):
+                            kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k, kv_used)[1] + kb,
+                                                kv_used))
+                    else:
+                        for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k)[0]):
+                            kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k)[1] + kb))
                     # the chunk's partial state leaves the tile (rows past seq_q are not stored),
                     # acc staged as the fused epilogue stages it (a GPU schedule stores its
                     # fragments there)

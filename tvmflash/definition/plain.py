@@ -120,7 +120,10 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx
     for name in ("softcap", "window_left", "window_right"):
         if name not in keep:
             func = without_param(func, name)
-    return func if "alibi_slopes" in keep else without_buffer(func, "alibi_slopes")
+    for name in ("alibi_slopes", "seqused_k"):
+        if name not in keep:
+            func = without_buffer(func, name)
+    return func
 
 
 def without_buffer(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
@@ -146,23 +149,28 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     neg_inf = tirx.const(NEG_INF, "float32")
     zero_f = tirx.const(0.0, "float32")
 
-    def scored(s, slopes, b, h, i, j, seq_q, seq_k, sm_scale, cap):
+    def keys(used, b, seq_k):
+        """The keys batch ``b`` has: all of k, or its first ``seqused_k[b]``."""
+        return used[b] if spec.seqused_k else seq_k
+
+    def scored(s, slopes, used, b, h, i, j, seq_q, seq_k, sm_scale, cap):
         x = mod.score(s, sm_scale, cap)
         if not spec.alibi:
             return x
-        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, seq_q, seq_k)
+        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, seq_q, keys(used, b, seq_k))
 
     def exp_scale(sm_scale):
         return tirx.const(LOG2E, "float32") if spec.alibi and not mod.scaled else mod.exp_scale(sm_scale)
 
-    def seen(s, i, j, seq_q, seq_k, left, right):
+    def seen(s, used, b, i, j, seq_q, seq_k, left, right):
+        # every key of k exists, unless the sequence uses fewer: then a term j < seqused_k[b]
         window = (left, None if causal else right) if spec.window else None
-        return masked(s, i, j, seq_q, seq_k, causal, True, window)
+        return masked(s, i, j, seq_q, keys(used, b, seq_k), causal, not spec.seqused_k, window)
 
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
@@ -176,6 +184,7 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
+        seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         with T.sblock("root"):
             S = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
             Sc = T.sblock_alloc_buffer((batch, heads, seq_q, seq_k), "float32")
@@ -195,19 +204,19 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, vb, vh, vi, vj, seq_q, seq_k, sm_scale,
+                    Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, seqused_k, vb, vh, vi, vj, seq_q, seq_k, sm_scale,
                                                 softcap)
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_max"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
                     with T.init():
                         m[vb, vh, vi] = neg_inf
-                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k, window_left, window_right))
+                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("P"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
                     P[vb, vh, vi, vj] = T.exp2(
-                        (seen(Sc[vb, vh, vi, vj], vi, vj, seq_q, seq_k, window_left, window_right) - finite(m[vb, vh, vi]))
+                        (seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right) - finite(m[vb, vh, vi]))
                         * exp_scale(sm_scale)
                     )
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-                        softcap: float = 0.0, window_size=(-1, -1), alibi_slopes=None):
+                        softcap: float = 0.0, window_size=(-1, -1), alibi_slopes=None, seqused_k=None):
     """softmax(Q K^T * scale) V in float64, FlashAttention layout and semantics; with ``softcap``
     > 0 the scaled scores are soft-capped first, ``softcap * tanh(s / softcap)``.
     ``window_size`` (left, right): row i sees keys i + seq_k - seq_q - left .. i + seq_k - seq_q
@@ -18,9 +18,21 @@ def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float |
 
     q: [batch, seq_q, heads, d]; k, v: [batch, seq_k, heads_kv, d] (heads % heads_kv == 0).
     Causal is aligned bottom-right: row i sees keys j <= i + seq_k - seq_q.
+    ``seqused_k`` (batch,) ints: batch b has only its first ``seqused_k[b]`` keys (a KV cache's
+    filled length; FlashAttention-2's ``seqused_k``), its causal and window alignment to that
+    length.
     Returns (out [batch, seq_q, heads, d], lse [batch, heads, seq_q], natural log); rows that see
     no key give out = 0 and lse = -inf.
     """
+    if seqused_k is not None:  # each sequence on its own keys
+        used = [int(n) for n in np.asarray(seqused_k).reshape(-1)]
+        slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
+        parts = [attention_reference(
+            np.asarray(q)[i:i + 1], np.asarray(k)[i:i + 1, :n], np.asarray(v)[i:i + 1, :n], causal=causal,
+            softmax_scale=softmax_scale, softcap=softcap, window_size=window_size,
+            alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[i:i + 1]))
+            for i, n in enumerate(used)]
+        return np.concatenate([o for o, _ in parts]), np.concatenate([l for _, l in parts])
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)

@@ -103,8 +103,9 @@ class ScheduleRule:
         return dataclasses.asdict(config)
 
     def has_even_build(self, spec: KernelSpec) -> bool:
-        """Whether ``spec`` (an any-length build) also has an even build."""
-        return self.even_builds and spec.shape is None and not spec.even
+        """Whether ``spec`` (an any-length build) also has an even build (not with per-sequence
+        key counts: those are runtime values, so no length is known to be a tile multiple)."""
+        return self.even_builds and spec.shape is None and not spec.even and not spec.seqused_k
 
     def build_at(self, spec: KernelSpec, tile, seq_q: int, seq_k: int) -> KernelSpec:
         """The build of ``spec`` that runs lengths (seq_q, seq_k) with ``tile``: the even one

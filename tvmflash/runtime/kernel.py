@@ -79,7 +79,7 @@ class Kernel:
 
     # -- calling --
     def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False,
-                 softcap: float = 0.0, window_size=None, alibi_slopes=None):
+                 softcap: float = 0.0, window_size=None, alibi_slopes=None, seqused_k=None):
         """Attention of q [batch, seq_q, heads, d] over k, v [batch, seq_k, heads_kv, d].
 
         ``out`` / ``lse`` are optional buffers to write into (shapes [batch, seq_q, heads, d] and
@@ -88,7 +88,9 @@ class Kernel:
         cap of a kernel built with ``KernelSpec(softcap=True)`` (> 0), else 0. ``window_size``:
         (left, right) of a kernel built with ``KernelSpec(window=True)`` (-1 = unbounded; right 0
         or -1 for a causal one), else None. ``alibi_slopes``: (heads,) or (batch, heads) float32
-        of a kernel built with ``KernelSpec(alibi=True)``, else None.
+        of a kernel built with ``KernelSpec(alibi=True)``, else None. ``seqused_k``: (batch,)
+        int32, the keys each sequence uses (each at most seq_k), of a kernel built with
+        ``KernelSpec(seqused_k=True)``, else None.
         """
         spec = self.spec
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
@@ -114,6 +116,12 @@ class Kernel:
         if alibi_slopes is not None and not spec.alibi:
             raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
         slopes = V.check_alibi(alibi_slopes, kind, device, b, h) if spec.alibi else None
+        if spec.seqused_k and seqused_k is None:
+            raise ValueError(f"seqused_k: kernel {self.key} takes each sequence's key count: expected ({b},) int32, "
+                             "got None")
+        if seqused_k is not None and not spec.seqused_k:
+            raise ValueError(f"seqused_k: kernel {self.key} has none (built with seqused_k=False): expected None")
+        used = V.check_lengths(seqused_k, "seqused_k", kind, device, b) if spec.seqused_k else None
         if spec.shape is not None and (b, sq, sk, h) != spec.shape:
             eb, esq, esk, eh = spec.shape
             raise ValueError(
@@ -158,7 +166,7 @@ class Kernel:
         if b * sq * h > 0:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
             ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
-            inputs = (arrays.to_tvm(slopes),) if spec.alibi else ()
+            inputs = tuple(arrays.to_tvm(x) for x in (slopes, used) if x is not None)
             if spec.algorithm == "fused":
                 self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             else:

@@ -53,17 +53,52 @@ def last_dim_contiguous(x, kind: str) -> bool:
     return True  # tvm Tensors are compact
 
 
-def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None, group: int | None = None):
-    """Check q, k, v against each other (and against a built kernel's spec where given).
+#: check_qkv's results by the signature of the tensors it passed (``_signature``): what it checks
+#: is the tensors' kinds, shapes, strides, dtypes and devices, so a decode loop calling with the
+#: same signature each step checks once.
+_QKV_PASSED: dict = {}
+_QKV_PASSED_MAX = 1024
+
+
+def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None, group: int | None = None,
+              names: tuple[str, str, str] = ("q", "k", "v")):
+    """Check q, k, v against each other (and against a built kernel's spec where given); errors
+    name the arguments by ``names`` (a KV cache's are q, k_cache, v_cache).
 
     Returns (kind, device, dtype, (batch, seq_q, heads, seq_k, heads_kv, head_dim)).
     """
-    kinds = {name: array_kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
-    kind = kinds["q"]
-    for name in ("k", "v"):
+    sig = _signature(q, k, v)
+    if sig is not None:
+        key = (sig, head_dim, dtype, group, names)
+        passed = _QKV_PASSED.get(key)
+        if passed is not None:
+            return passed
+    result = _check_qkv(q, k, v, head_dim=head_dim, dtype=dtype, group=group, names=names)
+    if sig is not None:
+        if len(_QKV_PASSED) >= _QKV_PASSED_MAX:
+            _QKV_PASSED.clear()
+        _QKV_PASSED[key] = result
+    return result
+
+
+def _signature(*arrays):
+    """(shape, strides, dtype, device) of each array where all are plain torch tensors (not a
+    subclass such as torch.compile's fake tensors), else None: all ``check_qkv`` reads of them."""
+    for x in arrays:
+        t = type(x)
+        if t.__name__ != "Tensor" or t.__module__ != "torch":
+            return None
+    return tuple((x.shape, x.stride(), x.dtype, x.device) for x in arrays)
+
+
+def _check_qkv(q, k, v, *, head_dim, dtype, group, names):
+    nq, nk, nv = names
+    kinds = {name: array_kind(x, name) for name, x in ((nq, q), (nk, k), (nv, v))}
+    kind = kinds[nq]
+    for name in (nk, nv):
         if kinds[name] != kind:
-            raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {kinds[name]}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
+            raise TypeError(f"{name}: expected the same kind of array as {nq} ({kind}), got {kinds[name]}")
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         if len(x.shape) != 4:
             raise ValueError(
                 f"{name}: expected rank 4 [batch, seqlen, heads, head_dim], got rank {len(x.shape)} "
@@ -71,35 +106,35 @@ def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None,
             )
     dt = dtype_of(q)
     if dt not in DTYPES:  # q first: with q float32 and k float16, q is what is wrong
-        raise TypeError(f"q: expected dtype float16 or bfloat16, got {dt}")
+        raise TypeError(f"{nq}: expected dtype float16 or bfloat16, got {dt}")
     if dtype is not None and dt != dtype:
-        raise TypeError(f"q: expected dtype {dtype} (the kernel's), got {dt}")
-    for name, x in (("k", k), ("v", v)):
+        raise TypeError(f"{nq}: expected dtype {dtype} (the kernel's), got {dt}")
+    for name, x in ((nk, k), (nv, v)):
         if dtype_of(x) != dt:
-            raise TypeError(f"{name}: expected dtype {dt} (the dtype of q), got {dtype_of(x)}")
-    dev = device_of(q, kind, "q")
-    for name, x in (("k", k), ("v", v)):
+            raise TypeError(f"{name}: expected dtype {dt} (the dtype of {nq}), got {dtype_of(x)}")
+    dev = device_of(q, kind, nq)
+    for name, x in ((nk, k), (nv, v)):
         if device_of(x, kind, name) != dev:
-            raise ValueError(f"{name}: expected device {dev} (the device of q), got {device_of(x, kind, name)}")
+            raise ValueError(f"{name}: expected device {dev} (the device of {nq}), got {device_of(x, kind, name)}")
     b, sq, h, d = (int(s) for s in q.shape)
     bk, sk, hk, dk = (int(s) for s in k.shape)
     if tuple(int(s) for s in v.shape) != (bk, sk, hk, dk):
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{nv}: expected the shape of {nk} {tuple(k.shape)}, got {tuple(v.shape)}")
     if bk != b:
-        raise ValueError(f"k: expected batch {b} (the batch of q), got {bk}")
+        raise ValueError(f"{nk}: expected batch {b} (the batch of {nq}), got {bk}")
     if dk != d:
-        raise ValueError(f"k: expected head_dim {d} (the head_dim of q), got {dk}")
+        raise ValueError(f"{nk}: expected head_dim {d} (the head_dim of {nq}), got {dk}")
     if head_dim is not None and d != head_dim:
-        raise NotImplementedError(f"q: expected head_dim {head_dim} (the kernel's), got {d}")
+        raise NotImplementedError(f"{nq}: expected head_dim {head_dim} (the kernel's), got {d}")
     if head_dim is None and d not in SUPPORTED_HEAD_DIMS:
-        raise NotImplementedError(f"q: expected head_dim in {SUPPORTED_HEAD_DIMS}, got {d}")
+        raise NotImplementedError(f"{nq}: expected head_dim in {SUPPORTED_HEAD_DIMS}, got {d}")
     if hk == 0 or h % hk != 0:
-        raise ValueError(f"k: expected heads_kv dividing the query heads {h}, got heads_kv {hk}")
+        raise ValueError(f"{nk}: expected heads_kv dividing the query heads {h}, got heads_kv {hk}")
     if group is not None and h // hk != group:
         raise ValueError(
-            f"k: expected heads_kv = heads / {group} = {h / group:g} (the kernel's GQA group {group}), got {hk}"
+            f"{nk}: expected heads_kv = heads / {group} = {h / group:g} (the kernel's GQA group {group}), got {hk}"
         )
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         if math.prod(int(s) for s in x.shape) > 0 and not last_dim_contiguous(x, kind):
             raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got stride {_stride(x, kind)}")
         if math.prod(int(s) for s in x.shape) > INT32_MAX:
@@ -236,6 +271,27 @@ def check_alibi(alibi_slopes, kind: str, device: str, batch: int, heads: int):
     if shape != (batch, heads):
         raise ValueError(f"alibi_slopes: a tvm Tensor must have shape ({batch}, {heads}), got {shape}")
     return alibi_slopes
+
+
+def check_lengths(lengths, name: str, kind: str, device: str, batch: int):
+    """Per-sequence lengths as the kernels take them, (batch,) int32 and compact, of the kind and
+    device of q (their values are not read here: that would wait for the GPU)."""
+    if array_kind(lengths, name) != kind:
+        raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {array_kind(lengths, name)}")
+    if dtype_of(lengths) != "int32":
+        raise TypeError(f"{name}: expected dtype int32, got {dtype_of(lengths)}")
+    shape = tuple(int(n) for n in lengths.shape)
+    if shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (the batch of q), got {shape}")
+    if device_of(lengths, kind, name) != device:
+        raise ValueError(f"{name}: expected device {device} (the device of q), got {device_of(lengths, kind, name)}")
+    if kind == "torch":
+        return lengths.contiguous()
+    if kind == "numpy":
+        import numpy as np
+
+        return np.ascontiguousarray(lengths)
+    return lengths
 
 
 def _real(value, expected: str):
