@@ -101,8 +101,6 @@ def test_kvcache_bad_input_is_refused(rng):
     refused(ValueError, r"k: expected \[batch 2, seqlen_new, heads_kv 2, head_dim 64\]",
             torch.zeros(2, 1, 4, 64, dtype=torch.float16), torch.zeros(2, 1, 4, 64, dtype=torch.float16))
     refused(TypeError, r"k: expected dtype float16", k.bfloat16(), k.bfloat16())
-    refused(NotImplementedError, r"block_table: a paged KV cache is not supported yet",
-            block_table=torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"k_cache: expected batch 2 \(the batch of q\), got 1"):
         tvmflash.attention_with_kvcache(q, kc[:1], vc[:1], cache_seqlens=1)
     assert torch.equal(kc, before)
@@ -187,3 +185,96 @@ def test_the_kvcache_torch_op(rng):
     kc3, vc3 = kc2.clone(), vc2.clone()
     assert torch.equal(compiled(q, kc3, vc3, k, v, lengths + 1), step(q, kc2, vc2, k, v, lengths + 1))
     assert torch.equal(kc3, kc2)
+
+
+def _paged(rng, cache, page_size, table=None, spare=3):
+    """``cache`` (batch, capacity, ...) cut into pages of ``page_size`` rows, stored in shuffled
+    order (or ``table``'s) with ``spare`` unused pages: (pages, block_table)."""
+    batch, capacity = cache.shape[:2]
+    per = -(-capacity // page_size)
+    pad = per * page_size - capacity
+    padded = torch.cat([cache, cache.new_zeros(batch, pad, *cache.shape[2:])], 1) if pad else cache
+    if table is None:
+        table = torch.from_numpy(rng.permutation(batch * per + spare)).to(torch.int32)[: batch * per].reshape(batch, per)
+    pages = cache.new_zeros(batch * per + spare, page_size, *cache.shape[2:])
+    pages[table.reshape(-1).long()] = padded.reshape(batch * per, page_size, *cache.shape[2:])
+    return pages, table
+
+
+def _dense(pages, table):
+    return pages[table.long()].reshape(table.shape[0], -1, *pages.shape[2:])
+
+
+@pytest.mark.parametrize("seq_q, new, heads, group, causal, lengths, page_size, num_splits", [
+    (1, 1, 8, 4, True, (0, 36, 512), 16, 0),  # decode: lengths 1, 37 and 513, partly filled last pages
+    (1, 1, 8, 8, True, (200, 3, 0), 7, 3),  # a page size that divides nothing, split in 3
+    (5, 5, 4, 1, True, (14, 100, 508), 16, 0),  # the new tokens cross a page boundary
+    (6, 0, 4, 4, False, (1, 37, 513), 256, 2),  # no append, not causal, big pages
+])
+def test_paged_kvcache_matches_the_reference(rng, seq_q, new, heads, group, causal, lengths, page_size, num_splits):
+    """A paged cache (pages shuffled, spare pages, partly filled last pages): appended in place
+    into the right pages, and attention as over the contiguous cache the table describes."""
+    kc, vc = _cache(rng, 3, 520, heads // group, 64)
+    kp, table = _paged(rng, kc, page_size)
+    vp, _ = _paged(rng, vc, page_size, table)
+    q = torch.from_numpy(rng.standard_normal((3, seq_q, heads, 64))).to(torch.float16)
+    k, v = (torch.from_numpy(rng.standard_normal((3, new, heads // group, 64))).to(torch.float16)
+            for _ in range(2)) if new else (None, None)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = tvmflash.attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lengths, block_table=table,
+                                               causal=causal, return_lse=True, num_splits=num_splits)
+    kd, vd = _dense(kp, table), _dense(vp, table)
+    assert torch.equal(kd[:, :520], _expected_cache(kc, k, lengths)) and torch.equal(vd[:, :520], _expected_cache(vc, v, lengths))
+    ref = attention_reference(q.numpy(), kd.numpy(), vd.numpy(), causal=causal, seqused_k=(lengths + new).numpy())
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")
+
+
+def test_paged_block_table_is_checked_where_read(rng):
+    """Entries of the pages a sequence fills must be pages of the cache (an error naming the
+    entry otherwise); entries past them are never read, so padding such as -1 is fine."""
+    kc, vc = _cache(rng, 2, 64, 2, 64)
+    kp, table = _paged(rng, kc, 16)
+    vp, _ = _paged(rng, vc, 16, table)
+    q = torch.from_numpy(rng.standard_normal((2, 1, 4, 64))).to(torch.float16)
+    lengths = torch.tensor([20, 3], dtype=torch.int32)  # pages 2 and 1 of 4
+    padded = table.clone()
+    padded[0, 2:], padded[1, 1:] = -1, 10 ** 6
+    want = tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=table)
+    assert torch.equal(tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=padded), want)
+    bad = table.clone()
+    bad[0, 1] = kp.shape[0]
+    with pytest.raises(ValueError, match=r"block_table: expected page numbers in \[0, 11\) .* for the 2 pages sequence "
+                                         r"0 fills, got block_table\[0, 1\] = 11"):
+        tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=bad)
+    with pytest.raises(TypeError, match="block_table: expected dtype int32, got int64"):
+        tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=table.long())
+    with pytest.raises(ValueError, match=r"block_table: expected shape \(2, max_pages\)"):
+        tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=table[:1])
+    with pytest.raises(ValueError, match=r"cache_seqlens: .*<= max_pages \* page_size = 64"):
+        tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=torch.tensor([64, 1], dtype=torch.int32),
+                                        k=q[:, :, :2], v=q[:, :, :2], block_table=table)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("seq_q, new, group, head_dim, lengths", [
+    (1, 1, 4, 128, (0, 36, 4000, 1)),  # decode, split
+    (16, 16, 4, 128, (0, 1000, 30, 3000)),  # 16 new tokens
+    (100, 100, 2, 64, (0, 37, 1500, 600)),  # a prompt chunk: the prefill kernel
+])
+def test_paged_kvcache_on_the_gpu(rng, page_size, seq_q, new, group, head_dim, lengths):
+    heads = 8
+    kc, vc = _cache(rng, 4, 4096, heads // group, head_dim, torch.float16, "cuda")
+    kp, table = _paged(rng, kc, page_size)
+    vp, _ = _paged(rng, vc, page_size, table)
+    q = torch.from_numpy(rng.standard_normal((4, seq_q, heads, head_dim))).to(torch.float16).cuda()
+    k, v = (torch.from_numpy(rng.standard_normal((4, new, heads // group, head_dim))).to(torch.float16).cuda()
+            for _ in range(2))
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = tvmflash.attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=lengths.cuda(),
+                                               block_table=table.cuda(), return_lse=True)
+    kd, vd = _dense(kp, table.cuda()), _dense(vp, table.cuda())
+    assert torch.equal(kd[:, :4096], _expected_cache(kc, k, lengths))
+    ref = attention_reference(q.float().cpu().numpy(), kd.float().cpu().numpy(), vd.float().cpu().numpy(),
+                              causal=True, seqused_k=(lengths + new).numpy())
+    assert_close_to_reference(out.float().cpu().numpy(), lse.cpu().numpy(), *ref, "float16")

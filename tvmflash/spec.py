@@ -95,6 +95,11 @@ class KernelSpec:
                and causal and window alignment is to that length (row i sees keys j <= i +
                seqused_k[b] - seqlen_q). What a KV cache needs (``attention_with_kvcache``): k and
                v hold the cache's capacity, each sequence its own filled length.
+    paged:     (with seqused_k) a paged KV cache, FlashAttention-2's and vLLM's ``block_table``: k
+               and v are (num_pages, page_size, heads_kv, head_dim) and key j of batch b lies in
+               page ``block_table[b, j // page_size]`` at row ``j % page_size``; the table (a
+               runtime (batch, max_pages) int32 tensor) and the page size (k's shape) are runtime
+               values: one kernel serves every page size.
     """
 
     head_dim: int
@@ -110,6 +115,7 @@ class KernelSpec:
     alibi: bool = False
     splits: int = 0
     seqused_k: bool = False
+    paged: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -167,6 +173,12 @@ class KernelSpec:
         if self.seqused_k and (self.algorithm != "fused" or self.shape is not None or self.even):
             raise ValueError(f"seqused_k: for the fused algorithm with any shape and no even build, got "
                              f"algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}")
+        if not isinstance(self.paged, bool):
+            raise TypeError(f"paged: expected a bool (the block table is a runtime tensor), got "
+                            f"{type(self.paged).__name__}")
+        if self.paged and not self.seqused_k:
+            raise ValueError("paged: a paged cache holds each sequence's own key count: expected seqused_k=True "
+                             "with paged=True")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -192,7 +204,7 @@ class KernelSpec:
         if self.alibi:
             parts.append("alibi")
         if self.seqused_k:
-            parts.append("kvlen")
+            parts.append("paged" if self.paged else "kvlen")
         parts.append(f"g{self.group}")
         if self.splits:
             parts.append(f"s{self.splits}")
@@ -207,7 +219,8 @@ class KernelSpec:
     @property
     def input_buffers(self) -> tuple[str, ...]:
         """The kernel's input buffers after q, k, v, o, lse, in its signature's order."""
-        return (("alibi_slopes",) if self.alibi else ()) + (("seqused_k",) if self.seqused_k else ())
+        return ((("alibi_slopes",) if self.alibi else ()) + (("seqused_k",) if self.seqused_k else ())
+                + (("block_table",) if self.paged else ()))
 
     @property
     def scalar_params(self) -> tuple[str, ...]:

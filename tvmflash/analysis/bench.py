@@ -322,12 +322,36 @@ DECODE_CASES = ((8, 1, 4096), (64, 1, 4096), (8, 1, 32768), (64, 1, 32768), (8, 
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
+#: Page sizes of the paged-cache methods of ``bench_decode`` (vLLM's default 16, FlashAttention's 256).
+PAGE_SIZES = (16, 256)
+
+
+def _paged_cache(q, k, v, page_size: int):
+    """(q, k pages, v pages, new k, new v, lengths, block table) for a decode step on a paged
+    copy of k, v: pages in shuffled order, the table and lengths on the CPU."""
+    import torch
+
+    batch, seq_k = k.shape[:2]
+    n = batch * seq_k // page_size
+    perm = torch.randperm(n, device=k.device)
+    pages = []
+    for x in (k, v):
+        p = torch.empty_like(x).view(n, page_size, *x.shape[2:])
+        p[perm] = x.view(n, page_size, *x.shape[2:])
+        pages.append(p)
+    seq_q = q.shape[1]
+    lengths = torch.full((batch,), seq_k - seq_q, dtype=torch.int32)
+    return (q, *pages, k[:, -seq_q:].clone(), v[:, -seq_q:].clone(), lengths,
+            perm.view(batch, seq_k // page_size).int().cpu())
+
+
 def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads_kv: int = 8,
                  dtype: str = "float16", reps: int = 10, methods=None):
     """Rows of us per call and TB/s (the bytes of q, k, v and o over the time) of decode-shaped
     attention, side by side: tvmflash with its split count chosen (``num_splits=0``), tvmflash's
     prefill kernel (``num_splits=1``), a decode step through ``attention_with_kvcache`` (its
-    append and its host-side length check included; causal), SDPA flash and cuDNN. Not causal: SDPA's ``is_causal`` is
+    append and its host-side length check included; causal), the same on a paged cache of each of
+    ``PAGE_SIZES``, SDPA flash and cuDNN. Not causal: SDPA's ``is_causal`` is
     aligned top-left, which is not decode's; with one new token the two are the same, with 16 the
     bottom-right mask would drop 120 of 131k scores."""
     import torch
@@ -338,15 +362,17 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
 
     flash, cudnn = _sdpa(SDPBackend.FLASH_ATTENTION), _sdpa(SDPBackend.CUDNN_ATTENTION)
 
-    def kv_cache(q, k, v, k_new, v_new, lengths):
+    def kv_cache(q, k, v, k_new, v_new, lengths, block_table=None):
         # a decode step on the cache API: the new tokens' keys appended at seq_k - seq_q (the same
-        # slots every call), then attention over all seq_k keys; the lengths on the CPU, as a
-        # serving loop's scheduler holds them (checked there, no wait for the GPU)
-        return attention_with_kvcache(q, k, v, k_new, v_new, cache_seqlens=lengths)
+        # slots every call), then attention over all seq_k keys; the lengths (and a paged cache's
+        # table) on the CPU, as a serving loop's scheduler holds them (checked there, no wait for
+        # the GPU)
+        return attention_with_kvcache(q, k, v, k_new, v_new, cache_seqlens=lengths, block_table=block_table)
 
     all_methods = {
         "tvmflash split": lambda q, k, v: attention(q, k, v),
         "tvmflash kv cache": kv_cache,
+        **{f"tvmflash paged {p}": kv_cache for p in PAGE_SIZES},
         "tvmflash no split": lambda q, k, v: attention(q, k, v, num_splits=1),
         "sdpa flash": lambda q, k, v: flash(q, k, v, False),
         "sdpa cudnn": lambda q, k, v: cudnn(q, k, v, False),
@@ -364,6 +390,10 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
         row = {"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim, "heads": heads,
                "heads_kv": heads_kv}
         fns = {name: functools.partial(all_methods[name], q, k, v) for name in methods}
+        for page_size in PAGE_SIZES:
+            name = f"tvmflash paged {page_size}"
+            if name in fns:
+                fns[name] = functools.partial(kv_cache, *_paged_cache(q, k, v, page_size))
         if "tvmflash kv cache" in fns:
             lengths = torch.full((batch,), seq_k - seq_q, dtype=torch.int32)
             fns["tvmflash kv cache"] = functools.partial(kv_cache, q, k, v, k[:, -seq_q:].clone(),

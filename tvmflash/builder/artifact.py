@@ -55,6 +55,8 @@ _VARIANT_ARGUMENTS = {
     "alibi_slopes": "[batch, heads] float32: the scaled score of (i, j) gets -slope * |i + seqlen_k - seqlen_q - j|",
     "seqused_k": "[batch] int32 <= seqlen_k: batch b sees its first seqused_k[b] keys, causal and window "
                  "aligned to that length",
+    "block_table": "[batch, max_pages] int32: key j of batch b at row j % page_size of page block_table[b, j // "
+                   "page_size] of k, v [num_pages, page_size, heads_kv, head_dim]",
     "softcap": "float32 > 0: scores become softcap * tanh(scores / softcap)",
     "window_left": "int32 >= 0: row i sees keys from i + seqlen_k - seqlen_q - window_left",
     "window_right": "int32 >= 0: row i sees keys up to i + seqlen_k - seqlen_q + window_right",

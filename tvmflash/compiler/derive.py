@@ -79,16 +79,18 @@ COMBINE_SUM = "combine_sum"
 COMBINE_ACC = "combine_acc"
 COMBINE_LSE = "combine_lse"
 
-#: Shape variables of the definitions, by name (the derived function declares its own).
-_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv")
+#: Shape variables of the definitions, by name (the derived function declares its own); a paged
+#: cache's keys are ``max_pages * page_size``, its K and V (num_pages, page_size, ...).
+_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "num_pages", "page_size", "max_pages")
 #: The scalar parameters a derived function can carry, in its signature's order after the buffers:
 #: the softmax scale, the cap of a runtime softcap (``definition.plain.SOFTCAP``) and a sliding
 #: window's edges (``KernelSpec.window``).
 SCALARS = ("sm_scale", "softcap", "window_left", "window_right")
 #: The input buffers a derived function can carry besides q, k, v (after lse in its signature):
 #: ALiBi's slopes [batch, heads] (``KernelSpec.alibi``), read by the score, and the keys each
-#: sequence uses [batch] (``KernelSpec.seqused_k``), read by the mask.
-BUFFERS = ("alibi_slopes", "seqused_k")
+#: sequence uses [batch] (``KernelSpec.seqused_k``), read by the mask, and a paged cache's block
+#: table [batch, max_pages] (``KernelSpec.paged``), read by the K and V loads.
+BUFFERS = ("alibi_slopes", "seqused_k", "block_table")
 #: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
 _ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
 
@@ -181,7 +183,13 @@ def _step(block) -> Step:
     roles, reduce = {}, []
     for iv in block.iter_vars:
         ext = iv.dom.extent
-        role = _ROLE_OF_EXTENT.get(ext.name) if isinstance(ext, tirx.Var) else "d"
+        if isinstance(ext, tirx.Var):
+            role = _ROLE_OF_EXTENT.get(ext.name)
+        elif isinstance(ext, tirx.Mul) and {getattr(x, "name", None) for x in (ext.a, ext.b)} == {"max_pages",
+                                                                                                "page_size"}:
+            role = "j"  # a paged cache's keys
+        else:
+            role = "d"
         if role is None or role in roles:
             raise NotRepairable(f"block {block.name_hint!r}: iterator {iv.var.name} over {ext} has no role "
                                 "(batch, heads, seq_q, seq_k or the head dim)")
@@ -291,7 +299,7 @@ def analyze(func) -> Chain:
     inputs = [params[n] for n in BUFFERS if n in params]
     Q, K, V, O, LSE = (params[n] for n in ("Q", "K", "V", "O", "LSE"))
     shape = {}
-    for buf in (Q, K, V, O, LSE):
+    for buf in (Q, K, V, O, LSE, *inputs):
         for ext in buf.ty.shape:
             if isinstance(ext, tirx.Var):
                 shape[ext.name] = ext
@@ -525,16 +533,21 @@ class _Exprs:
         """The query row of tile ``qb``'s first row."""
         return qb * self.per_tile
 
-    def bind(self, shape: dict, *scalars_and_buffers):
-        """The derived function's shape variables, scalars and input buffers, in ``SCALARS`` then
-        ``BUFFERS`` order (called as its body is parsed)."""
-        self.shape, self.scalars = shape, dict(zip(SCALARS + BUFFERS, scalars_and_buffers))
+    def bind(self, shape: dict, pages: dict, *scalars_and_buffers):
+        """The derived function's shape variables (``pages``: a paged cache's), scalars and input
+        buffers, in ``SCALARS`` then ``BUFFERS`` order (called as its body is parsed)."""
+        self.shape, self.scalars = {**shape, **pages}, dict(zip(SCALARS + BUFFERS, scalars_and_buffers))
 
     def use(self, var):
         """Read the sequence's key count from ``var`` (a variable the tile binds) from here on,
         not from its load: one load a tile, and bounds TVM's analyzer can prove. Returns var."""
         self.used_var = var
         return var
+
+    def keys(self, seq_k):
+        """The keys a tile loads: all of k, or the sequence's (``use``): past them nothing is read,
+        so a paged cache's table needs entries for the sequence's own pages only."""
+        return seq_k if self.used_var is None else tirx.min(seq_k, self.used_var)
 
     def _at(self, st, e, roles, loads):
         e = self.ch.at(st, e, roles, loads, self.shape, self.scalars)
@@ -622,6 +635,13 @@ def _check_layout(ch: Chain):
     g, p = ch.gemm, ch.pv
     _expect(is_var(q[0], g, "b") and is_var(q[1], g, "i") and is_var(q[2], g, "h") and is_var(q[3], g, "d"), g,
             "Q must be read as Q[b, i, h, d]")
+    if "block_table" in ch.params:  # a paged cache: K[table[b, j // page_size], j % page_size, kv_head(h), d]
+        for st, ix in ((g, k), (p, v)):
+            _expect(isinstance(ix[0], Load) and ix[0].source.same_as(ch.params["block_table"])
+                    and isinstance(ix[1], (tirx.FloorMod, tirx.Mod)) and is_var(ix[1].a, st, "j") and is_var(ix[3], st, "d")
+                    and not _uses(ix[2], st.roles["i"]), st,
+                    "a paged K, V must be read as K[block_table[b, j // page_size], j % page_size, kv_head(h), d]")
+        return
     _expect(is_var(k[0], g, "b") and is_var(k[1], g, "j") and is_var(k[3], g, "d") and not _uses(k[2], g.roles["i"]),
             g, "K must be read as K[b, j, kv_head(h), d]")
     _expect(is_var(v[0], p, "b") and is_var(v[1], p, "j") and is_var(v[3], p, "d"), p, "V must be read as V[b, j, kv_head(h), d]")
@@ -729,12 +749,14 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
             with T.sblock(K_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
                 hk = T.meta_var(ex.kv_src(vh))
-                K_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("k", K, vb, hk, kv_load + vj, vd), dtype)
+                K_tile[vj, vd] = guarded(even, kv_load + vj < ex.keys(seq_k), ex.load("k", K, vb, hk, kv_load + vj, vd),
+                                         dtype)
         for j, d in T.grid(BN, D):
             with T.sblock(V_LOAD):
                 vj, vd = T.axis.remap("SS", [j, d])
                 hk = T.meta_var(ex.kv_src(vh))
-                V_tile[vj, vd] = guarded(even, kv_load + vj < seq_k, ex.load("v", V, vb, hk, kv_load + vj, vd), dtype)
+                V_tile[vj, vd] = guarded(even, kv_load + vj < ex.keys(seq_k), ex.load("v", V, vb, hk, kv_load + vj, vd),
+                                         dtype)
         kv0: T.let[T.int32] = first
         with T.sblock(S_GEMM_TILE):
             for i, j, d in T.grid(BM, BN, D):
@@ -803,6 +825,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
 
     ex.kv_first = kv_first
     ex.used = "seqused_k" in ch.params
+    ex.paged = "block_table" in ch.params
     return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
 
 
@@ -813,32 +836,54 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
+        window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
         seq_q = T.int32()
-        seq_k = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
+        if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
+            num_pages = T.int32()
+            page_size = T.int32()
+            max_pages = T.int32()
+            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            seq_k = T.meta_var(max_pages * page_size)
+            pages = T.meta_var({"num_pages": num_pages, "page_size": page_size, "max_pages": max_pages})
+        else:
+            seq_k = T.int32()
+            K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+            max_pages = T.int32()
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            pages = T.meta_var({})
         Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
-                window_left, window_right, alibi_slopes, seqused_k)
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, pages, sm_scale,
+                softcap, window_left, window_right, alibi_slopes, seqused_k, block_table)
 
         for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
             with T.sblock(TILE):
                 vb, vh, vqb = T.axis.remap("SSS", [b, h, qb])
-                T.reads(
-                    Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
-                    K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
-                    V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
-                )
+                if ex.paged:
+                    T.reads(
+                        Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
+                        K[0:num_pages, 0:page_size, ex.kv_head(vb, vh), 0:D],
+                        V[0:num_pages, 0:page_size, ex.kv_head(vb, vh), 0:D],
+                        block_table[vb, 0:max_pages],
+                    )
+                else:
+                    T.reads(
+                        Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
+                        K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                        V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
+                    )
                 T.writes(O[vb, vqb * BM : vqb * BM + BM, vh, 0:D], LSE[vb, vh, vqb * BM : vqb * BM + BM])
                 Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
                 K_tile = T.sblock_alloc_buffer((BN, D), dtype)
@@ -952,23 +997,37 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
+        window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
         seq_q = T.int32()
-        seq_k = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
+        if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
+            num_pages = T.int32()
+            page_size = T.int32()
+            max_pages = T.int32()
+            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            seq_k = T.meta_var(max_pages * page_size)
+            pages = T.meta_var({"num_pages": num_pages, "page_size": page_size, "max_pages": max_pages})
+        else:
+            seq_k = T.int32()
+            K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+            max_pages = T.int32()
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            pages = T.meta_var({})
         Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
-        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, sm_scale, softcap,
-                window_left, window_right, alibi_slopes, seqused_k)
+        ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, pages, sm_scale,
+                softcap, window_left, window_right, alibi_slopes, seqused_k, block_table)
         with T.sblock("root"):
             # (the partials per query head: heads_kv * pack of them where packed, which the
             # programs' writes are seen to cover)
@@ -981,11 +1040,19 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
             for b, h, qb, c in T.grid(batch, grid_heads(heads, heads_kv), ex.tiles(seq_q), parts):
                 with T.sblock(TILE):
                     vb, vh, vqb, vc = T.axis.remap("SSSS", [b, h, qb, c])
-                    T.reads(
-                        Q[vb, ex.row_first(vqb) : ex.row_end(vqb), ex.kv_src(vh) : ex.kv_src(vh) + pack, 0:D],
-                        K[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
-                        V[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
-                    )
+                    if ex.paged:
+                        T.reads(
+                            Q[vb, ex.row_first(vqb) : ex.row_end(vqb), ex.kv_src(vh) : ex.kv_src(vh) + pack, 0:D],
+                            K[0:num_pages, 0:page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                            V[0:num_pages, 0:page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                            block_table[vb, 0:max_pages],
+                        )
+                    else:
+                        T.reads(
+                            Q[vb, ex.row_first(vqb) : ex.row_end(vqb), ex.kv_src(vh) : ex.kv_src(vh) + pack, 0:D],
+                            K[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                            V[vb, 0:seq_k, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                        )
                     T.writes(
                         m_part[vc, vb, ex.kv_src(vh) : ex.kv_src(vh) + pack, ex.row_first(vqb) : ex.row_end(vqb)],
                         l_part[vc, vb, ex.kv_src(vh) : ex.kv_src(vh) + pack, ex.row_first(vqb) : ex.row_end(vqb)],

@@ -120,7 +120,7 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx
     for name in ("softcap", "window_left", "window_right"):
         if name not in keep:
             func = without_param(func, name)
-    for name in ("alibi_slopes", "seqused_k"):
+    for name in ("alibi_slopes", "seqused_k", "block_table"):
         if name not in keep:
             func = without_buffer(func, name)
     return func
@@ -149,6 +149,16 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     neg_inf = tirx.const(NEG_INF, "float32")
     zero_f = tirx.const(0.0, "float32")
 
+    def key(buf, table, b, j, h, d):
+        """Key (or value) j of batch b: K[b, j, h, d], or in its page."""
+        if not spec.paged:
+            return buf[b, j, h, d]
+        # (keys and page sizes are >= 0: truncated division is floor division here, and cheaper; the
+        # page index kept inside the table's row, so a key past the table is never looked up)
+        page_size, max_pages = buf.shape[1], table.shape[1]
+        page = tirx.min(tirx.truncdiv(j, page_size), max_pages - 1)
+        return buf[table[b, page], tirx.truncmod(j, page_size), h, d]
+
     def keys(used, b, seq_k):
         """The keys batch ``b`` has: all of k, or its first ``seqused_k[b]``."""
         return used[b] if spec.seqused_k else seq_k
@@ -170,17 +180,29 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32, window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
+        window_right: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
         seq_q = T.int32()
-        seq_k = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
+        if spec.paged:  # keys in pages: key j of batch b at row j % page_size of page block_table[b, j // page_size]
+            num_pages = T.int32()
+            page_size = T.int32()
+            max_pages = T.int32()
+            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            seq_k = T.meta_var(max_pages * page_size)
+        else:
+            seq_k = T.int32()
+            K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+            max_pages = T.int32()
+            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
         Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-        V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
         O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
         LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
@@ -199,7 +221,7 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
                     with T.init():
                         S[vb, vh, vi, vj] = zero_f
                     S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", Q[vb, vi, vh, vd]) * T.Cast(
-                        "float32", K[vb, vj, vh // G, vd]
+                        "float32", key(K, block_table, vb, vj, vh // G, vd)
                     )
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
@@ -235,7 +257,7 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
                     with T.init():
                         acc[vb, vh, vi, vd] = zero_f
                     acc[vb, vh, vi, vd] = acc[vb, vh, vi, vd] + T.Cast("float32", P_lo[vb, vh, vi, vj]) * T.Cast(
-                        "float32", V[vb, vj, vh // G, vd]
+                        "float32", key(V, block_table, vb, vj, vh // G, vd)
                     )
             for b, h, i, d in T.grid(batch, heads, seq_q, D):
                 with T.sblock("O"):

@@ -79,7 +79,7 @@ class Kernel:
 
     # -- calling --
     def __call__(self, q, k, v, out=None, lse=None, softmax_scale=None, return_lse: bool = False,
-                 softcap: float = 0.0, window_size=None, alibi_slopes=None, seqused_k=None):
+                 softcap: float = 0.0, window_size=None, alibi_slopes=None, seqused_k=None, block_table=None):
         """Attention of q [batch, seq_q, heads, d] over k, v [batch, seq_k, heads_kv, d].
 
         ``out`` / ``lse`` are optional buffers to write into (shapes [batch, seq_q, heads, d] and
@@ -90,12 +90,24 @@ class Kernel:
         or -1 for a causal one), else None. ``alibi_slopes``: (heads,) or (batch, heads) float32
         of a kernel built with ``KernelSpec(alibi=True)``, else None. ``seqused_k``: (batch,)
         int32, the keys each sequence uses (each at most seq_k), of a kernel built with
-        ``KernelSpec(seqused_k=True)``, else None.
+        ``KernelSpec(seqused_k=True)``, else None. ``block_table``: (batch, max_pages) int32, the
+        pages of each sequence's keys in a paged k, v (num_pages, page_size, heads_kv, d), of a
+        kernel built with ``KernelSpec(paged=True)``, else None; its entries are trusted to be
+        pages of k (``attention_with_kvcache`` checks them).
         """
         spec = self.spec
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
-            q, k, v, head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group
+            q, k, v, head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group, paged=spec.paged
         )
+        if spec.paged and block_table is None:
+            raise ValueError(f"block_table: kernel {self.key} reads a paged cache: expected ({b}, max_pages) int32, "
+                             "got None")
+        if block_table is not None and not spec.paged:
+            raise ValueError(f"block_table: kernel {self.key} has no paged cache (built with paged=False): expected "
+                             "None")
+        table = V.check_block_table(block_table, kind, device, b) if spec.paged else None
+        if spec.paged:
+            sk = int(block_table.shape[1]) * sk  # the keys the table can address
         return_lse = V.check_bool(return_lse, "return_lse")
         V.check_no_grad(kind, q, k, v)
         want = "cuda" if spec.is_cuda else "cpu"
@@ -143,7 +155,8 @@ class Kernel:
             )
         if launched:
             V.check_split_partials(spec.splits, b, sq, h, d)
-        largest = max(b * sq * h, b * sk * hk) * d
+        kv_rows = int(k.shape[0]) * int(k.shape[1]) if spec.paged else b * sk  # a paged cache: its pages'
+        largest = max(b * sq * h, kv_rows * hk) * d
         if launched and largest > INT32_MAX:
             raise ValueError(
                 f"q, k: the kernels index q, k, v, o with int32: expected at most {INT32_MAX:,} elements per "
@@ -166,7 +179,7 @@ class Kernel:
         if b * sq * h > 0:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
             ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
-            inputs = tuple(arrays.to_tvm(x) for x in (slopes, used) if x is not None)
+            inputs = tuple(arrays.to_tvm(x) for x in (slopes, used, table) if x is not None)
             if spec.algorithm == "fused":
                 self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             else:

@@ -8,8 +8,11 @@ and values are written into the cache first, in place.
 
 from __future__ import annotations
 
+import functools
+
+from ..spec import KernelSpec
 from . import validate as V
-from .api import kernel_for, spec_for, splits_for
+from .api import kernel_for, splits_for, target_for
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
@@ -28,44 +31,52 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     bottom-right per sequence, query row i sees keys j <= i + cache_seqlens[b] + seqlen_new -
     seqlen_q. softmax_scale, softcap, window_size, alibi_slopes, num_splits, return_lse: as
     ``attention``'s, window and ALiBi aligned per sequence like causal.
-    block_table (a paged cache) is not supported yet: pass a contiguous cache.
+    block_table: a paged cache (vLLM's, FlashAttention-2's): k_cache and v_cache are then
+    (num_pages, page_size, heads_kv, head_dim), any page size, and key j of sequence b lies at
+    row j % page_size of page block_table[b, j // page_size]; (batch, max_pages) int32, on the
+    device of q or (q on a GPU) the CPU, as cache_seqlens. Only the entries of the pages a
+    sequence fills are read (and checked); the rest may hold anything.
     Returns out [batch, seqlen_q, heads, head_dim], and with ``return_lse`` also lse [batch,
     heads, seqlen_q] (float32, natural log; -inf for rows that see no key).
 
     The lengths are checked on the host: a write or a read past the cache is refused with an
     error, never run. Lengths on the GPU are copied back for it (the call waits for the GPU);
     lengths on the CPU (a serving loop's scheduler holds them) are not, and go to the GPU
-    asynchronously.
+    asynchronously (cudaMemcpyAsync stages pageable memory at once: no wait for the GPU).
     """
     causal = V.check_bool(causal, "causal")
     return_lse = V.check_bool(return_lse, "return_lse")
-    if block_table is not None:
-        raise NotImplementedError("block_table: a paged KV cache is not supported yet; pass contiguous k_cache and "
-                                  "v_cache [batch, seqlen_cache, heads_kv, head_dim] and block_table=None")
-    kind, device, dtype, (b, sq, h, capacity, hk, d) = V.check_qkv(q, k_cache, v_cache,
-                                                                   names=("q", "k_cache", "v_cache"))
+    paged = block_table is not None
+    kind, device, dtype, (b, sq, h, rows, hk, d) = V.check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"),
+                                                               paged=paged)
     if kind not in ("torch", "numpy"):
         raise TypeError(f"k_cache: expected torch tensors or numpy arrays (the cache is written in place), got {kind}")
     V.check_no_grad(kind, q, k_cache, v_cache)
     new = _check_new(k, v, kind, device, dtype, b, hk, d)
-    held, lengths = _lengths(cache_seqlens, kind, device, b)
+    held = _lengths(cache_seqlens, kind, device, b)
+    table, host_table = _table(block_table, kind, device, b, held, new, k_cache) if paged else (None, None)
+    capacity = rows * int(block_table.shape[1]) if paged else rows
     for i, n in enumerate(held):
         if n < 0:
             raise ValueError(f"cache_seqlens: expected lengths >= 0, got cache_seqlens[{i}] = {n}")
         if n + new > capacity:
+            where = "max_pages * page_size" if paged else "seqlen_cache"
             raise ValueError(
-                f"cache_seqlens: expected cache_seqlens[b] + seqlen_new <= seqlen_cache = {capacity} (the cache's "
+                f"cache_seqlens: expected cache_seqlens[b] + seqlen_new <= {where} = {capacity} (the cache's "
                 f"capacity), got cache_seqlens[{i}] = {n} with seqlen_new = {new}")
+    import numpy as np
+
+    # the rows the new keys go to and each sequence's keys, computed here from the checked host
+    # copies: each a single copy to the device, no kernels of its own
     if new:
-        _append((k_cache, v_cache), (k, v), lengths, kind)
-    used = lengths + new if kind == "torch" else (lengths + new).astype("int32")
+        _append((k_cache, v_cache), (k, v), _rows(held, new, rows, host_table), kind, device)
+    used = _on(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
     cap = V.check_softcap(softcap)
     window = V.check_window(window_size, causal)
-    spec, _ = spec_for(q, k_cache, v_cache, causal=causal, softcap=bool(cap), window=window,
-                       alibi=alibi_slopes is not None)
-    spec = spec.replace(seqused_k=True)
     V.check_scale(softmax_scale, d)
     num_splits = V.check_num_splits(num_splits)
+    spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, sq, capacity), bool(cap),
+                 alibi_slopes is not None, paged)
     longest = max(held, default=0) + new
     splits = splits_for(spec, b, sq, longest, h, num_splits, window)
     if splits:
@@ -73,7 +84,35 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         spec = spec.replace(splits=splits)
     return kernel_for(spec, sq, capacity)(q, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=return_lse,
                                           softcap=cap, window_size=window if spec.window else None,
-                                          alibi_slopes=alibi_slopes, seqused_k=used)
+                                          alibi_slopes=alibi_slopes, seqused_k=used, block_table=table)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(head_dim, dtype, group, target, causal, window, softcap, alibi, paged) -> KernelSpec:
+    return KernelSpec(head_dim=head_dim, dtype=dtype, causal=causal, group=group, target=target, softcap=softcap,
+                      window=window, alibi=alibi, seqused_k=True, paged=paged)
+
+
+def _table(block_table, kind: str, device: str, batch: int, held: list, new: int, k_cache):
+    """(the block table on the device of q, its host copy as numpy), after checking that the pages
+    each sequence's keys fill (held + new of them) are pages of the cache. (batch, max_pages)
+    int32, on q's device (read back: on a GPU, a synchronisation) or, torch with q on a GPU, on
+    the CPU (read there, copied asynchronously)."""
+    num_pages, page_size = int(k_cache.shape[0]), int(k_cache.shape[1])
+    on_cpu = (kind == "torch" and device != "cpu" and V.array_kind(block_table, "block_table") == "torch"
+              and block_table.device.type == "cpu")
+    table = V.check_block_table(block_table, kind, "cpu" if on_cpu else device, batch)
+    import numpy as np
+
+    host = table.cpu().numpy() if kind == "torch" else table
+    max_pages = int(host.shape[1])
+    filled = np.minimum(-(-(np.asarray(held, dtype=np.int64) + new) // page_size), max_pages)
+    bad = (np.arange(max_pages)[None, :] < filled[:, None]) & ((host < 0) | (host >= num_pages))
+    if bad.any():
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(f"block_table: expected page numbers in [0, {num_pages}) (the pages of k_cache) for the "
+                         f"{int(filled[i])} pages sequence {i} fills, got block_table[{i}, {j}] = {int(host[i, j])}")
+    return (table.to(device, non_blocking=True) if on_cpu else table), host
 
 
 def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: int, head_dim: int) -> int:
@@ -99,48 +138,59 @@ def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: i
     return int(k.shape[1])
 
 
-def _lengths(cache_seqlens, kind: str, device: str, batch: int):
-    """(the lengths as Python ints, as (batch,) int32 on the device of q). From an int, (batch,)
-    int32 on q's device (read back: on a GPU, a synchronisation), or (torch, with q on a GPU)
-    (batch,) int32 on the CPU, read without one and copied to the GPU asynchronously."""
+def _lengths(cache_seqlens, kind: str, device: str, batch: int) -> list:
+    """cache_seqlens as Python ints, after checking it: an int, (batch,) int32 on q's device (read
+    back: on a GPU, a synchronisation), or (torch, q on a GPU) (batch,) int32 on the CPU."""
     if isinstance(cache_seqlens, bool) or not (isinstance(cache_seqlens, int) or hasattr(cache_seqlens, "shape")):
         raise TypeError(f"cache_seqlens: expected an int or ({batch},) int32, got {type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, int):
-        held = [cache_seqlens] * batch
-        if kind == "torch":
-            import torch
-
-            return held, torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-        import numpy as np
-
-        return held, np.full((batch,), cache_seqlens, dtype=np.int32)
-    if kind == "torch" and device != "cpu" and V.array_kind(cache_seqlens, "cache_seqlens") == "torch" \
-            and cache_seqlens.device.type == "cpu":
-        host = V.check_lengths(cache_seqlens, "cache_seqlens", kind, "cpu", batch)
-        return [int(n) for n in host.tolist()], host.pin_memory().to(device, non_blocking=True)
-    lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, device, batch)
-    return [int(n) for n in (lengths.cpu() if kind == "torch" else lengths).tolist()], lengths
+        return [cache_seqlens] * batch
+    lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, _host_side(cache_seqlens, kind, device), batch)
+    return [int(n) for n in (lengths.cpu() if kind == "torch" else lengths).tolist()]
 
 
-def _append(caches, news, lengths, kind: str) -> None:
-    """cache[b, lengths[b] + t] = new[b, t] for each (cache, new), in place: one index_copy_ each
-    on the cache's rows (batch * seqlen_cache of them) where the cache is contiguous."""
-    batch, seqlen_new = int(news[0].shape[0]), int(news[0].shape[1])
-    capacity = int(caches[0].shape[1])
+def _host_side(x, kind: str, device: str) -> str:
+    """The device an index array may be on: q's, or the CPU where q is a torch tensor on a GPU."""
+    if kind == "torch" and device != "cpu" and V.array_kind(x, "cache_seqlens") == "torch" and x.device.type == "cpu":
+        return "cpu"
+    return device
+
+
+def _on(array, kind: str, device: str):
+    """A numpy array as the kernels take it: itself (numpy), or a torch tensor on ``device``,
+    copied without waiting for the GPU (cudaMemcpyAsync stages pageable memory at once)."""
+    if kind == "numpy":
+        return array
+    import torch
+
+    t = torch.from_numpy(array)
+    return t if device == "cpu" else t.to(device, non_blocking=True)
+
+
+def _rows(held: list, new: int, per: int, table=None):
+    """The cache rows (of batch * seqlen_cache, or of num_pages * page_size) the new keys of each
+    sequence go to, int64: at cache_seqlens[b] + t, in a paged cache in its page."""
+    import numpy as np
+
+    at = np.asarray(held, dtype=np.int64)[:, None] + np.arange(new, dtype=np.int64)[None, :]
+    if table is None:
+        return (at + np.arange(len(held), dtype=np.int64)[:, None] * per).reshape(-1)
+    return (np.take_along_axis(table.astype(np.int64), at // per, 1) * per + at % per).reshape(-1)
+
+
+def _append(caches, news, rows, kind: str, device: str) -> None:
+    """cache.rows[rows[i]] = new.rows[i] for each (cache, new), in place, where a cache's rows
+    are its first two dimensions flattened: one index_copy_ each where the cache is contiguous."""
     if kind == "torch":
-        import torch
-
-        rows = lengths.long() + torch.arange(0, batch * capacity, capacity, device=lengths.device)
-        if seqlen_new > 1:
-            rows = (rows[:, None] + torch.arange(seqlen_new, device=lengths.device)[None, :]).reshape(-1)
+        index = _on(rows, kind, device)
         for cache, new in zip(caches, news):
+            flat = new.reshape(-1, *new.shape[2:])
             if cache.is_contiguous():
-                cache.view(batch * capacity, *cache.shape[2:]).index_copy_(0, rows, new.reshape(-1, *new.shape[2:]))
+                cache.view(-1, *cache.shape[2:]).index_copy_(0, index, flat)
             else:
-                cache[rows // capacity, rows % capacity] = new.reshape(-1, *new.shape[2:])
+                per = int(cache.shape[1])
+                cache[index // per, index % per] = flat
     else:
-        import numpy as np
-
-        cols = lengths.astype(np.int64)[:, None] + np.arange(seqlen_new)[None, :]
         for cache, new in zip(caches, news):
-            cache[np.arange(batch)[:, None], cols] = new
+            per = int(cache.shape[1])
+            cache[rows // per, rows % per] = new.reshape(-1, *new.shape[2:])

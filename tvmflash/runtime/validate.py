@@ -61,19 +61,21 @@ _QKV_PASSED_MAX = 1024
 
 
 def check_qkv(q, k, v, *, head_dim: int | None = None, dtype: str | None = None, group: int | None = None,
-              names: tuple[str, str, str] = ("q", "k", "v")):
+              names: tuple[str, str, str] = ("q", "k", "v"), paged: bool = False):
     """Check q, k, v against each other (and against a built kernel's spec where given); errors
-    name the arguments by ``names`` (a KV cache's are q, k_cache, v_cache).
+    name the arguments by ``names`` (a KV cache's are q, k_cache, v_cache). ``paged``: k and v
+    are a paged cache, (num_pages, page_size, heads_kv, head_dim), whose first dimension is not
+    the batch (seq_k is then the page size).
 
     Returns (kind, device, dtype, (batch, seq_q, heads, seq_k, heads_kv, head_dim)).
     """
     sig = _signature(q, k, v)
     if sig is not None:
-        key = (sig, head_dim, dtype, group, names)
+        key = (sig, head_dim, dtype, group, names, paged)
         passed = _QKV_PASSED.get(key)
         if passed is not None:
             return passed
-    result = _check_qkv(q, k, v, head_dim=head_dim, dtype=dtype, group=group, names=names)
+    result = _check_qkv(q, k, v, head_dim=head_dim, dtype=dtype, group=group, names=names, paged=paged)
     if sig is not None:
         if len(_QKV_PASSED) >= _QKV_PASSED_MAX:
             _QKV_PASSED.clear()
@@ -91,7 +93,7 @@ def _signature(*arrays):
     return tuple((x.shape, x.stride(), x.dtype, x.device) for x in arrays)
 
 
-def _check_qkv(q, k, v, *, head_dim, dtype, group, names):
+def _check_qkv(q, k, v, *, head_dim, dtype, group, names, paged):
     nq, nk, nv = names
     kinds = {name: array_kind(x, name) for name, x in ((nq, q), (nk, k), (nv, v))}
     kind = kinds[nq]
@@ -120,7 +122,7 @@ def _check_qkv(q, k, v, *, head_dim, dtype, group, names):
     bk, sk, hk, dk = (int(s) for s in k.shape)
     if tuple(int(s) for s in v.shape) != (bk, sk, hk, dk):
         raise ValueError(f"{nv}: expected the shape of {nk} {tuple(k.shape)}, got {tuple(v.shape)}")
-    if bk != b:
+    if bk != b and not paged:
         raise ValueError(f"{nk}: expected batch {b} (the batch of {nq}), got {bk}")
     if dk != d:
         raise ValueError(f"{nk}: expected head_dim {d} (the head_dim of {nq}), got {dk}")
@@ -292,6 +294,30 @@ def check_lengths(lengths, name: str, kind: str, device: str, batch: int):
 
         return np.ascontiguousarray(lengths)
     return lengths
+
+
+def check_block_table(block_table, kind: str, device: str, batch: int):
+    """A paged cache's block table as the kernels take it, (batch, max_pages) int32 and compact,
+    of the kind and device of q (its entries are not read here)."""
+    if array_kind(block_table, "block_table") != kind:
+        raise TypeError(f"block_table: expected the same kind of array as q ({kind}), got "
+                        f"{array_kind(block_table, 'block_table')}")
+    if dtype_of(block_table) != "int32":
+        raise TypeError(f"block_table: expected dtype int32, got {dtype_of(block_table)}")
+    shape = tuple(int(n) for n in block_table.shape)
+    if len(shape) != 2 or shape[0] != batch or shape[1] < 1:
+        raise ValueError(f"block_table: expected shape ({batch}, max_pages) (the batch of q, at least one page), "
+                         f"got {shape}")
+    if device_of(block_table, kind, "block_table") != device:
+        raise ValueError(f"block_table: expected device {device} (the device of q), got "
+                         f"{device_of(block_table, kind, 'block_table')}")
+    if kind == "torch":
+        return block_table.contiguous()
+    if kind == "numpy":
+        import numpy as np
+
+        return np.ascontiguousarray(block_table)
+    return block_table
 
 
 def _real(value, expected: str):
