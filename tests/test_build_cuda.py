@@ -446,19 +446,24 @@ def test_split_kv_decode_builds_on_tensor_cores(tmp_path, head_dim, dtype, group
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("splits, rule", [(4, "decode_cuda_mma"), (0, "fused_cuda_mma")])
-def test_per_sequence_key_counts_build_on_tensor_cores(tmp_path, splits, rule):
+@pytest.mark.parametrize("splits, rule, paged", [(4, "decode_cuda_mma", 0), (0, "fused_cuda_mma", 0),
+                                                 (4, "decode_cuda_mma", 16)])
+def test_per_sequence_key_counts_build_on_tensor_cores(tmp_path, splits, rule, paged):
     """``KernelSpec(seqused_k=True)`` (the KV-cache kernel) on the split decode rule and the
-    prefill rule: the tile kernel takes the lengths and reads them once (``kv_used``), tensor
-    cores stay, and the decode kernel keeps 0 spills at head dim 128."""
+    prefill rule: the tile kernel takes the lengths, tensor cores stay, and the contiguous
+    decode kernel keeps 0 spills at head dim 128; paged, the tile loads read the block table
+    (one entry per 16 keys: the division folded)."""
     from tvmflash.rules import rule_for
 
-    spec = KernelSpec(128, causal=True, group=4, target="nvidia/nvidia-h100", splits=splits, seqused_k=True)
+    spec = KernelSpec(128, causal=True, group=4, target="nvidia/nvidia-h100", splits=splits, seqused_k=True,
+                      paged=paged)
     assert rule_for(spec).name == rule
     so, manifest = build(spec, tmp_path)
     cu = (tmp_path / (spec.key + ".cu")).read_text()
     tile = dict(_kernels(cu))["main_kernel"]
     assert "seqused_k_ptr" in tile and "mma.sync.aligned.m16n8k16" in cu
     resources = json.loads(open(manifest).read())["device_code"]["resources"]
-    if splits:
+    if paged:
+        assert "block_table_ptr" in tile and "cp.async" in cu and ">> 3" in cu and " / 16" not in cu
+    elif splits:
         assert all(k["main_kernel"]["spill_stores"] == 0 for k in resources.values()), resources

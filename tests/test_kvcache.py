@@ -38,7 +38,8 @@ def _check(q, kc, vc, k, v, lengths, causal, **kw):
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     ref = attention_reference(q.float().cpu().numpy(), kc.float().cpu().numpy(), vc.float().cpu().numpy(),
                               causal=causal, seqused_k=(lengths.cpu() + new).numpy(),
-                              **{n: kw[n] for n in ("window_size", "softcap") if n in kw})
+                              **{n: kw[n] for n in ("window_size", "softcap") if n in kw},
+                              alibi_slopes=None if kw.get("alibi_slopes") is None else kw["alibi_slopes"].cpu().numpy())
     dtype = str(q.dtype).replace("torch.", "")
     assert_close_to_reference(out.float().cpu().numpy(), lse.cpu().numpy(), *ref, dtype)
     return out, lse
@@ -74,6 +75,9 @@ def test_kvcache_int_lengths_numpy_and_variants(rng):
     kt, vt = _cache(rng, 2, 130, 2, 64)
     lengths = torch.tensor([7, 120], dtype=torch.int32)
     _check(torch.from_numpy(q), kt, vt, None, None, lengths, True, window_size=(20, 0), softcap=5.0)
+    _check(torch.from_numpy(q), kt, vt, None, None, lengths, True, alibi_slopes=torch.tensor([0.5, 0.25, 0.1, 0.05]))
+    out = tvmflash.attention_with_kvcache(torch.from_numpy(q), kt, vt, cache_seqlens=np.int32(50))  # a numpy int
+    assert torch.equal(out, tvmflash.attention_with_kvcache(torch.from_numpy(q), kt, vt, cache_seqlens=50))
 
 
 def test_kvcache_bad_input_is_refused(rng):
@@ -103,6 +107,13 @@ def test_kvcache_bad_input_is_refused(rng):
     refused(TypeError, r"k: expected dtype float16", k.bfloat16(), k.bfloat16())
     with pytest.raises(ValueError, match=r"k_cache: expected batch 2 \(the batch of q\), got 1"):
         tvmflash.attention_with_kvcache(q, kc[:1], vc[:1], cache_seqlens=1)
+    # the scalars are checked before the new keys are written
+    refused(ValueError, r"softmax_scale", k, k, softmax_scale=-1.0)
+    refused(ValueError, r"window_size", k, k, window_size=(-1, 5))
+    refused(ValueError, r"alibi_slopes: expected shape", k, k, alibi_slopes=torch.zeros(3))
+    wide_k, wide_v = _cache(rng, 2, 128, 2, 64)
+    with pytest.raises(ValueError, match=r"k_cache: expected a contiguous cache"):
+        tvmflash.attention_with_kvcache(q, wide_k[:, ::2], wide_v[:, ::2], cache_seqlens=1)
     assert torch.equal(kc, before)
 
 
@@ -275,6 +286,7 @@ def test_paged_kvcache_on_the_gpu(rng, page_size, seq_q, new, group, head_dim, l
                                                block_table=table.cuda(), return_lse=True)
     kd, vd = _dense(kp, table.cuda()), _dense(vp, table.cuda())
     assert torch.equal(kd[:, :4096], _expected_cache(kc, k, lengths))
+    assert torch.equal(vd[:, :4096], _expected_cache(vc, v, lengths))
     ref = attention_reference(q.float().cpu().numpy(), kd.float().cpu().numpy(), vd.float().cpu().numpy(),
                               causal=True, seqused_k=(lengths + new).numpy())
     assert_close_to_reference(out.float().cpu().numpy(), lse.cpu().numpy(), *ref, "float16")

@@ -27,7 +27,8 @@ def _spec_from_args(args, target: str):
         window=bool(getattr(args, "window", False)),
         alibi=bool(getattr(args, "alibi", False)),
         splits=int(getattr(args, "splits", 0) or 0),
-        seqused_k=bool(getattr(args, "kv_lengths", False)),
+        seqused_k=bool(getattr(args, "kv_lengths", False) or getattr(args, "paged", 0)),
+        paged=int(getattr(args, "paged", 0) or 0),
     )
 
 
@@ -78,6 +79,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--kv-lengths", action="store_true", default=d(False),
                    help="per-sequence key counts compiled in (a runtime (batch,) int32 tensor): the kernel of "
                         "attention_with_kvcache")
+    p.add_argument("--paged", type=int, default=d(0), metavar="PAGE_SIZE",
+                   help="a paged KV cache of PAGE_SIZE rows a page (with a runtime block table; implies "
+                        "--kv-lengths): the kernel of attention_with_kvcache(block_table=...)")
 
 
 def cmd_build(args) -> int:
@@ -271,9 +275,9 @@ def _inspected_spec(args) -> KernelSpec:
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
                        ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
                        ("--window", "window"), ("--alibi", "alibi"), ("--splits", "splits"),
-                       ("--kv-lengths", "kv_lengths"), ("--target", "target")]
+                       ("--kv-lengths", "kv_lengths"), ("--paged", "paged"), ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
-                         softcap=False, window=False, alibi=False, splits=0, kv_lengths=False,
+                         softcap=False, window=False, alibi=False, splits=0, kv_lengths=False, paged=0,
                          target="nvidia/nvidia-a100")
 
 

@@ -95,11 +95,12 @@ class KernelSpec:
                and causal and window alignment is to that length (row i sees keys j <= i +
                seqused_k[b] - seqlen_q). What a KV cache needs (``attention_with_kvcache``): k and
                v hold the cache's capacity, each sequence its own filled length.
-    paged:     (with seqused_k) a paged KV cache, FlashAttention-2's and vLLM's ``block_table``: k
-               and v are (num_pages, page_size, heads_kv, head_dim) and key j of batch b lies in
-               page ``block_table[b, j // page_size]`` at row ``j % page_size``; the table (a
-               runtime (batch, max_pages) int32 tensor) and the page size (k's shape) are runtime
-               values: one kernel serves every page size.
+    paged:     (with seqused_k) 0 (default), or the page size of a paged KV cache, FlashAttention-2's
+               and vLLM's ``block_table``: k and v are (num_pages, paged, heads_kv, head_dim) and
+               key j of batch b lies in page ``block_table[b, j // paged]`` at row ``j % paged``;
+               the table is a runtime (batch, max_pages) int32 tensor. The page size is compiled
+               in (its division folds to shifts, a tile's page lookups to one where pages hold
+               whole tiles): one build per page size.
     """
 
     head_dim: int
@@ -115,7 +116,7 @@ class KernelSpec:
     alibi: bool = False
     splits: int = 0
     seqused_k: bool = False
-    paged: bool = False
+    paged: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -173,12 +174,11 @@ class KernelSpec:
         if self.seqused_k and (self.algorithm != "fused" or self.shape is not None or self.even):
             raise ValueError(f"seqused_k: for the fused algorithm with any shape and no even build, got "
                              f"algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}")
-        if not isinstance(self.paged, bool):
-            raise TypeError(f"paged: expected a bool (the block table is a runtime tensor), got "
-                            f"{type(self.paged).__name__}")
+        if isinstance(self.paged, bool) or not isinstance(self.paged, int) or self.paged < 0:
+            raise ValueError(f"paged: expected a page size, an int >= 1 (0: not paged), got {self.paged!r}")
         if self.paged and not self.seqused_k:
             raise ValueError("paged: a paged cache holds each sequence's own key count: expected seqused_k=True "
-                             "with paged=True")
+                             f"with paged={self.paged}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -204,7 +204,7 @@ class KernelSpec:
         if self.alibi:
             parts.append("alibi")
         if self.seqused_k:
-            parts.append("paged" if self.paged else "kvlen")
+            parts.append(f"paged{self.paged}" if self.paged else "kvlen")
         parts.append(f"g{self.group}")
         if self.splits:
             parts.append(f"s{self.splits}")

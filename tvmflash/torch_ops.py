@@ -67,20 +67,22 @@ def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None, softcap=0.0, 
 def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
                           v: torch.Tensor | None, cache_seqlens: torch.Tensor, causal: bool = True,
                           softmax_scale: float | None = None, softcap: float = 0.0, window_left: int = -1,
-                          window_right: int = -1, alibi_slopes: torch.Tensor | None = None, num_splits: int = 0
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          window_right: int = -1, alibi_slopes: torch.Tensor | None = None, num_splits: int = 0,
+                          block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) = ``tvmflash.attention_with_kvcache(..., return_lse=True)``: k and v (when given)
     written into k_cache and v_cache at cache_seqlens (in place, which the op's schema records),
-    then attention over each sequence's keys. cache_seqlens: (batch,) int32."""
+    then attention over each sequence's keys. cache_seqlens: (batch,) int32; block_table: a paged
+    cache's (batch, max_pages) int32, or None."""
     return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=causal,
                                   softmax_scale=softmax_scale, return_lse=True, softcap=softcap,
                                   window_size=(window_left, window_right), alibi_slopes=alibi_slopes,
-                                  num_splits=num_splits)
+                                  num_splits=num_splits, block_table=block_table)
 
 
 @attention_kvcache_fwd.register_fake
 def _attention_kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, softmax_scale=None,
-                                softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, num_splits=0):
+                                softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, num_splits=0,
+                                block_table=None):
     _attention_fwd_fake(q, k_cache, v_cache)  # ranks and dtypes (names as the dense op's)
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens: expected dtype int32, got {str(cache_seqlens.dtype).replace('torch.', '')}")

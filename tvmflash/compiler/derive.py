@@ -80,8 +80,9 @@ COMBINE_ACC = "combine_acc"
 COMBINE_LSE = "combine_lse"
 
 #: Shape variables of the definitions, by name (the derived function declares its own); a paged
-#: cache's keys are ``max_pages * page_size``, its K and V (num_pages, page_size, ...).
-_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "num_pages", "page_size", "max_pages")
+#: cache's keys are ``max_pages * page_size``, its K and V (num_pages, page_size, ...), the page
+#: size a constant (``KernelSpec.paged``).
+_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "num_pages", "max_pages")
 #: The scalar parameters a derived function can carry, in its signature's order after the buffers:
 #: the softmax scale, the cap of a runtime softcap (``definition.plain.SOFTCAP``) and a sliding
 #: window's edges (``KernelSpec.window``).
@@ -185,9 +186,8 @@ def _step(block) -> Step:
         ext = iv.dom.extent
         if isinstance(ext, tirx.Var):
             role = _ROLE_OF_EXTENT.get(ext.name)
-        elif isinstance(ext, tirx.Mul) and {getattr(x, "name", None) for x in (ext.a, ext.b)} == {"max_pages",
-                                                                                                "page_size"}:
-            role = "j"  # a paged cache's keys
+        elif isinstance(ext, tirx.Mul) and getattr(ext.a, "name", None) == "max_pages":
+            role = "j"  # a paged cache's keys, max_pages * page_size
         else:
             role = "d"
         if role is None or role in roles:
@@ -637,7 +637,7 @@ def _check_layout(ch: Chain):
             "Q must be read as Q[b, i, h, d]")
     if "block_table" in ch.params:  # a paged cache: K[table[b, j // page_size], j % page_size, kv_head(h), d]
         for st, ix in ((g, k), (p, v)):
-            _expect(isinstance(ix[0], Load) and ix[0].source.same_as(ch.params["block_table"])
+            _expect(_reads(ix[0], ch.params["block_table"])
                     and isinstance(ix[1], (tirx.FloorMod, tirx.Mod)) and is_var(ix[1].a, st, "j") and is_var(ix[3], st, "d")
                     and not _uses(ix[2], st.roles["i"]), st,
                     "a paged K, V must be read as K[block_table[b, j // page_size], j % page_size, kv_head(h), d]")
@@ -826,6 +826,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     ex.kv_first = kv_first
     ex.used = "seqused_k" in ch.params
     ex.paged = "block_table" in ch.params
+    ex.page_size = int(ch.params["K"].ty.shape[1]) if ex.paged else 0
     return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
 
 
@@ -846,13 +847,12 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
         heads_kv = T.int32()
         if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
             num_pages = T.int32()
-            page_size = T.int32()
             max_pages = T.int32()
-            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            K = T.match_buffer(k_h, (num_pages, ex.page_size, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, ex.page_size, heads_kv, D), dtype)
             block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            seq_k = T.meta_var(max_pages * page_size)
-            pages = T.meta_var({"num_pages": num_pages, "page_size": page_size, "max_pages": max_pages})
+            seq_k = T.meta_var(max_pages * ex.page_size)
+            pages = T.meta_var({"num_pages": num_pages, "max_pages": max_pages})
         else:
             seq_k = T.int32()
             K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
@@ -874,8 +874,8 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                 if ex.paged:
                     T.reads(
                         Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
-                        K[0:num_pages, 0:page_size, ex.kv_head(vb, vh), 0:D],
-                        V[0:num_pages, 0:page_size, ex.kv_head(vb, vh), 0:D],
+                        K[0:num_pages, 0:ex.page_size, ex.kv_head(vb, vh), 0:D],
+                        V[0:num_pages, 0:ex.page_size, ex.kv_head(vb, vh), 0:D],
                         block_table[vb, 0:max_pages],
                     )
                 else:
@@ -1007,13 +1007,12 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
         heads_kv = T.int32()
         if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
             num_pages = T.int32()
-            page_size = T.int32()
             max_pages = T.int32()
-            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            K = T.match_buffer(k_h, (num_pages, ex.page_size, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, ex.page_size, heads_kv, D), dtype)
             block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            seq_k = T.meta_var(max_pages * page_size)
-            pages = T.meta_var({"num_pages": num_pages, "page_size": page_size, "max_pages": max_pages})
+            seq_k = T.meta_var(max_pages * ex.page_size)
+            pages = T.meta_var({"num_pages": num_pages, "max_pages": max_pages})
         else:
             seq_k = T.int32()
             K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
@@ -1043,8 +1042,8 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
                     if ex.paged:
                         T.reads(
                             Q[vb, ex.row_first(vqb) : ex.row_end(vqb), ex.kv_src(vh) : ex.kv_src(vh) + pack, 0:D],
-                            K[0:num_pages, 0:page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
-                            V[0:num_pages, 0:page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                            K[0:num_pages, 0:ex.page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
+                            V[0:num_pages, 0:ex.page_size, ex.kv_head(vb, ex.kv_src(vh)), 0:D],
                             block_table[vb, 0:max_pages],
                         )
                     else:

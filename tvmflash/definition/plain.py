@@ -153,11 +153,14 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         """Key (or value) j of batch b: K[b, j, h, d], or in its page."""
         if not spec.paged:
             return buf[b, j, h, d]
-        # (keys and page sizes are >= 0: truncated division is floor division here, and cheaper; the
-        # page index kept inside the table's row, so a key past the table is never looked up)
-        page_size, max_pages = buf.shape[1], table.shape[1]
-        page = tirx.min(tirx.truncdiv(j, page_size), max_pages - 1)
-        return buf[table[b, page], tirx.truncmod(j, page_size), h, d]
+        # (the page size a constant, a power of two a shift; the page index kept inside the table's
+        # row, so a key past the table is never looked up, and the entry inside the cache, so a
+        # bad table read through ``Kernel`` directly gives wrong numbers, never a stray read:
+        # ``attention_with_kvcache`` checks the entries)
+        page_size, max_pages, num_pages = buf.shape[1], table.shape[1], buf.shape[0]
+        page = tirx.min(tirx.floordiv(j, page_size), max_pages - 1)
+        entry = tirx.max(tirx.min(table[b, page], num_pages - 1), 0)
+        return buf[entry, tirx.floormod(j, page_size), h, d]
 
     def keys(used, b, seq_k):
         """The keys batch ``b`` has: all of k, or its first ``seqused_k[b]``."""
@@ -188,14 +191,13 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         seq_q = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
-        if spec.paged:  # keys in pages: key j of batch b at row j % page_size of page block_table[b, j // page_size]
+        if spec.paged > 0:  # keys in pages: key j of batch b at row j % page_size of page block_table[b, j // page_size]
             num_pages = T.int32()
-            page_size = T.int32()
             max_pages = T.int32()
-            K = T.match_buffer(k_h, (num_pages, page_size, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (num_pages, page_size, heads_kv, D), dtype)
+            K = T.match_buffer(k_h, (num_pages, spec.paged, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (num_pages, spec.paged, heads_kv, D), dtype)
             block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            seq_k = T.meta_var(max_pages * page_size)
+            seq_k = T.meta_var(max_pages * spec.paged)
         else:
             seq_k = T.int32()
             K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)

@@ -92,7 +92,7 @@ class Kernel:
         int32, the keys each sequence uses (each at most seq_k), of a kernel built with
         ``KernelSpec(seqused_k=True)``, else None. ``block_table``: (batch, max_pages) int32, the
         pages of each sequence's keys in a paged k, v (num_pages, page_size, heads_kv, d), of a
-        kernel built with ``KernelSpec(paged=True)``, else None; its entries are trusted to be
+        kernel built with ``KernelSpec(paged=page_size)``, else None; its entries are trusted to be
         pages of k (``attention_with_kvcache`` checks them).
         """
         spec = self.spec
@@ -107,6 +107,9 @@ class Kernel:
                              "None")
         table = V.check_block_table(block_table, kind, device, b) if spec.paged else None
         if spec.paged:
+            if sk != spec.paged:
+                raise ValueError(f"k: kernel {self.key} reads pages of {spec.paged} rows: expected k [num_pages, "
+                                 f"{spec.paged}, {hk}, {d}], got {list(_shape(k))}")
             sk = int(block_table.shape[1]) * sk  # the keys the table can address
         return_lse = V.check_bool(return_lse, "return_lse")
         V.check_no_grad(kind, q, k, v)

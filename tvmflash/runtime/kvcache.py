@@ -9,6 +9,7 @@ and values are written into the cache first, in place.
 from __future__ import annotations
 
 import functools
+import numbers
 
 from ..spec import KernelSpec
 from . import validate as V
@@ -42,7 +43,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     The lengths are checked on the host: a write or a read past the cache is refused with an
     error, never run. Lengths on the GPU are copied back for it (the call waits for the GPU);
     lengths on the CPU (a serving loop's scheduler holds them) are not, and go to the GPU
-    asynchronously (cudaMemcpyAsync stages pageable memory at once: no wait for the GPU).
+    asynchronously. The caches must be contiguous (they are read and written in place).
     """
     causal = V.check_bool(causal, "causal")
     return_lse = V.check_bool(return_lse, "return_lse")
@@ -52,7 +53,18 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if kind not in ("torch", "numpy"):
         raise TypeError(f"k_cache: expected torch tensors or numpy arrays (the cache is written in place), got {kind}")
     V.check_no_grad(kind, q, k_cache, v_cache)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not _compact(cache, kind):
+            raise ValueError(f"{name}: expected a contiguous cache (the kernel reads it in place; a strided one would "
+                             f"be copied whole every call), got strides {tuple(cache.strides if kind == 'numpy' else cache.stride())}")
     new = _check_new(k, v, kind, device, dtype, b, hk, d)
+    # every argument checked before the cache is written
+    cap = V.check_softcap(softcap)
+    window = V.check_window(window_size, causal)
+    V.check_scale(softmax_scale, d)
+    num_splits = V.check_num_splits(num_splits)
+    if alibi_slopes is not None:
+        V.check_alibi(alibi_slopes, kind, device, b, h)
     held = _lengths(cache_seqlens, kind, device, b)
     table, host_table = _table(block_table, kind, device, b, held, new, k_cache) if paged else (None, None)
     capacity = rows * int(block_table.shape[1]) if paged else rows
@@ -71,12 +83,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if new:
         _append((k_cache, v_cache), (k, v), _rows(held, new, rows, host_table), kind, device)
     used = _on(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
-    cap = V.check_softcap(softcap)
-    window = V.check_window(window_size, causal)
-    V.check_scale(softmax_scale, d)
-    num_splits = V.check_num_splits(num_splits)
     spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, sq, capacity), bool(cap),
-                 alibi_slopes is not None, paged)
+                 alibi_slopes is not None, rows if paged else 0)
     longest = max(held, default=0) + new
     splits = splits_for(spec, b, sq, longest, h, num_splits, window)
     if splits:
@@ -112,7 +120,9 @@ def _table(block_table, kind: str, device: str, batch: int, held: list, new: int
         i, j = (int(x) for x in np.argwhere(bad)[0])
         raise ValueError(f"block_table: expected page numbers in [0, {num_pages}) (the pages of k_cache) for the "
                          f"{int(filled[i])} pages sequence {i} fills, got block_table[{i}, {j}] = {int(host[i, j])}")
-    return (table.to(device, non_blocking=True) if on_cpu else table), host
+    # (from CPU memory, the checked copy goes to the GPU, not the caller's table, which the caller
+    # may change before an asynchronous copy of it runs)
+    return (_on(np.array(host, dtype=np.int32), kind, device) if on_cpu else table), host
 
 
 def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: int, head_dim: int) -> int:
@@ -141,10 +151,11 @@ def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: i
 def _lengths(cache_seqlens, kind: str, device: str, batch: int) -> list:
     """cache_seqlens as Python ints, after checking it: an int, (batch,) int32 on q's device (read
     back: on a GPU, a synchronisation), or (torch, q on a GPU) (batch,) int32 on the CPU."""
-    if isinstance(cache_seqlens, bool) or not (isinstance(cache_seqlens, int) or hasattr(cache_seqlens, "shape")):
+    if isinstance(cache_seqlens, bool) or not (isinstance(cache_seqlens, numbers.Integral)
+                                               or hasattr(cache_seqlens, "shape")):
         raise TypeError(f"cache_seqlens: expected an int or ({batch},) int32, got {type(cache_seqlens).__name__}")
-    if isinstance(cache_seqlens, int):
-        return [cache_seqlens] * batch
+    if isinstance(cache_seqlens, numbers.Integral):
+        return [int(cache_seqlens)] * batch
     lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, _host_side(cache_seqlens, kind, device), batch)
     return [int(n) for n in (lengths.cpu() if kind == "torch" else lengths).tolist()]
 
@@ -156,9 +167,15 @@ def _host_side(x, kind: str, device: str) -> str:
     return device
 
 
+def _compact(x, kind: str) -> bool:
+    if kind == "torch":
+        return x.is_contiguous()
+    return x.flags["C_CONTIGUOUS"]
+
+
 def _on(array, kind: str, device: str):
     """A numpy array as the kernels take it: itself (numpy), or a torch tensor on ``device``,
-    copied without waiting for the GPU (cudaMemcpyAsync stages pageable memory at once)."""
+    copied asynchronously (cudaMemcpyAsync stages pageable memory before it returns)."""
     if kind == "numpy":
         return array
     import torch
@@ -175,7 +192,8 @@ def _rows(held: list, new: int, per: int, table=None):
     at = np.asarray(held, dtype=np.int64)[:, None] + np.arange(new, dtype=np.int64)[None, :]
     if table is None:
         return (at + np.arange(len(held), dtype=np.int64)[:, None] * per).reshape(-1)
-    return (np.take_along_axis(table.astype(np.int64), at // per, 1) * per + at % per).reshape(-1)
+    pages = table[np.arange(len(held))[:, None], at // per].astype(np.int64)  # only the pages written to
+    return (pages * per + at % per).reshape(-1)
 
 
 def _append(caches, news, rows, kind: str, device: str) -> None:
@@ -183,13 +201,8 @@ def _append(caches, news, rows, kind: str, device: str) -> None:
     are its first two dimensions flattened: one index_copy_ each where the cache is contiguous."""
     if kind == "torch":
         index = _on(rows, kind, device)
-        for cache, new in zip(caches, news):
-            flat = new.reshape(-1, *new.shape[2:])
-            if cache.is_contiguous():
-                cache.view(-1, *cache.shape[2:]).index_copy_(0, index, flat)
-            else:
-                per = int(cache.shape[1])
-                cache[index // per, index % per] = flat
+        for cache, new in zip(caches, news):  # (contiguous: checked by the caller)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, index, new.reshape(-1, *new.shape[2:]))
     else:
         for cache, new in zip(caches, news):
             per = int(cache.shape[1])
