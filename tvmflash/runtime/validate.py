@@ -278,46 +278,37 @@ def check_alibi(alibi_slopes, kind: str, device: str, batch: int, heads: int):
 def check_lengths(lengths, name: str, kind: str, device: str, batch: int):
     """Per-sequence lengths as the kernels take them, (batch,) int32 and compact, of the kind and
     device of q (their values are not read here: that would wait for the GPU)."""
-    if array_kind(lengths, name) != kind:
-        raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {array_kind(lengths, name)}")
-    if dtype_of(lengths) != "int32":
-        raise TypeError(f"{name}: expected dtype int32, got {dtype_of(lengths)}")
-    shape = tuple(int(n) for n in lengths.shape)
-    if shape != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},) (the batch of q), got {shape}")
-    if device_of(lengths, kind, name) != device:
-        raise ValueError(f"{name}: expected device {device} (the device of q), got {device_of(lengths, kind, name)}")
-    if kind == "torch":
-        return lengths.contiguous()
-    if kind == "numpy":
-        import numpy as np
-
-        return np.ascontiguousarray(lengths)
-    return lengths
+    return _int32_array(lengths, name, kind, device, lambda shape: shape == (batch,),
+                        f"({batch},) (the batch of q)")
 
 
 def check_block_table(block_table, kind: str, device: str, batch: int):
     """A paged cache's block table as the kernels take it, (batch, max_pages) int32 and compact,
     of the kind and device of q (its entries are not read here)."""
-    if array_kind(block_table, "block_table") != kind:
-        raise TypeError(f"block_table: expected the same kind of array as q ({kind}), got "
-                        f"{array_kind(block_table, 'block_table')}")
-    if dtype_of(block_table) != "int32":
-        raise TypeError(f"block_table: expected dtype int32, got {dtype_of(block_table)}")
-    shape = tuple(int(n) for n in block_table.shape)
-    if len(shape) != 2 or shape[0] != batch or shape[1] < 1:
-        raise ValueError(f"block_table: expected shape ({batch}, max_pages) (the batch of q, at least one page), "
-                         f"got {shape}")
-    if device_of(block_table, kind, "block_table") != device:
-        raise ValueError(f"block_table: expected device {device} (the device of q), got "
-                         f"{device_of(block_table, kind, 'block_table')}")
+    return _int32_array(block_table, "block_table", kind, device,
+                        lambda shape: len(shape) == 2 and shape[0] == batch and shape[1] >= 1,
+                        f"({batch}, max_pages) (the batch of q, at least one page)")
+
+
+def _int32_array(x, name: str, kind: str, device: str, shape_ok, expected: str):
+    """``x`` compact, after checking it is an int32 array of q's kind and device whose shape
+    ``shape_ok`` accepts (``expected`` says which, in the error)."""
+    if array_kind(x, name) != kind:
+        raise TypeError(f"{name}: expected the same kind of array as q ({kind}), got {array_kind(x, name)}")
+    if dtype_of(x) != "int32":
+        raise TypeError(f"{name}: expected dtype int32, got {dtype_of(x)}")
+    shape = tuple(int(n) for n in x.shape)
+    if not shape_ok(shape):
+        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
+    if device_of(x, kind, name) != device:
+        raise ValueError(f"{name}: expected device {device} (the device of q), got {device_of(x, kind, name)}")
     if kind == "torch":
-        return block_table.contiguous()
+        return x.contiguous()
     if kind == "numpy":
         import numpy as np
 
-        return np.ascontiguousarray(block_table)
-    return block_table
+        return np.ascontiguousarray(x)
+    return x
 
 
 def _real(value, expected: str):
