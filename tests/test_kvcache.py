@@ -290,3 +290,29 @@ def test_paged_kvcache_on_the_gpu(rng, page_size, seq_q, new, group, head_dim, l
     ref = attention_reference(q.float().cpu().numpy(), kd.float().cpu().numpy(), vd.float().cpu().numpy(),
                               causal=True, seqused_k=(lengths + new).numpy())
     assert_close_to_reference(out.float().cpu().numpy(), lse.cpu().numpy(), *ref, "float16")
+
+
+def test_the_kvcache_ops_fake_names_the_cache_and_takes_a_table(rng):
+    """Under torch.compile's fake tensors the op checks ranks and dtypes by the cache's names;
+    the op reaches the paged cache through ``block_table``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import tvmflash.torch_ops  # noqa: F401
+
+    op = torch.ops.tvmflash.attention_kvcache_fwd
+    with FakeTensorMode():
+        q = torch.empty(2, 1, 4, 64, dtype=torch.float16)
+        lengths = torch.zeros(2, dtype=torch.int32)
+        with pytest.raises(ValueError, match=r"^k_cache: expected rank 4"):
+            op(q, torch.empty(2, 8, 64, dtype=torch.float16), torch.empty(2, 8, 2, 64, dtype=torch.float16), None,
+               None, lengths)
+        with pytest.raises(TypeError, match=r"^v_cache: expected dtype float16"):
+            op(q, torch.empty(2, 8, 2, 64, dtype=torch.float16), torch.empty(2, 8, 2, 64, dtype=torch.bfloat16), None,
+               None, lengths)
+    kc, vc = _cache(rng, 2, 64, 2, 64)
+    kp, table = _paged(rng, kc, 16)
+    vp, _ = _paged(rng, vc, 16, table)
+    q = torch.from_numpy(rng.standard_normal((2, 1, 4, 64))).to(torch.float16)
+    lengths = torch.tensor([20, 3], dtype=torch.int32)
+    out, _ = op(q, kp, vp, None, None, lengths, block_table=table)
+    assert torch.equal(out, tvmflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lengths, block_table=table))

@@ -46,15 +46,20 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, causal=False, softmax_scale=None, softcap=0.0, window_left=-1, window_right=-1,
                         alibi_slopes=None, num_splits=0):
+    return _fake(q, k, v, ("q", "k", "v"))
+
+
+def _fake(q, k, v, names):
     # Only what can be checked without specialising symbolic sizes: ranks and dtypes. The real
     # kernel checks the rest (validate.check_qkv) when it runs.
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    nq, nk, nv = names
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         if x.dim() != 4:
             raise ValueError(f"{name}: expected rank 4 [batch, seqlen, heads, head_dim], got rank {x.dim()} "
                              f"with shape {tuple(x.shape)}")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q: expected dtype float16 or bfloat16, got {str(q.dtype).replace('torch.', '')}")
-    for name, x in (("k", k), ("v", v)):
+    for name, x in ((nk, k), (nv, v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {str(q.dtype).replace('torch.', '')} (the dtype of q), "
                             f"got {str(x.dtype).replace('torch.', '')}")
@@ -83,7 +88,7 @@ def attention_kvcache_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 def _attention_kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, causal=True, softmax_scale=None,
                                 softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None, num_splits=0,
                                 block_table=None):
-    _attention_fwd_fake(q, k_cache, v_cache)  # ranks and dtypes (names as the dense op's)
+    _fake(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))  # ranks and dtypes
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens: expected dtype int32, got {str(cache_seqlens.dtype).replace('torch.', '')}")
     batch, seqlen_q, heads, _ = q.shape
