@@ -685,38 +685,38 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     # the macros below see the names of the function they expand in: they reach these through ex
     ex.m_init, ex.l_init, ex.o_init, ex.tile_max_init = m_init, l_init, o_init, tile_max_init
 
-    def here(e, used=None):
-        """An expression of Algorithm 0's shape and scalars in the derived function's; ``used``:
-        the variable holding the sequence's key count, for its loads."""
+    def here(e):
+        """An expression of Algorithm 0's shape and scalars in the derived function's (the
+        sequence's key count read from its variable, once the tile binds one: ``_Exprs.use``)."""
         vmap = {ch.shape[n]: ex.shape[n] for n in ch.shape}
         vmap.update({ch.params[n]: ex.scalars[n] for n in SCALARS + BUFFERS if n in ch.params})
         if e is None:
             return None
         e = _subst(e, vmap, {})
-        return e if used is None else _subst(e, {}, {ex.scalars["seqused_k"]: used})
+        return e if ex.used_var is None else _subst(e, {}, {ex.scalars["seqused_k"]: ex.used_var})
 
-    def first_tile(b, qb, seq_k, used=None):
+    def first_tile(b, qb, seq_k):
         """The first key tile query tile ``qb`` of batch ``b`` can see (None: the first of all,
         0), kept inside the keys so that even kernels, which have no bound checks, never read past
         them."""
-        first = here(_kv_tile_first(ch, ch.x, ex.row_first(qb), b), used)
+        first = here(_kv_tile_first(ch, ch.x, ex.row_first(qb), b))
         if first is None:
             return None
         return tirx.max(tirx.min(tirx.floordiv(first, BN), tirx.ceildiv(seq_k, BN) - 1), 0)
 
-    def kv_tiles(b, qb, seq_q, seq_k, used=None):
-        """How many key tiles query tile ``qb`` of batch ``b`` visits, from ``first_tile``.
-        ``used``: a variable bound to the sequence's key count (``KernelSpec.seqused_k``), which
-        the count reads instead of its load (the pipeline's guards are proved on the count, and
-        TVM's analyzer proves them on a variable, not on a load)."""
-        bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb), b), used)
+    def kv_tiles(b, qb, seq_q, seq_k):
+        """How many key tiles query tile ``qb`` of batch ``b`` visits, from ``first_tile``. With
+        per-sequence key counts (``KernelSpec.seqused_k``) the count reads the tile's variable
+        for the sequence's, not its load: the pipeline's guards are proved on the count, and
+        TVM's analyzer proves them on a variable, not on a load."""
+        bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb), b))
         last_key = seq_k if bound is None else tirx.min(seq_k, bound)
-        first = first_tile(b, qb, seq_k, used)
+        first = first_tile(b, qb, seq_k)
         return _kv_tile_count(last_key, BN, first)
 
-    def kv_first(b, qb, seq_k, kb, used=None):
+    def kv_first(b, qb, seq_k, kb):
         """The first key of the ``kb``-th tile query tile ``qb`` of batch ``b`` visits."""
-        first = first_tile(b, qb, seq_k, used)
+        first = first_tile(b, qb, seq_k)
         return kb * BN if first is None else (first + kb) * BN
 
     # The steps both forms share, as TVMScript macros expanded at the call site (whose tile
@@ -904,14 +904,11 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
 
                 start_tile()
                 # the key tiles the mask leaves visible (all where it bounds none)
-                if ex.used:
+                if ex.used:  # (the sequence's key count, one variable a tile: ``kv_tiles``)
                     kv_used: T.let[T.int32] = seqused_k[vb]
                     kv_used_ = T.meta_var(ex.use(kv_used))
-                    for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k, kv_used)):
-                        kv_step(ex.kv_first(vb, vqb, seq_k, kb, kv_used))
-                else:
-                    for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k)):
-                        kv_step(ex.kv_first(vb, vqb, seq_k, kb))
+                for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k)):
+                    kv_step(ex.kv_first(vb, vqb, seq_k, kb))
 
                 with T.sblock(EPILOGUE):
                     for i, d in T.grid(BM, D):
@@ -984,13 +981,13 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
         """The programs' heads: query heads, or K/V heads where packed."""
         return heads if pack == 1 else heads_kv
 
-    def chunk_tiles(b, qb, c, seq_q, seq_k, used=None):
+    def chunk_tiles(b, qb, c, seq_q, seq_k):
         """(count, first) of the key tiles of chunk ``c``: an equal share of the tile's visible
         ones, in order. A chunk left without one (more chunks than tiles) still runs one, past
         the visible ones and so wholly masked (the key-padding mask or the definition's), as
         ``_kv_tile_count`` does: a GPU software pipeline needs a loop it can prove runs. An even
         build has no padding mask, so there such a chunk runs none."""
-        n = kv_tiles(b, qb, seq_q, seq_k, used)
+        n = kv_tiles(b, qb, seq_q, seq_k)
         per = tirx.ceildiv(n, parts)
         return tirx.max(tirx.min(n, (c + 1) * per) - c * per, 0 if even else 1), c * per
 
@@ -1075,15 +1072,11 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
                     alpha = T.sblock_alloc_buffer((BM,), "float32")
                     O_tile = T.sblock_alloc_buffer((BM, D), acc_dtype)
                     start_tile()
-                    if ex.used:  # (a variable for the sequence's key count: ``kv_tiles``)
+                    if ex.used:  # (the sequence's key count, one variable a tile: ``kv_tiles``)
                         kv_used: T.let[T.int32] = seqused_k[vb]
                         kv_used_ = T.meta_var(ex.use(kv_used))
-                        for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k, kv_used)[0]):
-                            kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k, kv_used)[1] + kb,
-                                                kv_used))
-                    else:
-                        for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k)[0]):
-                            kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k)[1] + kb))
+                    for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k)[0]):
+                        kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k)[1] + kb))
                     # the chunk's partial state leaves the tile (rows past seq_q are not stored),
                     # acc staged as the fused epilogue stages it (a GPU schedule stores its
                     # fragments there)
