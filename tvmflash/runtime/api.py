@@ -71,10 +71,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
                              "static_shape=True")
         spec = spec.replace(shape=(b, sq, sk, h))
     elif algorithm == "fused":
-        splits = splits_for(spec, b, sq, sk, h, num_splits, window)
-        if splits:
-            V.check_split_partials(splits, b, sq, h, spec.head_dim)
-            spec = spec.replace(splits=splits)
+        spec = with_splits(spec, b, sq, sk, h, num_splits, window)
     elif num_splits > 1:
         raise ValueError(f"num_splits: the fused algorithm only, got algorithm={algorithm!r}")
     return kernel_for(spec, sq, sk)(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=cap,
@@ -138,6 +135,17 @@ def splits_for(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int,
     while programs * splits * 2 <= want and tiles // (2 * splits) >= MIN_CHUNK_TILES and splits < V.MAX_SPLITS:
         splits *= 2
     return splits
+
+
+def with_splits(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int, num_splits: int = 0,
+                window: tuple[int, int] = (-1, -1)) -> KernelSpec:
+    """``spec`` with the split count ``splits_for`` gives these lengths, after checking its
+    partials fit int32 indexing (``spec`` itself where no split)."""
+    splits = splits_for(spec, batch, seq_q, seq_k, heads, num_splits, window)
+    if not splits:
+        return spec
+    V.check_split_partials(splits, batch, seq_q, heads, spec.head_dim)
+    return spec.replace(splits=splits)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ import numbers
 
 from ..spec import KernelSpec
 from . import validate as V
-from .api import kernel_for, splits_for, target_for
+from .api import kernel_for, target_for, with_splits
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
@@ -85,11 +85,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     used = _on(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
     spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, sq, capacity), bool(cap),
                  alibi_slopes is not None, rows if paged else 0)
-    longest = max(held, default=0) + new
-    splits = splits_for(spec, b, sq, longest, h, num_splits, window)
-    if splits:
-        V.check_split_partials(splits, b, sq, h, d)
-        spec = spec.replace(splits=splits)
+    spec = with_splits(spec, b, sq, max(held, default=0) + new, h, num_splits, window)
     return kernel_for(spec, sq, capacity)(q, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=return_lse,
                                           softcap=cap, window_size=window if spec.window else None,
                                           alibi_slopes=alibi_slopes, seqused_k=used, block_table=table)
