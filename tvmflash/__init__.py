@@ -10,18 +10,21 @@ bench) beside them; ``cli`` for the command line, ``torch_ops`` for the PyTorch 
 
 from .analysis.roofline import explain
 from .builder import build, lower
-from .definition import attention_reference
+from .definition import attention_reference, attention_varlen_reference
 from .runtime.api import attention
 from .runtime.cache import cache_dir, get_kernel
 from .runtime.kernel import Kernel, load
 from .runtime.kvcache import attention_with_kvcache
+from .runtime.varlen import attention_varlen
 from .spec import KernelSpec
 from .version import __version__
 
 __all__ = [
     "attention",
     "attention_with_kvcache",
+    "attention_varlen",
     "attention_reference",
+    "attention_varlen_reference",
     "build",
     "cache_dir",
     "explain",

@@ -29,6 +29,7 @@ def _spec_from_args(args, target: str):
         splits=int(getattr(args, "splits", 0) or 0),
         seqused_k=bool(getattr(args, "kv_lengths", False) or getattr(args, "paged", 0)),
         paged=int(getattr(args, "paged", 0) or 0),
+        varlen=bool(getattr(args, "varlen", False)),
     )
 
 
@@ -82,6 +83,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--paged", type=int, default=d(0), metavar="PAGE_SIZE",
                    help="a paged KV cache of PAGE_SIZE rows a page (with a runtime block table; implies "
                         "--kv-lengths): the kernel of attention_with_kvcache(block_table=...)")
+    p.add_argument("--varlen", action="store_true", default=d(False),
+                   help="packed variable-length sequences (runtime cu_seqlens_q/k prefix sums and longest lengths): "
+                        "the kernel of attention_varlen")
 
 
 def cmd_build(args) -> int:
@@ -275,10 +279,11 @@ def _inspected_spec(args) -> KernelSpec:
 _INSPECT_SPEC_FLAGS = [("--head-dim", "head_dim"), ("--dtype", "dtype"), ("--causal", "causal"), ("--gqa", "gqa"),
                        ("--algorithm", "algorithm"), ("--even", "even"), ("--softcap", "softcap"),
                        ("--window", "window"), ("--alibi", "alibi"), ("--splits", "splits"),
-                       ("--kv-lengths", "kv_lengths"), ("--paged", "paged"), ("--target", "target")]
+                       ("--kv-lengths", "kv_lengths"), ("--paged", "paged"), ("--varlen", "varlen"),
+                       ("--target", "target")]
 _INSPECT_DEFAULTS = dict(head_dim=128, dtype="float16", causal=False, gqa=1, algorithm="fused", even=False,
                          softcap=False, window=False, alibi=False, splits=0, kv_lengths=False, paged=0,
-                         target="nvidia/nvidia-a100")
+                         varlen=False, target="nvidia/nvidia-a100")
 
 
 def cmd_inspect(args) -> int:
@@ -361,6 +366,15 @@ def cmd_bench(args) -> int:
         rows, methods = bench_decode(head_dim=head_dim, dtype=args.dtype or "float16", reps=args.reps)
         print()
         print_decode_table(rows, methods)
+        return 0
+    if args.varlen:
+        from .analysis.bench import bench_varlen, print_varlen_table
+
+        head_dim = args.head_dims[0] if len(args.head_dims) == 1 else 128
+        rows, methods = bench_varlen(head_dim=head_dim, heads=args.heads, dtype=args.dtype or "float16",
+                                     causals=_CAUSALS[args.causal], reps=args.reps)
+        print()
+        print_varlen_table(rows, methods)
         return 0
     if args.memory:
         from .analysis.bench import peak_memory, print_memory_table
@@ -538,6 +552,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode", action="store_true",
                    help="instead: decode (1 and 16 new tokens over a 4k-32k KV cache, 32 q / 8 kv heads, head dim "
                         "128 or the one --head-dims gives) in us and TB/s against SDPA flash and cuDNN")
+    p.add_argument("--varlen", action="store_true",
+                   help="instead: packed variable-length prefill (attention_varlen) against the batch padded to its "
+                        "longest sequence (tvmflash, SDPA flash, cuDNN) and SDPA once per sequence")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak GPU memory of fused vs standard per --seqlens (batch 1, the first --head-dims)")
     p.add_argument("--models", nargs="*", default=None, metavar="MODEL",

@@ -101,6 +101,13 @@ class KernelSpec:
                the table is a runtime (batch, max_pages) int32 tensor. The page size is compiled
                in (its division folds to shifts, a tile's page lookups to one where pages hold
                whole tiles): one build per page size.
+    varlen:    (fused) variable-length batches, FlashAttention-2's ``flash_attn_varlen_func``: q, o
+               are packed (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim), and
+               sequence b holds rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`` of q and the same
+               of k by ``cu_seqlens_k`` (runtime (batch + 1,) int32 prefix sums); lse is (heads,
+               total_q). Causal, window and ALiBi are aligned per sequence, as ``seqused_k``'s.
+               The longest sequences, ``max_seqlen_q`` and ``max_seqlen_k``, are runtime values
+               (the grid's query tiles, the key tiles' bound).
     """
 
     head_dim: int
@@ -117,6 +124,7 @@ class KernelSpec:
     splits: int = 0
     seqused_k: bool = False
     paged: int = 0
+    varlen: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -179,6 +187,14 @@ class KernelSpec:
         if self.paged and not self.seqused_k:
             raise ValueError("paged: a paged cache holds each sequence's own key count: expected seqused_k=True "
                              f"with paged={self.paged}")
+        if not isinstance(self.varlen, bool):
+            raise TypeError(f"varlen: expected a bool (the sequences' offsets are runtime tensors), got "
+                            f"{type(self.varlen).__name__}")
+        if self.varlen and (self.algorithm != "fused" or self.shape is not None or self.even or self.splits
+                            or self.seqused_k):
+            raise ValueError(f"varlen: for the fused algorithm with any shape, no even build, no split and no "
+                             f"seqused_k, got algorithm={self.algorithm!r}, shape={self.shape!r}, even={self.even!r}, "
+                             f"splits={self.splits!r}, seqused_k={self.seqused_k!r}")
         if self.even and (self.shape is not None or self.algorithm != "fused"):
             raise ValueError("even: for the fused algorithm with any shape (a static shape folds its bound "
                              f"checks itself), got algorithm={self.algorithm!r}, shape={self.shape!r}")
@@ -205,6 +221,8 @@ class KernelSpec:
             parts.append("alibi")
         if self.seqused_k:
             parts.append(f"paged{self.paged}" if self.paged else "kvlen")
+        if self.varlen:
+            parts.append("varlen")
         parts.append(f"g{self.group}")
         if self.splits:
             parts.append(f"s{self.splits}")
@@ -220,7 +238,8 @@ class KernelSpec:
     def input_buffers(self) -> tuple[str, ...]:
         """The kernel's input buffers after q, k, v, o, lse, in its signature's order."""
         return ((("alibi_slopes",) if self.alibi else ()) + (("seqused_k",) if self.seqused_k else ())
-                + (("block_table",) if self.paged else ()))
+                + (("block_table",) if self.paged else ())
+                + (("cu_seqlens_q", "cu_seqlens_k") if self.varlen else ()))
 
     @property
     def scalar_params(self) -> tuple[str, ...]:
@@ -231,6 +250,8 @@ class KernelSpec:
             names.append("softcap")
         if self.window:
             names += ["window_left"] if self.causal else ["window_left", "window_right"]
+        if self.varlen:
+            names += ["max_seqlen_q", "max_seqlen_k"]
         return tuple(names)
 
     @property

@@ -20,8 +20,9 @@ import torch
 
 from .runtime.api import attention
 from .runtime.kvcache import attention_with_kvcache
+from .runtime.varlen import attention_varlen
 
-__all__ = ["attention_fwd", "attention_kvcache_fwd"]
+__all__ = ["attention_fwd", "attention_kvcache_fwd", "attention_varlen_fwd"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -95,6 +96,35 @@ def _attention_kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, causal
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
+@torch.library.custom_op("tvmflash::attention_varlen_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                         softmax_scale: float | None = None, softcap: float = 0.0, window_left: int = -1,
+                         window_right: int = -1, alibi_slopes: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) = ``tvmflash.attention_varlen(..., return_lse=True)``: q [total_q, heads, head_dim],
+    k, v [total_k, heads_kv, head_dim] packed, cu_seqlens_q / cu_seqlens_k (batch + 1,) int32
+    prefix sums. out: like q; lse: [heads, total_q] float32, natural log."""
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                            softmax_scale=softmax_scale, return_lse=True, softcap=softcap,
+                            window_size=(window_left, window_right), alibi_slopes=alibi_slopes)
+
+
+@attention_varlen_fwd.register_fake
+def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                               softmax_scale=None, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(f"{name}: expected rank 3 [total_tokens, heads, head_dim] (packed sequences), got rank "
+                             f"{x.dim()} with shape {tuple(x.shape)}")
+    _fake(q[None], k[None], v[None], ("q", "k", "v"))  # dtypes
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if x.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype int32, got {str(x.dtype).replace('torch.', '')}")
+    total_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total_q), dtype=torch.float32)
+
+
 def _refuse(ctx, inputs, output):
     raise NotImplementedError(
         "tvmflash::attention_fwd: tvmflash has no backward pass yet, and an input requires grad; call it under "
@@ -106,3 +136,4 @@ def _no_backward(ctx, grad_out, grad_lse):  # pragma: no cover - never recorded:
 
 
 attention_fwd.register_autograd(_no_backward, setup_context=_refuse)
+attention_varlen_fwd.register_autograd(_no_backward, setup_context=_refuse)

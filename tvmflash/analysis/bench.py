@@ -10,6 +10,7 @@ back to back, the methods of a row sampled in turn (``_time_interleaved``).
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 
 
@@ -407,6 +408,82 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
             f"{m}: " + (f"{row[m][0]:8.1f} us {row[m][1]:5.2f} TB/s" if row[m][0] is not None else row[m][1])
             for m in methods]), flush=True)
     return rows, methods
+
+
+#: The cases of ``bench_varlen``: (name, each sequence's length), query and key lengths equal
+#: (prefill): equal lengths (the dense kernel's case), a skewed batch of halving lengths and a
+#: mixed one.
+VARLEN_CASES = (
+    ("4 x 4096", (4096,) * 4),
+    ("16 x 1024", (1024,) * 16),
+    ("skewed 8k", (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1, 1, 1)),
+    ("mixed 16k", (3000, 17, 4096, 1500, 777, 2048, 3333, 129, 1300)),
+)
+
+
+def bench_varlen(cases=VARLEN_CASES, head_dim: int = 128, heads: int = 16, dtype: str = "float16",
+                 causals=(False, True), reps: int = 10):
+    """Rows of us per call and TFLOP/s (4 * head_dim * the visible scores of the sequences
+    themselves) of packed variable-length prefill, side by side: ``attention_varlen`` (prefix
+    sums on the CPU, checked there), and what a caller without it runs: tvmflash and SDPA flash
+    and cuDNN on the batch padded to the longest sequence (the padding computed and dropped), and
+    SDPA flash once per sequence."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from ..runtime.api import attention
+    from ..runtime.varlen import attention_varlen
+
+    flash, cudnn = _sdpa(SDPBackend.FLASH_ATTENTION), _sdpa(SDPBackend.CUDNN_ATTENTION)
+    methods = ["tvmflash varlen", "tvmflash padded", "sdpa flash padded", "sdpa cudnn padded", "sdpa flash per sequence"]
+    dt = getattr(torch, dtype)
+    rows = []
+    for causal in causals:
+        for name, lengths in cases:
+            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+            total, longest, batch = int(cu[-1]), max(lengths), len(lengths)
+            q, k, v = (torch.randn(total, heads, head_dim, device="cuda", dtype=dt) for _ in range(3))
+            padded = [torch.zeros(batch, longest, heads, head_dim, device="cuda", dtype=dt) for _ in range(3)]
+            for b, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                for dst, src in zip(padded, (q, k, v)):
+                    dst[b, : hi - lo] = src[lo:hi]
+            seqs = [tuple(x[None, lo:hi] for x in (q, k, v)) for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())]
+            flops = 4 * head_dim * heads * sum(visible_scores(n, n, causal) for n in lengths)
+
+            def per_sequence(seqs=seqs, causal=causal):
+                for a, b_, c in seqs:
+                    flash(a, b_, c, causal)
+
+            fns = {
+                "tvmflash varlen": functools.partial(attention_varlen, q, k, v, cu, cu, longest, longest, causal=causal),
+                "tvmflash padded": functools.partial(attention, *padded, causal=causal),
+                "sdpa flash padded": functools.partial(flash, *padded, causal),
+                "sdpa cudnn padded": functools.partial(cudnn, *padded, causal),
+                "sdpa flash per sequence": per_sequence,
+            }
+            row = {"case": name, "causal": causal, "sequences": batch, "tokens": total, "head_dim": head_dim,
+                   "heads": heads}
+            for method, ms in _time_interleaved(fns, reps=reps).items():
+                row[method] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, flops / ms / 1e9)
+            del q, k, v, padded, seqs
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(" | ".join([f"{name} causal={causal}"] + [
+                f"{m}: " + (f"{row[m][0]:8.1f} us {row[m][1]:6.1f} TFLOP/s" if row[m][0] is not None else row[m][1])
+                for m in methods]), flush=True)
+    return rows, methods
+
+
+def print_varlen_table(rows, methods) -> None:
+    print(f"packed variable-length prefill, {rows[0]['head_dim'] if rows else ''} head dim, "
+          f"{rows[0]['heads'] if rows else ''} heads; us per call, TFLOP/s on the sequences' own scores, on "
+          f"{_device_name()}")
+    print("| case | causal | " + " | ".join(methods) + " |")
+    print("|" + "---|" * (2 + len(methods)))
+    for r in rows:
+        cells = [str(val) if us is None else f"{us:.0f} us, {val:.0f}" for us, val in (r[m] for m in methods)]
+        print(f"| {r['case']} ({r['sequences']} seqs, {r['tokens']} tokens) | {'yes' if r['causal'] else 'no'} | "
+              + " | ".join(cells) + " |")
 
 
 def _why(err: Exception) -> str:

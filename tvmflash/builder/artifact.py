@@ -57,6 +57,10 @@ _VARIANT_ARGUMENTS = {
                  "aligned to that length",
     "block_table": "[batch, max_pages] int32: key j of batch b at row j % page_size of page block_table[b, j // "
                    "page_size] of k, v [num_pages, page_size, heads_kv, head_dim]",
+    "cu_seqlens_q": "[batch + 1] int32: prefix sums of the sequences' query rows in the packed q, out",
+    "cu_seqlens_k": "[batch + 1] int32: prefix sums of the sequences' keys in the packed k, v",
+    "max_seqlen_q": "int32 >= every sequence's query rows: the grid's query tiles",
+    "max_seqlen_k": "int32 >= every sequence's keys",
     "softcap": "float32 > 0: scores become softcap * tanh(scores / softcap)",
     "window_left": "int32 >= 0: row i sees keys from i + seqlen_k - seqlen_q - window_left",
     "window_right": "int32 >= 0: row i sees keys up to i + seqlen_k - seqlen_q + window_right",
@@ -65,12 +69,24 @@ _VARIANT_ARGUMENTS = {
 
 def _argument_layout(spec: KernelSpec) -> dict:
     d = spec.head_dim
+    if spec.varlen:
+        layout = {
+            "q": f"[total_q, heads, {d}] {spec.dtype}",
+            "k": f"[total_k, heads / {spec.group}, {d}] {spec.dtype}",
+            "v": f"[total_k, heads / {spec.group}, {d}] {spec.dtype}",
+            "out": f"[total_q, heads, {d}] {spec.dtype}",
+            "lse": "[heads, total_q] float32 (natural log)",
+        }
+    else:
+        layout = {
+            "q": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
+            "k": f"[batch, seqlen_k, heads / {spec.group}, {d}] {spec.dtype}",
+            "v": f"[batch, seqlen_k, heads / {spec.group}, {d}] {spec.dtype}",
+            "out": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
+            "lse": "[batch, heads, seqlen_q] float32 (natural log)",
+        }
     return {
-        "q": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
-        "k": f"[batch, seqlen_k, heads / {spec.group}, {d}] {spec.dtype}",
-        "v": f"[batch, seqlen_k, heads / {spec.group}, {d}] {spec.dtype}",
-        "out": f"[batch, seqlen_q, heads, {d}] {spec.dtype}",
-        "lse": "[batch, heads, seqlen_q] float32 (natural log)",
+        **layout,
         **{name: _VARIANT_ARGUMENTS[name] for name in spec.input_buffers},
         "softmax_scale": "float32, default 1/sqrt(head_dim)",
         **{name: _VARIANT_ARGUMENTS[name] for name in spec.scalar_params[1:]},

@@ -82,18 +82,22 @@ COMBINE_LSE = "combine_lse"
 #: Shape variables of the definitions, by name (the derived function declares its own); a paged
 #: cache's keys are ``max_pages * page_size``, its K and V (num_pages, page_size, ...), the page
 #: size a constant (``KernelSpec.paged``).
-_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "num_pages", "max_pages")
+_SHAPE_VARS = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "num_pages", "max_pages", "total_q", "total_k",
+               "batch_p1")
 #: The scalar parameters a derived function can carry, in its signature's order after the buffers:
 #: the softmax scale, the cap of a runtime softcap (``definition.plain.SOFTCAP``) and a sliding
-#: window's edges (``KernelSpec.window``).
-SCALARS = ("sm_scale", "softcap", "window_left", "window_right")
+#: window's edges (``KernelSpec.window``), and packed sequences' longest lengths
+#: (``KernelSpec.varlen``: the query and key extents).
+SCALARS = ("sm_scale", "softcap", "window_left", "window_right", "max_seqlen_q", "max_seqlen_k")
 #: The input buffers a derived function can carry besides q, k, v (after lse in its signature):
 #: ALiBi's slopes [batch, heads] (``KernelSpec.alibi``), read by the score, and the keys each
 #: sequence uses [batch] (``KernelSpec.seqused_k``), read by the mask, and a paged cache's block
-#: table [batch, max_pages] (``KernelSpec.paged``), read by the K and V loads.
-BUFFERS = ("alibi_slopes", "seqused_k", "block_table")
+#: table [batch, max_pages] (``KernelSpec.paged``), read by the K and V loads, and packed
+#: sequences' prefix sums [batch + 1] (``KernelSpec.varlen``), read by every load, the mask and
+#: the stores.
+BUFFERS = ("alibi_slopes", "seqused_k", "block_table", "cu_seqlens_q", "cu_seqlens_k")
 #: Roles of a block's iterators, read from their domains: batch, head, query row, key, head dim.
-_ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j"}
+_ROLE_OF_EXTENT = {"batch": "b", "heads": "h", "seq_q": "i", "seq_k": "j", "max_seqlen_q": "i", "max_seqlen_k": "j"}
 
 
 class NotRepairable(ValueError):
@@ -155,12 +159,14 @@ def _leaf_blocks(func) -> list:
 
 @dataclass
 class Step:
-    """One block of Algorithm 0: its single store and its iterators by role."""
+    """One block of Algorithm 0: its single store (under ``guard`` where one guards it) and its
+    iterators by role."""
 
     block: object
     store: object
     roles: dict  # "b" / "h" / "i" / "j" / "d" -> the block's iter var
     reduce: tuple  # roles of its reduction iterators
+    guard: object = None  # the condition the store runs under (a varlen row inside its sequence)
 
     @property
     def name(self) -> str:
@@ -179,7 +185,10 @@ class Step:
 
 
 def _step(block) -> Step:
-    if not isinstance(block.body, tirx.BufferStore):
+    body, guard = block.body, None
+    if isinstance(body, tirx.IfThenElse) and body.else_case is None:
+        body, guard = body.then_case, body.condition
+    if not isinstance(body, tirx.BufferStore):
         raise NotRepairable(f"block {block.name_hint!r}: expected one store, got {type(block.body).__name__}")
     roles, reduce = {}, []
     for iv in block.iter_vars:
@@ -188,6 +197,8 @@ def _step(block) -> Step:
             role = _ROLE_OF_EXTENT.get(ext.name)
         elif isinstance(ext, tirx.Mul) and getattr(ext.a, "name", None) == "max_pages":
             role = "j"  # a paged cache's keys, max_pages * page_size
+        elif isinstance(ext, tirx.Sub) and getattr(ext.a, "name", None) == "batch_p1" and _is_const(ext.b, 1):
+            role = "b"  # packed sequences: the prefix sums hold batch + 1
         else:
             role = "d"
         if role is None or role in roles:
@@ -198,7 +209,7 @@ def _step(block) -> Step:
             reduce.append(role)
         elif int(iv.iter_type) != _SPATIAL:
             raise NotRepairable(f"block {block.name_hint!r}: iterator {iv.var.name} is neither spatial nor a reduction")
-    return Step(block, block.body, roles, tuple(reduce))
+    return Step(block, body, roles, tuple(reduce), guard)
 
 
 @dataclass
@@ -390,6 +401,14 @@ def analyze(func) -> Chain:
         for ld in _loads(st.store.value):
             ok = any(ld.source.same_as(b) for b in (m, row_sum.out, pv.out, params["sm_scale"]))
             _expect(ok, st, f"the epilogue reads {ld.source.name}; it may read only the max, the sums and the scale")
+    for st in blocks:
+        if st.guard is None:
+            continue
+        # a store left out for rows that do not exist (a packed sequence's rows past its own)
+        _expect(st in epi, st, "only the epilogue's stores may run under a condition")
+        _expect(all(any(ld.source.same_as(b) for b in inputs) for ld in _loads(st.guard))
+                and not _uses(st.guard, st.roles.get("d")), st,
+                f"its store's condition may read only the row, the batch and the inputs {list(BUFFERS)}")
     order = [b.name for b in blocks]
     expected = [s.name for s in (gemm, score, max_st, exp_st, row_sum, cast, pv) if s is not None]
     _expect([n for n in order if n in expected] == expected, max_st,
@@ -458,6 +477,15 @@ def _kv_tile_first(ch: Chain, x, row_first, b):
     return _mask_edge(ch, x, tirx.GE, row_first, b)
 
 
+def _row_bound(ch: Chain):
+    """U where the epilogue stores only rows ``i < U`` (U free of the row: a packed sequence's
+    rows), in the O block's iterators, else None."""
+    g, vi = ch.out.guard, ch.out.roles.get("i")
+    if isinstance(g, tirx.LT) and isinstance(g.a, tirx.Var) and g.a.same_as(vi) and not _uses(g.b, vi):
+        return g.b
+    return None
+
+
 def _kv_tile_count(last_key, BN: int, first=None):
     """Tiles up to ``last_key`` (from tile ``first``, where given), at least one: a tile with no
     visible key (causal, seq_q > seq_k; or seq_k == 0) is wholly masked and leaves the
@@ -486,7 +514,7 @@ class _Exprs:
 
     def __init__(self, ch: Chain, even: bool, BM: int, pack: int = 1):
         self.ch, self.even, self.BM, self.pack = ch, even, BM, pack
-        self.shape = self.scalars = self.used_var = None
+        self.shape = self.scalars = self.used_var = self.offsets = None
 
     # A tile's rows. Unpacked (``pack`` 1): the grid's head ``vh`` and query rows ``qb * BM + i``.
     # Packed (GQA, FlashAttention's "pack GQA"): the grid's head is a K/V head and the tile's rows
@@ -544,14 +572,49 @@ class _Exprs:
         self.used_var = var
         return var
 
+    def use_offsets(self, vb, q_start, q_end, k_start, k_end):
+        """Read packed sequence ``vb``'s prefix sums (``KernelSpec.varlen``) from the variables the
+        tile binds from here on: cu_seqlens_q[vb] is ``q_start``, cu_seqlens_q[vb + 1] ``q_end``,
+        k alike. As ``use``: bounds TVM's analyzer can prove, and four loads a tile."""
+        self.offsets = (vb, {"cu_seqlens_q": (q_start, q_end), "cu_seqlens_k": (k_start, k_end)})
+        return q_start
+
+    def local(self, e):
+        """``e`` with the loads a tile binds to variables (``use``, ``use_offsets``) read from them."""
+        if self.used_var is not None:
+            e = _subst(e, {}, {self.scalars["seqused_k"]: self.used_var})
+        if self.offsets is None:
+            return e
+        vb, lets = self.offsets
+        bufs = {name: self.scalars[name] for name in lets}
+
+        def on_load(ld):
+            for name, buf in bufs.items():
+                if ld.source.same_as(buf) and len(ld.indices) == 1:
+                    delta = _Analyzer().simplify(ld.indices[0] - vb)
+                    if isinstance(delta, tirx.IntImm) and delta.value in (0, 1):
+                        return lets[name][delta.value]
+            return ld
+
+        return tvm_ffi.structural_map(e, [(Load, on_load)])
+
+    def store_at(self, st, b, h, row, d=None):
+        """The indices of epilogue block ``st``'s store (O's or lse's) at (b, h, row, d)."""
+        roles = {"b": b, "h": h, "i": row} if d is None else {"b": b, "h": h, "i": row, "d": d}
+        return tuple(self._at(st, ix, roles, {}) for ix in st.store.indices)
+
+    def row_ok(self, st, b, row):
+        """Whether epilogue block ``st`` stores ``row`` of batch ``b`` (its guard: a packed
+        sequence's rows)."""
+        return self._at(st, st.guard, {"b": b, "i": row}, {})
+
     def keys(self, seq_k):
         """The keys a tile loads: all of k, or the sequence's (``use``): past them nothing is read,
         so a paged cache's table needs entries for the sequence's own pages only."""
         return seq_k if self.used_var is None else tirx.min(seq_k, self.used_var)
 
     def _at(self, st, e, roles, loads):
-        e = self.ch.at(st, e, roles, loads, self.shape, self.scalars)
-        return e if self.used_var is None else _subst(e, {}, {self.scalars["seqused_k"]: self.used_var})
+        return self.local(self.ch.at(st, e, roles, loads, self.shape, self.scalars))
 
     def load(self, which, buf, b, h, pos, d):
         ch = self.ch
@@ -561,7 +624,7 @@ class _Exprs:
 
     def kv_head(self, b, h):
         """The K/V head index of query head ``h`` (GQA), from the definition's K load."""
-        return self._at(self.ch.gemm, self.ch.k_load.indices[2], {"b": b, "h": h}, {})
+        return self._at(self.ch.gemm, self.ch.k_load.indices[-2], {"b": b, "h": h}, {})
 
     def s_term(self, b, h, q_elem, k_elem):
         ch = self.ch
@@ -633,6 +696,18 @@ def _check_layout(ch: Chain):
 
     q, k, v = ch.q_load.indices, ch.k_load.indices, ch.v_load.indices
     g, p = ch.gemm, ch.pv
+    if "cu_seqlens_q" in ch.params:  # packed sequences: Q[row(b, i), h, d], K[key(b, j), kv_head(h), d]
+        cq, ck = ch.params["cu_seqlens_q"], ch.params["cu_seqlens_k"]
+        _expect(len(q) == 3 and _reads(q[0], cq) and _uses(q[0], g.roles["i"]) and is_var(q[1], g, "h")
+                and is_var(q[2], g, "d"), g, "packed Q must be read as Q[row(cu_seqlens_q[b], i), h, d]")
+        for st, ix in ((g, k), (p, v)):
+            _expect(len(ix) == 3 and _reads(ix[0], ck) and _uses(ix[0], st.roles["j"]) and is_var(ix[2], st, "d")
+                    and not _uses(ix[1], st.roles["i"]), st,
+                    "packed K, V must be read as K[key(cu_seqlens_k[b], j), kv_head(h), d]")
+        for st in (ch.out, ch.lse):
+            _expect(st.guard is not None, st, "a packed sequence's rows past its own are the next one's: its "
+                    "store must run under a condition on the row")
+        return
     _expect(is_var(q[0], g, "b") and is_var(q[1], g, "i") and is_var(q[2], g, "h") and is_var(q[3], g, "d"), g,
             "Q must be read as Q[b, i, h, d]")
     if "block_table" in ch.params:  # a paged cache: K[table[b, j // page_size], j % page_size, kv_head(h), d]
@@ -675,7 +750,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     macros (the tile's start, one key tile's step). ``pack``: the query heads a tile's rows run
     over (``_Exprs.head``)."""
     dtype = str(ch.params["Q"].ty.dtype)
-    D = int(ch.params["Q"].ty.shape[3])
+    D = int(ch.params["Q"].ty.shape[-1])
     acc_dtype = str(ch.pv.out.ty.dtype)
     m_init, l_init, o_init = ch.max.block.init.value, ch.sum.block.init.value, ch.pv.block.init.value
     p_dtype = str(ch.cast.out.ty.dtype) if ch.cast is not None else str(ch.exp.out.ty.dtype)
@@ -692,8 +767,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
         vmap.update({ch.params[n]: ex.scalars[n] for n in SCALARS + BUFFERS if n in ch.params})
         if e is None:
             return None
-        e = _subst(e, vmap, {})
-        return e if ex.used_var is None else _subst(e, {}, {ex.scalars["seqused_k"]: ex.used_var})
+        return ex.local(_subst(e, vmap, {}))
 
     def first_tile(b, qb, seq_k):
         """The first key tile query tile ``qb`` of batch ``b`` can see (None: the first of all,
@@ -711,6 +785,9 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
         TVM's analyzer proves them on a variable, not on a load."""
         bound = here(_kv_tile_bound(ch, ch.x, ex.row_end(qb), b))
         last_key = seq_k if bound is None else tirx.min(seq_k, bound)
+        rows = _row_bound(ch)
+        if rows is not None:  # a tile past its sequence's rows stores nothing: no key tile to visit
+            last_key = tirx.Select(ex.row_first(qb) < ex._at(ch.out, rows, {"b": b}, {}), last_key, 0)
         first = first_tile(b, qb, seq_k)
         return _kv_tile_count(last_key, BN, first)
 
@@ -827,6 +904,7 @@ def _shared(ch: Chain, BM: int, BN: int, even: bool, pack: int = 1):
     ex.used = "seqused_k" in ch.params
     ex.paged = "block_table" in ch.params
     ex.page_size = int(ch.params["K"].ty.shape[1]) if ex.paged else 0
+    ex.varlen = "cu_seqlens_q" in ch.params
     return dtype, D, acc_dtype, p_dtype, ex, kv_tiles, start_tile, kv_step
 
 
@@ -837,41 +915,71 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
-        window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, cu_q_h: T.handle, cu_k_h: T.handle, sm_scale: T.float32,
+        softcap: T.float32, window_left: T.int32, window_right: T.int32, max_seqlen_q: T.int32, max_seqlen_k: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
-        batch = T.int32()
-        seq_q = T.int32()
-        heads = T.int32()
-        heads_kv = T.int32()
-        if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
-            num_pages = T.int32()
+        if ex.varlen:  # (the definition's: sequence b at rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q)
+            heads = T.int32()
+            heads_kv = T.int32()
+            total_q = T.int32()
+            total_k = T.int32()
+            batch_p1 = T.int32()
+            cu_seqlens_q = T.match_buffer(cu_q_h, (batch_p1,), "int32")
+            cu_seqlens_k = T.match_buffer(cu_k_h, (batch_p1,), "int32")
+            batch = T.meta_var(batch_p1 - 1)
+            seq_q = T.meta_var(max_seqlen_q)
+            seq_k = T.meta_var(max_seqlen_k)
+            Q = T.match_buffer(q_h, (total_q, heads, D), dtype)
+            O = T.match_buffer(o_h, (total_q, heads, D), dtype)
+            K = T.match_buffer(k_h, (total_k, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (total_k, heads_kv, D), dtype)
+            LSE = T.match_buffer(lse_h, (heads, total_q), "float32")
             max_pages = T.int32()
-            K = T.match_buffer(k_h, (num_pages, ex.page_size, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (num_pages, ex.page_size, heads_kv, D), dtype)
             block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            seq_k = T.meta_var(max_pages * ex.page_size)
-            pages = T.meta_var({"num_pages": num_pages, "max_pages": max_pages})
+            pages = T.meta_var({"total_q": total_q, "total_k": total_k, "batch_p1": batch_p1})
         else:
-            seq_k = T.int32()
-            K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
-            max_pages = T.int32()
-            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            pages = T.meta_var({})
-        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
-        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+            batch = T.int32()
+            seq_q = T.int32()
+            heads = T.int32()
+            heads_kv = T.int32()
+            batch_p1 = T.int32()
+            cu_seqlens_q = T.match_buffer(cu_q_h, (batch_p1,), "int32")
+            cu_seqlens_k = T.match_buffer(cu_k_h, (batch_p1,), "int32")
+            if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
+                num_pages = T.int32()
+                max_pages = T.int32()
+                K = T.match_buffer(k_h, (num_pages, ex.page_size, heads_kv, D), dtype)
+                V = T.match_buffer(v_h, (num_pages, ex.page_size, heads_kv, D), dtype)
+                block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+                seq_k = T.meta_var(max_pages * ex.page_size)
+                pages = T.meta_var({"num_pages": num_pages, "max_pages": max_pages})
+            else:
+                seq_k = T.int32()
+                K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+                V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+                max_pages = T.int32()
+                block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+                pages = T.meta_var({})
+            Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+            O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+            LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, pages, sm_scale,
-                softcap, window_left, window_right, alibi_slopes, seqused_k, block_table)
+                softcap, window_left, window_right, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_k, block_table,
+                cu_seqlens_q, cu_seqlens_k)
 
         for b, h, qb in T.grid(batch, heads, T.ceildiv(seq_q, BM)):
             with T.sblock(TILE):
                 vb, vh, vqb = T.axis.remap("SSS", [b, h, qb])
-                if ex.paged:
+                if ex.varlen:
+                    T.reads(
+                        Q[0:total_q, vh, 0:D], K[0:total_k, ex.kv_head(vb, vh), 0:D], V[0:total_k, ex.kv_head(vb, vh), 0:D],
+                        cu_seqlens_q[vb : vb + 2], cu_seqlens_k[vb : vb + 2],
+                    )
+                    T.writes(O[0:total_q, vh, 0:D], LSE[vh, 0:total_q])
+                elif ex.paged:
                     T.reads(
                         Q[vb, vqb * BM : vqb * BM + BM, vh, 0:D],
                         K[0:num_pages, 0:ex.page_size, ex.kv_head(vb, vh), 0:D],
@@ -884,7 +992,8 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                         K[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
                         V[vb, 0:seq_k, ex.kv_head(vb, vh), 0:D],
                     )
-                T.writes(O[vb, vqb * BM : vqb * BM + BM, vh, 0:D], LSE[vb, vh, vqb * BM : vqb * BM + BM])
+                if not ex.varlen:
+                    T.writes(O[vb, vqb * BM : vqb * BM + BM, vh, 0:D], LSE[vb, vh, vqb * BM : vqb * BM + BM])
                 Q_tile = T.sblock_alloc_buffer((BM, D), dtype)
                 K_tile = T.sblock_alloc_buffer((BN, D), dtype)
                 V_tile = T.sblock_alloc_buffer((BN, D), dtype)
@@ -902,6 +1011,12 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                 l_i = T.sblock_alloc_buffer((BM,), "float32")
                 alpha = T.sblock_alloc_buffer((BM,), "float32")
 
+                if ex.varlen:  # (the sequence's offsets, one variable each a tile: ``_Exprs.use_offsets``)
+                    q_start: T.let[T.int32] = cu_seqlens_q[vb]
+                    q_end: T.let[T.int32] = cu_seqlens_q[vb + 1]
+                    k_start: T.let[T.int32] = cu_seqlens_k[vb]
+                    k_end: T.let[T.int32] = cu_seqlens_k[vb + 1]
+                    offsets_ = T.meta_var(ex.use_offsets(vb, q_start, q_end, k_start, k_end))
                 start_tile()
                 # the key tiles the mask leaves visible (all where it bounds none)
                 if ex.used:  # (the sequence's key count, one variable a tile: ``kv_tiles``)
@@ -918,12 +1033,20 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                     for i, d in T.grid(BM, D):
                         with T.sblock(O_STORE):
                             vi, vd = T.axis.remap("SS", [i, d])
-                            if even or vqb * BM + vi < seq_q:
+                            if ex.varlen:  # (the rows of the tile's sequence only: Algorithm 0's guard)
+                                if ex.row_ok(ex.ch.out, vb, vqb * BM + vi):
+                                    O[ex.store_at(ex.ch.out, vb, vh, vqb * BM + vi, vd)] = ex.o(vb, vh, vqb * BM + vi,
+                                                                                                 O_tile[vi, vd], l_i[vi])
+                            elif even or vqb * BM + vi < seq_q:
                                 O[vb, vqb * BM + vi, vh, vd] = ex.o(vb, vh, vqb * BM + vi, O_tile[vi, vd], l_i[vi])
                     for i in range(BM):
                         with T.sblock(LSE_STORE):
                             vi = T.axis.remap("S", [i])
-                            if even or vqb * BM + vi < seq_q:
+                            if ex.varlen:
+                                if ex.row_ok(ex.ch.lse, vb, vqb * BM + vi):
+                                    LSE[ex.store_at(ex.ch.lse, vb, vh, vqb * BM + vi)] = ex.lse(vb, vh, vqb * BM + vi, m_i[vi],
+                                                                                                l_i[vi])
+                            elif even or vqb * BM + vi < seq_q:
                                 LSE[vb, vh, vqb * BM + vi] = ex.lse(vb, vh, vqb * BM + vi, m_i[vi], l_i[vi])
 
     return main
@@ -953,6 +1076,9 @@ def split_k_update(func, block_m: int, block_n: int, parts: int, *, even: bool =
     if not (isinstance(parts, int) and parts >= 1):
         raise ValueError(f"parts: expected an int >= 1, got {parts!r}")
     ch = analyze(func)
+    if "cu_seqlens_q" in ch.params:
+        raise NotRepairable("cu_seqlens_q: packed sequences (varlen) take the rolling update only; the split "
+                            "form's partials are per (batch, row), which packed rows do not have")
     group = _gqa_group(ch) or 1
     pack = group if pack_gqa and not even and group <= block_m else 1
     return _carried(ch, _split(ch, int(block_m), int(block_n), bool(even), parts, pack))
@@ -962,7 +1088,7 @@ def _gqa_group(ch: Chain) -> int | None:
     """G where Algorithm 0 reads K and V at head ``h // G`` (1 where at ``h``), else None."""
     found = set()
     for st, ld in ((ch.gemm, ch.k_load), (ch.pv, ch.v_load)):
-        idx, h = ld.indices[2], st.roles.get("h")
+        idx, h = ld.indices[-2], st.roles.get("h")
         if isinstance(idx, tirx.Var) and idx.same_as(h):
             found.add(1)
         elif (isinstance(idx, tirx.FloorDiv) and isinstance(idx.a, tirx.Var) and idx.a.same_as(h)
@@ -994,14 +1120,18 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
-        window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, cu_q_h: T.handle, cu_k_h: T.handle, sm_scale: T.float32,
+        softcap: T.float32, window_left: T.int32, window_right: T.int32, max_seqlen_q: T.int32, max_seqlen_k: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
         batch = T.int32()
         seq_q = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
+        # (packed sequences are not split: ``split_k_update`` refuses them)
+        batch_p1 = T.int32()
+        cu_seqlens_q = T.match_buffer(cu_q_h, (batch_p1,), "int32")
+        cu_seqlens_k = T.match_buffer(cu_k_h, (batch_p1,), "int32")
         if ex.paged:  # (the definition's: key j in page block_table[b, j // page_size])
             num_pages = T.int32()
             max_pages = T.int32()
@@ -1023,7 +1153,8 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         ex.bind({"batch": batch, "seq_q": seq_q, "seq_k": seq_k, "heads": heads, "heads_kv": heads_kv}, pages, sm_scale,
-                softcap, window_left, window_right, alibi_slopes, seqused_k, block_table)
+                softcap, window_left, window_right, max_seqlen_q, max_seqlen_k, alibi_slopes, seqused_k, block_table,
+                cu_seqlens_q, cu_seqlens_k)
         with T.sblock("root"):
             # (the partials per query head: heads_kv * pack of them where packed, which the
             # programs' writes are seen to cover)

@@ -12,5 +12,5 @@
 from .fused import *  # noqa: F401,F403 - fused_attention and its block names
 from .mask import LN2, LOG2E, NEG_INF, finite, is_masked_score, masked, visible  # noqa: F401
 from .plain import plain_attention, softcap  # noqa: F401
-from .reference import attention_reference  # noqa: F401
+from .reference import attention_reference, attention_varlen_reference  # noqa: F401
 from .standard import *  # noqa: F401,F403 - standard_attention and its block names

@@ -117,10 +117,10 @@ def plain_attention(spec: KernelSpec, score_mod: ScoreMod | None = None) -> tirx
         raise ValueError(f"score_mod: a spec with softcap=True takes the runtime cap (SOFTCAP), got {mod.name}")
     func = _plain(spec, mod)
     keep = set(spec.scalar_params) | set(spec.input_buffers) | ({"softcap"} if mod.runtime_cap else set())
-    for name in ("softcap", "window_left", "window_right"):
+    for name in ("softcap", "window_left", "window_right", "max_seqlen_q", "max_seqlen_k"):
         if name not in keep:
             func = without_param(func, name)
-    for name in ("alibi_slopes", "seqused_k", "block_table"):
+    for name in ("alibi_slopes", "seqused_k", "block_table", "cu_seqlens_q", "cu_seqlens_k"):
         if name not in keep:
             func = without_buffer(func, name)
     return func
@@ -150,7 +150,10 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
     zero_f = tirx.const(0.0, "float32")
 
     def key(buf, table, b, j, h, d):
-        """Key (or value) j of batch b: K[b, j, h, d], or in its page."""
+        """Key (or value) j of batch b: K[b, j, h, d], or in its page (``table``: the block
+        table), or (varlen: ``table`` is cu_seqlens_k) in the packed keys."""
+        if spec.varlen:
+            return packed(buf, table, b, j, h, d)
         if not spec.paged:
             return buf[b, j, h, d]
         # (the page size a constant, a power of two a shift; the page index kept inside the table's
@@ -163,14 +166,32 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         return buf[entry, tirx.floormod(j, page_size), h, d]
 
     def keys(used, b, seq_k):
-        """The keys batch ``b`` has: all of k, or its first ``seqused_k[b]``."""
+        """The keys batch ``b`` has: all of k, its first ``seqused_k[b]``, or (varlen) its own."""
+        if spec.varlen:
+            return used[b + 1] - used[b]
         return used[b] if spec.seqused_k else seq_k
+
+    def rows(cu_q, b, seq_q):
+        """The query rows batch ``b`` has: all of q, or (varlen) its own."""
+        return cu_q[b + 1] - cu_q[b] if spec.varlen else seq_q
+
+    def packed(buf, cu, b, pos, h, d):
+        """Row ``pos`` of sequence ``b`` in a packed q, k, v (varlen), kept inside the tensor: a
+        row past the sequence's belongs to the next one, or lies past the end (the mask or the
+        store's guard leaves it out)."""
+        return buf[tirx.max(tirx.min(cu[b] + pos, buf.shape[0] - 1), 0), h, d]
 
     def scored(s, slopes, used, b, h, i, j, seq_q, seq_k, sm_scale, cap):
         x = mod.score(s, sm_scale, cap)
         if not spec.alibi:
             return x
         return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, seq_q, keys(used, b, seq_k))
+
+    def scored_varlen(s, slopes, cu_q, cu_k, b, h, i, j, seq_q, seq_k, sm_scale, cap):
+        x = mod.score(s, sm_scale, cap)
+        if not spec.alibi:
+            return x
+        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, rows(cu_q, b, seq_q), keys(cu_k, b, seq_k))
 
     def exp_scale(sm_scale):
         return tirx.const(LOG2E, "float32") if spec.alibi and not mod.scaled else mod.exp_scale(sm_scale)
@@ -180,33 +201,73 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         window = (left, None if causal else right) if spec.window else None
         return masked(s, i, j, seq_q, keys(used, b, seq_k), causal, not spec.seqused_k, window)
 
+    def seen_varlen(s, cu_q, cu_k, b, i, j, seq_q, seq_k, left, right):
+        # each sequence its own rows and keys: a term j < its key count, the diagonal at its lengths
+        window = (left, None if causal else right) if spec.window else None
+        return masked(s, i, j, rows(cu_q, b, seq_q), keys(cu_k, b, seq_k), causal, False, window)
+
+    def o_value(acc, l, vb, vh, vi, vd):
+        return T.Cast(dtype, T.Select(l[vb, vh, vi] == zero_f, zero_f, acc[vb, vh, vi, vd] / l[vb, vh, vi]))
+
+    def lse_value(m, l, vb, vh, vi, sm_scale):
+        return T.Select(l[vb, vh, vi] == zero_f, neg_inf,
+                        (m[vb, vh, vi] * exp_scale(sm_scale) + T.log2(l[vb, vh, vi])) * T.float32(LN2))
+
+    def query(buf, cu_q, b, i, h, d):
+        """Query row i of batch b: Q[b, i, h, d], or (varlen) in the packed rows."""
+        return packed(buf, cu_q, b, i, h, d) if spec.varlen else buf[b, i, h, d]
+
+    def kv_index(table, cu_k):
+        """What a key's address reads besides its batch and position: the block table, or
+        (varlen) the keys' prefix sums."""
+        return cu_k if spec.varlen else table
+
     @T.prim_func(s_tir=True)
     def main(
         q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle, alibi_h: T.handle,
-        seqused_h: T.handle, table_h: T.handle, sm_scale: T.float32, softcap: T.float32, window_left: T.int32,
-        window_right: T.int32,
+        seqused_h: T.handle, table_h: T.handle, cu_q_h: T.handle, cu_k_h: T.handle, sm_scale: T.float32,
+        softcap: T.float32, window_left: T.int32, window_right: T.int32, max_seqlen_q: T.int32,
+        max_seqlen_k: T.int32,
     ):
         T.func_attr({"tirx.noalias": True})
-        batch = T.int32()
-        seq_q = T.int32()
         heads = T.int32()
         heads_kv = T.int32()
-        if spec.paged > 0:  # keys in pages: key j of batch b at row j % page_size of page block_table[b, j // page_size]
-            num_pages = T.int32()
-            max_pages = T.int32()
-            K = T.match_buffer(k_h, (num_pages, spec.paged, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (num_pages, spec.paged, heads_kv, D), dtype)
+        max_pages = T.int32()
+        if spec.varlen:  # packed sequences: batch b's rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q
+            total_q = T.int32()
+            total_k = T.int32()
+            batch_p1 = T.int32()
+            cu_seqlens_q = T.match_buffer(cu_q_h, (batch_p1,), "int32")
+            cu_seqlens_k = T.match_buffer(cu_k_h, (batch_p1,), "int32")
+            batch = T.meta_var(batch_p1 - 1)
+            seq_q = T.meta_var(max_seqlen_q)
+            seq_k = T.meta_var(max_seqlen_k)
+            Q = T.match_buffer(q_h, (total_q, heads, D), dtype)
+            O = T.match_buffer(o_h, (total_q, heads, D), dtype)
+            K = T.match_buffer(k_h, (total_k, heads_kv, D), dtype)
+            V = T.match_buffer(v_h, (total_k, heads_kv, D), dtype)
+            LSE = T.match_buffer(lse_h, (heads, total_q), "float32")
             block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-            seq_k = T.meta_var(max_pages * spec.paged)
         else:
-            seq_k = T.int32()
-            K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
-            V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
-            max_pages = T.int32()
-            block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
-        Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
-        O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
-        LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
+            batch = T.int32()
+            seq_q = T.int32()
+            batch_p1 = T.int32()
+            cu_seqlens_q = T.match_buffer(cu_q_h, (batch_p1,), "int32")
+            cu_seqlens_k = T.match_buffer(cu_k_h, (batch_p1,), "int32")
+            if spec.paged > 0:  # keys in pages: key j of batch b at row j % page_size of page block_table[b, j // page_size]
+                num_pages = T.int32()
+                K = T.match_buffer(k_h, (num_pages, spec.paged, heads_kv, D), dtype)
+                V = T.match_buffer(v_h, (num_pages, spec.paged, heads_kv, D), dtype)
+                block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+                seq_k = T.meta_var(max_pages * spec.paged)
+            else:
+                seq_k = T.int32()
+                K = T.match_buffer(k_h, (batch, seq_k, heads_kv, D), dtype)
+                V = T.match_buffer(v_h, (batch, seq_k, heads_kv, D), dtype)
+                block_table = T.match_buffer(table_h, (batch, max_pages), "int32")
+            Q = T.match_buffer(q_h, (batch, seq_q, heads, D), dtype)
+            O = T.match_buffer(o_h, (batch, seq_q, heads, D), dtype)
+            LSE = T.match_buffer(lse_h, (batch, heads, seq_q), "float32")
         alibi_slopes = T.match_buffer(alibi_h, (batch, heads), "float32")
         seqused_k = T.match_buffer(seqused_h, (batch,), "int32")
         with T.sblock("root"):
@@ -222,27 +283,40 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
                     vb, vh, vi, vj, vd = T.axis.remap("SSSSR", [b, h, i, j, d])
                     with T.init():
                         S[vb, vh, vi, vj] = zero_f
-                    S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", Q[vb, vi, vh, vd]) * T.Cast(
-                        "float32", key(K, block_table, vb, vj, vh // G, vd)
+                    S[vb, vh, vi, vj] = S[vb, vh, vi, vj] + T.Cast("float32", query(Q, cu_seqlens_q, vb, vi, vh, vd)) * T.Cast(
+                        "float32", key(K, kv_index(block_table, cu_seqlens_k), vb, vj, vh // G, vd)
                     )
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, seqused_k, vb, vh, vi, vj, seq_q, seq_k, sm_scale,
-                                                softcap)
+                    if spec.varlen:
+                        Sc[vb, vh, vi, vj] = scored_varlen(S[vb, vh, vi, vj], alibi_slopes, cu_seqlens_q, cu_seqlens_k, vb, vh,
+                                                           vi, vj, seq_q, seq_k, sm_scale, softcap)
+                    else:
+                        Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, seqused_k, vb, vh, vi, vj, seq_q, seq_k,
+                                                    sm_scale, softcap)
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_max"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
                     with T.init():
                         m[vb, vh, vi] = neg_inf
-                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right))
+                    if spec.varlen:
+                        m[vb, vh, vi] = T.max(m[vb, vh, vi], seen_varlen(Sc[vb, vh, vi, vj], cu_seqlens_q, cu_seqlens_k, vb, vi,
+                                                                         vj, seq_q, seq_k, window_left, window_right))
+                    else:
+                        m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k,
+                                                                  window_left, window_right))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("P"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    P[vb, vh, vi, vj] = T.exp2(
-                        (seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right) - finite(m[vb, vh, vi]))
-                        * exp_scale(sm_scale)
-                    )
+                    if spec.varlen:
+                        P[vb, vh, vi, vj] = T.exp2(
+                            (seen_varlen(Sc[vb, vh, vi, vj], cu_seqlens_q, cu_seqlens_k, vb, vi, vj, seq_q, seq_k, window_left,
+                                         window_right) - finite(m[vb, vh, vi])) * exp_scale(sm_scale))
+                    else:
+                        P[vb, vh, vi, vj] = T.exp2(
+                            (seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right)
+                             - finite(m[vb, vh, vi])) * exp_scale(sm_scale))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_sum"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
@@ -259,21 +333,24 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
                     with T.init():
                         acc[vb, vh, vi, vd] = zero_f
                     acc[vb, vh, vi, vd] = acc[vb, vh, vi, vd] + T.Cast("float32", P_lo[vb, vh, vi, vj]) * T.Cast(
-                        "float32", key(V, block_table, vb, vj, vh // G, vd)
+                        "float32", key(V, kv_index(block_table, cu_seqlens_k), vb, vj, vh // G, vd)
                     )
+            # (varlen: a sequence's rows past its own are the next sequence's, or past q: not stored)
             for b, h, i, d in T.grid(batch, heads, seq_q, D):
                 with T.sblock("O"):
                     vb, vh, vi, vd = T.axis.remap("SSSS", [b, h, i, d])
-                    O[vb, vi, vh, vd] = T.Cast(
-                        dtype, T.Select(l[vb, vh, vi] == zero_f, zero_f, acc[vb, vh, vi, vd] / l[vb, vh, vi])
-                    )
+                    if spec.varlen:
+                        if vi < rows(cu_seqlens_q, vb, seq_q):
+                            O[cu_seqlens_q[vb] + vi, vh, vd] = o_value(acc, l, vb, vh, vi, vd)
+                    else:
+                        O[vb, vi, vh, vd] = o_value(acc, l, vb, vh, vi, vd)
             for b, h, i in T.grid(batch, heads, seq_q):
                 with T.sblock("lse"):
                     vb, vh, vi = T.axis.remap("SSS", [b, h, i])
-                    LSE[vb, vh, vi] = T.Select(
-                        l[vb, vh, vi] == zero_f,
-                        neg_inf,
-                        (m[vb, vh, vi] * exp_scale(sm_scale) + T.log2(l[vb, vh, vi])) * T.float32(LN2),
-                    )
+                    if spec.varlen:
+                        if vi < rows(cu_seqlens_q, vb, seq_q):
+                            LSE[vh, cu_seqlens_q[vb] + vi] = lse_value(m, l, vb, vh, vi, sm_scale)
+                    else:
+                        LSE[vb, vh, vi] = lse_value(m, l, vb, vh, vi, sm_scale)
 
     return main

@@ -64,3 +64,28 @@ def attention_reference(q, k, v, *, causal: bool = False, softmax_scale: float |
         out = np.einsum("bhij,bjhd->bihd", np.where(l > 0, p / np.where(l > 0, l, 1.0), 0.0), v)
         lse = np.where(l[..., 0] > 0, m_safe[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)), -np.inf)
     return out, lse
+
+
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+    """``attention_reference`` on packed sequences (FlashAttention-2's ``flash_attn_varlen_func``
+    layout): q [total_q, heads, d], k, v [total_k, heads_kv, d], sequence b at rows
+    ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`` of q and the same of k by ``cu_seqlens_k``; each
+    sequence on its own (causal, window and ALiBi aligned to its lengths). ``alibi_slopes``
+    (heads,) or (batch, heads); the other keywords as ``attention_reference``'s.
+    Returns (out [total_q, heads, d], lse [heads, total_q])."""
+    cq = [int(n) for n in np.asarray(cu_seqlens_q).reshape(-1)]
+    ck = [int(n) for n in np.asarray(cu_seqlens_k).reshape(-1)]
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    slopes = kwargs.pop("alibi_slopes", None)
+    slopes = None if slopes is None else np.asarray(slopes, dtype=np.float64)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        o, lse = attention_reference(
+            q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+            alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b:b + 1]), **kwargs)
+        outs.append(o[0])
+        lses.append(lse[0])
+    h, d = q.shape[1], q.shape[2]
+    out = np.concatenate(outs) if outs else np.zeros((0, h, d))
+    lse = np.concatenate(lses, axis=1) if lses else np.zeros((h, 0))
+    return out, lse

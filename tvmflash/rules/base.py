@@ -104,8 +104,10 @@ class ScheduleRule:
 
     def has_even_build(self, spec: KernelSpec) -> bool:
         """Whether ``spec`` (an any-length build) also has an even build (not with per-sequence
-        key counts: those are runtime values, so no length is known to be a tile multiple)."""
-        return self.even_builds and spec.shape is None and not spec.even and not spec.seqused_k
+        key counts or packed sequences: those are runtime values, so no length is known to be a
+        tile multiple)."""
+        return (self.even_builds and spec.shape is None and not spec.even and not spec.seqused_k
+                and not spec.varlen)
 
     def build_at(self, spec: KernelSpec, tile, seq_q: int, seq_k: int) -> KernelSpec:
         """The build of ``spec`` that runs lengths (seq_q, seq_k) with ``tile``: the even one

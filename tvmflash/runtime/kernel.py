@@ -96,6 +96,9 @@ class Kernel:
         pages of k (``attention_with_kvcache`` checks them).
         """
         spec = self.spec
+        if spec.varlen:
+            raise ValueError(f"q: kernel {self.key} takes packed sequences (built with varlen=True): call "
+                             "kernel.call_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)")
         kind, device, dtype, (b, sq, h, sk, hk, d) = V.check_qkv(
             q, k, v, head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group, paged=spec.paged
         )
@@ -187,6 +190,71 @@ class Kernel:
                 self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             else:
                 self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
+            arrays.finish(ot, out)
+            arrays.finish(lt, lse)
+        return (out, lse) if return_lse else out
+
+    def call_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, out=None,
+                    lse=None, softmax_scale=None, return_lse: bool = False, softcap: float = 0.0, window_size=None,
+                    alibi_slopes=None):
+        """Attention of packed sequences (a kernel built with ``KernelSpec(varlen=True)``): q
+        [total_q, heads, d], k, v [total_k, heads_kv, d], sequence b at rows cu_seqlens_q[b] ..
+        cu_seqlens_q[b + 1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b + 1] of k, v ((batch + 1,)
+        int32 prefix sums, checked here on the host); max_seqlen_q / max_seqlen_k at least the
+        longest sequence's. ``out`` [total_q, heads, d] and ``lse`` [heads, total_q] float32 are
+        optional buffers to write into; the other arguments as ``__call__``'s, aligned per
+        sequence. Returns ``out``, or ``(out, lse)`` with ``return_lse``."""
+        spec = self.spec
+        if not spec.varlen:
+            raise ValueError(f"cu_seqlens_q: kernel {self.key} takes [batch, seqlen, heads, head_dim] arrays (built "
+                             "with varlen=False): call kernel(q, k, v)")
+        kind, device, dtype, (_, tq, h, tk, hk, d) = V.check_packed(q, k, v)
+        V.check_qkv(q[None], k[None], v[None], head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group)
+        return_lse = V.check_bool(return_lse, "return_lse")
+        V.check_no_grad(kind, q, k, v)
+        want = "cuda" if spec.is_cuda else "cpu"
+        if device.split(":")[0] != want:
+            raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
+        max_q = V.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+        max_k = V.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+        cq, _ = V.check_prefix_sums(cu_seqlens_q, "cu_seqlens_q", kind, device, tq, max_q, "max_seqlen_q")
+        b = int(cq.shape[0]) - 1
+        ck, _ = V.check_prefix_sums(cu_seqlens_k, "cu_seqlens_k", kind, device, tk, max_k, "max_seqlen_k", b + 1)
+        scale = V.check_scale(softmax_scale, d)
+        cap = V.check_softcap(softcap)
+        if spec.softcap and not cap:
+            raise ValueError(f"softcap: kernel {self.key} is built with a softcap: expected a cap > 0, got {softcap!r}")
+        if cap and not spec.softcap:
+            raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
+                             f"{softcap!r}")
+        values = {"sm_scale": scale, "softcap": cap, **self._window_args(window_size, max_q, max_k),
+                  "max_seqlen_q": max_q, "max_seqlen_k": max_k}
+        scalars = tuple(values[name] for name in spec.scalar_params)
+        if spec.alibi and alibi_slopes is None:
+            raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
+                             "float32 slopes, got None")
+        if alibi_slopes is not None and not spec.alibi:
+            raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
+        slopes = V.check_alibi(alibi_slopes, kind, device, b, h) if spec.alibi else None
+        launched = b > 0 and tq * h > 0
+        if launched and spec.is_cuda and max(b, h) > GRID_YZ_MAX:
+            raise ValueError(f"cu_seqlens_q: the fused CUDA kernel launches one block row per head and sequence: "
+                             f"expected at most {GRID_YZ_MAX} of each (gridDim.y, gridDim.z), got {b} sequences and "
+                             f"{h} heads")
+        o_shape, lse_shape = (tq, h, d), (h, tq)
+        if out is not None:
+            V.check_out(out, "out", kind, device, o_shape, dtype)
+        if lse is not None:
+            V.check_out(lse, "lse", kind, device, lse_shape, "float32")
+        V.check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v}, kind)
+        arrays = _Arrays(kind, device)
+        out = arrays.empty(o_shape, dtype) if out is None else out
+        lse = arrays.empty(lse_shape, "float32") if lse is None else lse
+        if launched:
+            qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
+            ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
+            inputs = tuple(arrays.to_tvm(x) for x in (slopes, cq, ck) if x is not None)
+            self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             arrays.finish(ot, out)
             arrays.finish(lt, lse)
         return (out, lse) if return_lse else out

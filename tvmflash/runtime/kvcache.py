@@ -82,7 +82,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     # copies: each a single copy to the device, no kernels of its own
     if new:
         _append((k_cache, v_cache), (k, v), _rows(held, new, rows, host_table), kind, device)
-    used = _on(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
+    used = V.to_device(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
     spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, sq, capacity), bool(cap),
                  alibi_slopes is not None, rows if paged else 0)
     spec = with_splits(spec, b, sq, max(held, default=0) + new, h, num_splits, window)
@@ -118,7 +118,7 @@ def _table(block_table, kind: str, device: str, batch: int, held: list, new: int
                          f"{int(filled[i])} pages sequence {i} fills, got block_table[{i}, {j}] = {int(host[i, j])}")
     # (from CPU memory, the checked copy goes to the GPU, not the caller's table, which the caller
     # may change before an asynchronous copy of it runs)
-    return (_on(np.array(host, dtype=np.int32), kind, device) if on_cpu else table), host
+    return (V.to_device(np.array(host, dtype=np.int32), kind, device) if on_cpu else table), host
 
 
 def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: int, head_dim: int) -> int:
@@ -152,32 +152,15 @@ def _lengths(cache_seqlens, kind: str, device: str, batch: int) -> list:
         raise TypeError(f"cache_seqlens: expected an int or ({batch},) int32, got {type(cache_seqlens).__name__}")
     if isinstance(cache_seqlens, numbers.Integral):
         return [int(cache_seqlens)] * batch
-    lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, _host_side(cache_seqlens, kind, device), batch)
+    side = V.host_side(cache_seqlens, "cache_seqlens", kind, device)
+    lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, side, batch)
     return [int(n) for n in (lengths.cpu() if kind == "torch" else lengths).tolist()]
-
-
-def _host_side(x, kind: str, device: str) -> str:
-    """The device an index array may be on: q's, or the CPU where q is a torch tensor on a GPU."""
-    if kind == "torch" and device != "cpu" and V.array_kind(x, "cache_seqlens") == "torch" and x.device.type == "cpu":
-        return "cpu"
-    return device
 
 
 def _compact(x, kind: str) -> bool:
     if kind == "torch":
         return x.is_contiguous()
     return x.flags["C_CONTIGUOUS"]
-
-
-def _on(array, kind: str, device: str):
-    """A numpy array as the kernels take it: itself (numpy), or a torch tensor on ``device``,
-    copied asynchronously (cudaMemcpyAsync stages pageable memory before it returns)."""
-    if kind == "numpy":
-        return array
-    import torch
-
-    t = torch.from_numpy(array)
-    return t if device == "cpu" else t.to(device, non_blocking=True)
 
 
 def _rows(held: list, new: int, per: int, table=None):
@@ -196,7 +179,7 @@ def _append(caches, news, rows, kind: str, device: str) -> None:
     """cache.rows[rows[i]] = new.rows[i] for each (cache, new), in place, where a cache's rows
     are its first two dimensions flattened: one index_copy_ each where the cache is contiguous."""
     if kind == "torch":
-        index = _on(rows, kind, device)
+        index = V.to_device(rows, kind, device)
         for cache, new in zip(caches, news):  # (contiguous: checked by the caller)
             cache.view(-1, *cache.shape[2:]).index_copy_(0, index, new.reshape(-1, *new.shape[2:]))
     else:

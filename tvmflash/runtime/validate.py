@@ -8,6 +8,7 @@ and values, NotImplementedError for what no kernel of this package supports.
 from __future__ import annotations
 
 import math
+import numbers
 
 from ..spec import DTYPES, SUPPORTED_HEAD_DIMS, canonical_dtype
 
@@ -290,6 +291,25 @@ def check_block_table(block_table, kind: str, device: str, batch: int):
                         f"({batch}, max_pages) (the batch of q, at least one page)")
 
 
+def host_side(x, name: str, kind: str, device: str) -> str:
+    """The device an index array may be on: q's, or the CPU where q is a torch tensor on a GPU
+    (its values are then read without waiting for the GPU)."""
+    if kind == "torch" and device != "cpu" and array_kind(x, name) == "torch" and x.device.type == "cpu":
+        return "cpu"
+    return device
+
+
+def to_device(array, kind: str, device: str):
+    """A numpy array as the kernels take it: itself (numpy), or a torch tensor on ``device``,
+    copied asynchronously (cudaMemcpyAsync stages pageable memory before it returns)."""
+    if kind == "numpy":
+        return array
+    import torch
+
+    t = torch.from_numpy(array)
+    return t if device == "cpu" else t.to(device, non_blocking=True)
+
+
 def _int32_array(x, name: str, kind: str, device: str, shape_ok, expected: str):
     """``x`` compact, after checking it is an int32 array of q's kind and device whose shape
     ``shape_ok`` accepts (``expected`` says which, in the error)."""
@@ -411,3 +431,56 @@ def check_no_grad(kind: str, *arrays) -> None:
         raise NotImplementedError(
             f"{', '.join(names)}: tvmflash has no backward pass yet, and {'these require' if len(names) > 1 else 'this requires'}"
             " grad; call it under torch.no_grad() (or on detached tensors) for inference")
+
+
+def check_packed(q, k, v):
+    """``validate.check_qkv`` for packed q [total_q, heads, d], k, v [total_k, heads_kv, d]:
+    (kind, device, dtype, (1, total_q, heads, total_k, heads_kv, d))."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if array_kind(x, name) not in ("torch", "numpy"):
+            raise TypeError(f"{name}: expected a torch tensor or a numpy array, got {array_kind(x, name)}")
+        if len(x.shape) != 3:
+            raise ValueError(f"{name}: expected rank 3 [total_tokens, heads, head_dim] (packed sequences), got rank "
+                             f"{len(x.shape)} with shape {tuple(x.shape)}")
+    return check_qkv(*(x[None] for x in (q, k, v)))
+
+
+def check_max_seqlen(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= value <= INT32_MAX:
+        raise ValueError(f"{name}: expected an int in [0, {INT32_MAX}], got {int(value)}")
+    return int(value)
+
+
+def check_prefix_sums(cu, name: str, kind: str, device: str, total: int, longest_max: int, max_name: str,
+                      batch_p1: int | None = None):
+    """(the prefix sums as the kernel takes them, on the device of q; their host copy as numpy),
+    after checking them: (batch + 1,) int32 (``batch_p1`` of them where given), 0 first,
+    non-decreasing, ``total`` (the packed rows) last, no sequence longer than ``longest_max``
+    (``max_name``). On q's device (read back: on a GPU, a synchronisation) or, torch with q on a
+    GPU, on the CPU (read there; the checked copy goes to the GPU asynchronously)."""
+    import numpy as np
+
+    side = host_side(cu, name, kind, device)
+    expected = "(batch + 1,)" if batch_p1 is None else f"({batch_p1},) (that of cu_seqlens_q)"
+    arr = _int32_array(cu, name, kind, side, lambda s: len(s) == 1 and s[0] >= 1, expected)
+    if batch_p1 is not None and int(arr.shape[0]) != batch_p1:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(int(n) for n in arr.shape)}")
+    host = np.asarray(arr.cpu().numpy() if kind == "torch" else arr.numpy() if kind == "tvm" else arr)
+    if int(host[0]) != 0:
+        raise ValueError(f"{name}: expected prefix sums starting at 0, got {name}[0] = {int(host[0])}")
+    steps = np.diff(host.astype(np.int64))
+    if (steps < 0).any():
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"{name}: expected non-decreasing prefix sums, got {name}[{i}] = {int(host[i])} > "
+                         f"{name}[{i + 1}] = {int(host[i + 1])}")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name}: expected the last prefix sum to be {total} (the packed length), got {name}[-1] = "
+                         f"{int(host[-1])}")
+    longest = int(steps.max(initial=0))
+    if longest > longest_max:
+        raise ValueError(f"{max_name}: expected at least the longest sequence's {longest} (by {name}), got "
+                         f"{longest_max}")
+    on_device = arr if side == device else to_device(np.array(host, dtype=np.int32), kind, device)
+    return on_device, host
