@@ -139,12 +139,12 @@ def splits_for(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int,
 
 def with_splits(spec: KernelSpec, batch: int, seq_q: int, seq_k: int, heads: int, num_splits: int = 0,
                 window: tuple[int, int] = (-1, -1)) -> KernelSpec:
-    """``spec`` with the split count ``splits_for`` gives these lengths, after checking its
-    partials fit int32 indexing (``spec`` itself where no split)."""
+    """``spec`` with the split count ``splits_for`` gives these lengths, after checking one
+    sequence's partials fit int32 indexing (``spec`` itself where no split)."""
     splits = splits_for(spec, batch, seq_q, seq_k, heads, num_splits, window)
     if not splits:
         return spec
-    V.check_split_partials(splits, batch, seq_q, heads, spec.head_dim)
+    V.check_split_partials(splits, 1, seq_q, heads, spec.head_dim)  # (per launch: a big batch launches in parts)
     return spec.replace(splits=splits)
 
 

@@ -159,20 +159,10 @@ class Kernel:
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
                 f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
             )
-        if launched:
-            V.check_split_partials(spec.splits, b, sq, h, d)
-        kv_rows = int(k.shape[0]) * int(k.shape[1]) if spec.paged else b * sk  # a paged cache: its pages'
-        largest = max(b * sq * h, kv_rows * hk) * d
-        if launched and largest > INT32_MAX:
-            raise ValueError(
-                f"q, k: the kernels index q, k, v, o with int32: expected at most {INT32_MAX:,} elements per "
-                f"tensor, got {largest:,} (q {list(_shape(q))}, k {list(_shape(k))})"
-            )
-        if launched and spec.is_cuda and spec.algorithm == "fused" and max(b, h) > GRID_YZ_MAX:
-            raise ValueError(
-                f"q: the fused CUDA kernel launches one block row per head and batch: expected batch and heads "
-                f"<= {GRID_YZ_MAX} (gridDim.y, gridDim.z), got batch {b} and heads {h}"
-            )
+        chunk = self._batch_chunk(kind, b, sq, h, sk, hk, d, k) if launched else b
+        if launched and spec.is_cuda and spec.algorithm == "fused" and h > GRID_YZ_MAX:
+            raise ValueError(f"q: the fused CUDA kernel launches one block row per head: expected heads <= "
+                             f"{GRID_YZ_MAX} (gridDim.y), got {h}")
         o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
         if out is not None:
             V.check_out(out, "out", kind, device, o_shape, dtype)
@@ -182,17 +172,53 @@ class Kernel:
         arrays = _Arrays(kind, device)
         out = arrays.empty(o_shape, dtype) if out is None else out
         lse = arrays.empty(lse_shape, "float32") if lse is None else lse
-        if b * sq * h > 0:
-            qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
-            ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
-            inputs = tuple(arrays.to_tvm(x) for x in (slopes, used, table) if x is not None)
+        for lo in range(0, b if launched else 0, chunk):
+            # sequences lo .. lo + chunk: views from their own base pointers (one launch where all fit)
+            part = (lambda x: x) if chunk == b else (lambda x, s=slice(lo, lo + chunk): x[s])
+            paged = spec.paged  # (a paged cache's pages are shared by all sequences: passed whole)
+            qt, kt, vt = (arrays.to_tvm(x) for x in (part(q), k if paged else part(k), v if paged else part(v)))
+            o_part, l_part = part(out), part(lse)
+            ot, lt = arrays.to_tvm(o_part, output=True), arrays.to_tvm(l_part, output=True)
+            inputs = tuple(arrays.to_tvm(part(x)) for x in (slopes, used, table) if x is not None)
             if spec.algorithm == "fused":
                 self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             else:
                 self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
-            arrays.finish(ot, out)
-            arrays.finish(lt, lse)
+            arrays.finish(ot, o_part)
+            arrays.finish(lt, l_part)
         return (out, lse) if return_lse else out
+
+    def _batch_chunk(self, kind: str, b: int, sq: int, h: int, sk: int, hk: int, d: int, k) -> int:
+        """How many sequences one launch takes: all of them where every tensor it indexes (and a
+        split kernel's partials) fits int32 indexing and, on CUDA, gridDim.z; else as many as do,
+        in consecutive launches (a fused kernel of any shape on torch or numpy arrays: views of
+        the batch). ValueError where one sequence's tensors do not fit, or a paged cache's pages."""
+        spec = self.spec
+        q_shape = (b, sq, h, d)
+        per_seq = max(sq * h, 0 if spec.paged else sk * hk) * d
+        parts = spec.splits * sq * h * d
+        pool = int(k.shape[0]) * int(k.shape[1]) * hk * d if spec.paged else 0
+        if max(per_seq, pool) > INT32_MAX:
+            what = f"the pages of k ({pool:,})" if pool > INT32_MAX else f"one sequence's ({per_seq:,})"
+            raise ValueError(
+                f"q, k: the kernels index q, k, v, o with int32: expected at most {INT32_MAX:,} elements per "
+                f"sequence and in a paged cache, got {what} (q {list(q_shape)}, k "
+                f"{list(_shape(k))})")
+        if parts > INT32_MAX:
+            V.check_split_partials(spec.splits, 1, sq, h, d)
+        fit = min(INT32_MAX // per_seq, INT32_MAX // parts if parts else b)
+        if spec.is_cuda and spec.algorithm == "fused":
+            fit = min(fit, GRID_YZ_MAX)
+        if fit >= b:
+            return b
+        if spec.algorithm != "fused" or spec.shape is not None or kind not in ("torch", "numpy"):
+            raise ValueError(
+                f"q, k: the kernels index q, k, v, o with int32 and launch at most {GRID_YZ_MAX} sequences: "
+                f"expected at most {fit} sequences of q {list(q_shape)}, k {list(_shape(k))} in one call of "
+                f"the {spec.algorithm} algorithm{' at a static shape' if spec.shape else ''} on {kind} arrays (the "
+                "fused one of any shape on torch or numpy arrays runs more as several launches)")
+        launches = -(-b // fit)
+        return -(-b // launches)  # (equal parts: a launch of a few sequences would leave the GPU idle)
 
     def call_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, out=None,
                     lse=None, softmax_scale=None, return_lse: bool = False, softcap: float = 0.0, window_size=None,

@@ -140,9 +140,13 @@ def _check_qkv(q, k, v, *, head_dim, dtype, group, names, paged):
     for name, x in ((nq, q), (nk, k), (nv, v)):
         if math.prod(int(s) for s in x.shape) > 0 and not last_dim_contiguous(x, kind):
             raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got stride {_stride(x, kind)}")
-        if math.prod(int(s) for s in x.shape) > INT32_MAX:
+        # (int32 indexing per sequence: the kernel launches on a batch's views; a paged cache's
+        # pages are indexed whole)
+        per = math.prod(int(s) for s in (x.shape if paged and x is not q else x.shape[1:]))
+        if per > INT32_MAX:
             raise NotImplementedError(
-                f"{name}: expected at most {INT32_MAX} elements (32-bit indexing), got {math.prod(x.shape)}"
+                f"{name}: expected at most {INT32_MAX} elements {'in all' if paged and x is not q else 'per sequence'} "
+                f"(32-bit indexing), got {per} (shape {tuple(int(s) for s in x.shape)})"
             )
     return kind, dev, dt, (b, sq, h, sk, hk, d)
 
