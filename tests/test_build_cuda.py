@@ -467,3 +467,22 @@ def test_per_sequence_key_counts_build_on_tensor_cores(tmp_path, splits, rule, p
         assert "block_table_ptr" in tile and "cp.async" in cu and ">> 3" in cu and " / 16" not in cu
     elif splits:
         assert all(k["main_kernel"]["spill_stores"] == 0 for k in resources.values()), resources
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_packed_sequences_build_on_tensor_cores(tmp_path):
+    """``KernelSpec(varlen=True)`` (``attention_varlen``'s kernel) on the prefill rule: tensor cores
+    and the cp.async K/V pipeline stay, the tile reads the prefix sums four times (the sequence's
+    offsets, bound once a tile), and the K/V loads stop at the sequence's keys (k_end - k_start)."""
+    from tvmflash.rules import rule_for
+
+    spec = KernelSpec(128, causal=True, group=4, target="nvidia/nvidia-h100", varlen=True)
+    assert rule_for(spec).name == "fused_cuda_mma"
+    so, manifest = build(spec, tmp_path)
+    cu = (tmp_path / (spec.key + ".cu")).read_text()
+    assert "cu_seqlens_k_ptr" in dict(_kernels(cu))["main_kernel"]
+    assert "mma.sync.aligned.m16n8k16" in cu and "cp.async" in cu
+    assert cu.count("cu_seqlens_q_ptr[") == 2 and cu.count("cu_seqlens_k_ptr[") == 2
+    assert "(k_end - k_start)" in cu
+    resources = json.loads(open(manifest).read())["device_code"]["resources"]
+    assert all(r["main_kernel"]["spill_stores"] <= 4 * SPILL_BUDGET for r in resources.values()), resources

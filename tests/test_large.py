@@ -52,7 +52,7 @@ def _qkv(seed=0, batch=7, seq_q=5, seq_k=33):
 
 @pytest.mark.parametrize("splits", [0, 2])
 def test_a_batch_past_int32_runs_in_parts_with_the_same_result(seen, splits):
-    """Seven sequences where three fit: launches of 3, 3 and 1 sequences, bitwise the result of
+    """Seven sequences where three fit: launches of 2, 2 and 3 sequences (equal as may be), bitwise the result of
     one launch (torch and numpy arrays; the prefill and the split kernel)."""
     q, k, v = _qkv()
     kernel = _recorded(KernelSpec(64, causal=True, group=2, splits=splits), seen)
@@ -61,10 +61,10 @@ def test_a_batch_past_int32_runs_in_parts_with_the_same_result(seen, splits):
     seen.low()
     seen.clear()
     parts = kernel(q, k, v, return_lse=True)
-    assert seen == [3, 3, 1]
+    assert seen == [2, 2, 3]
     assert torch.equal(parts[0], one[0]) and torch.equal(parts[1], one[1])
     seen.clear()
-    assert np.array_equal(kernel(q.numpy(), k.numpy(), v.numpy()), one[0].numpy()) and seen == [3, 3, 1]
+    assert np.array_equal(kernel(q.numpy(), k.numpy(), v.numpy()), one[0].numpy()) and seen == [2, 2, 3]
 
 
 def test_the_kvcache_api_runs_in_parts(seen):
@@ -77,7 +77,7 @@ def test_the_kvcache_api_runs_in_parts(seen):
     seen.low()
     got, lse = tvmflash.attention_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lengths, num_splits=1,
                                                return_lse=True)
-    assert seen == [3, 3, 1]
+    assert seen == [2, 2, 3]
     ref = tvmflash.attention_reference(q.float().numpy(), kc.float().numpy(), vc.float().numpy(), causal=True,
                                        seqused_k=(lengths + 1).numpy())
     assert_close_to_reference(got.float().numpy(), lse.numpy(), *ref, "float16")

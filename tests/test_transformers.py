@@ -64,11 +64,12 @@ def _same_tokens(model, ids, tokens, monkeypatch):
     padded = torch.ones_like(ids)
     padded[0, : prompt // 3] = 0  # left padding, as generate pads a batch of prompts
     ones = torch.ones_like(ids)
-    for mask, cache, api in ((ones, None, "attention"), (ones, tt.KVCache(), "attention_with_kvcache"),
-                             (padded, None, "attention_varlen")):
+    for mask, extra, api in ((ones, {}, "attention"), (ones, dict(past_key_values=tt.KVCache()), "attention_with_kvcache"),
+                             (padded, {}, "attention_varlen"),
+                             (ones, dict(cache_implementation="static"), "attention")):  # (rows past the mask)
         want = _generate(model, "sdpa", ids, tokens, attention_mask=mask)
         calls = _counting(monkeypatch)
-        got = _generate(model, name, ids, tokens, attention_mask=mask, past_key_values=cache)
+        got = _generate(model, name, ids, tokens, attention_mask=mask, **extra)
         monkeypatch.undo()
         assert set(calls) == {api}, (api, calls)
         # one call a layer a forward: the prefill, then each new token but the last
@@ -104,12 +105,31 @@ def test_the_kv_cache_holds_tvmflash_layout_and_is_read_in_place():
     assert layer.k_buf.shape[0] == 1 and torch.equal(layer.keys, k[1:, :, :201])
 
 
+def test_packed_sequences_run_varlen():
+    """transformers' packed form (one batch row, ``cu_seq_lens_q/k``): each sequence on its own,
+    as ``attention_varlen`` gives it."""
+    import tvmflash
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 12, 64, generator=g).half() for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    out, _ = tt.attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                                  max_length_k=7)
+    want = tvmflash.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 7, 7,
+                                     causal=True)
+    assert torch.equal(out[0], want)
+
+
 def test_bad_use_is_refused():
     with pytest.raises(ValueError, match="name: transformers imports a FlashAttention package"):
         tt.register("tvm_flash")
     q = torch.zeros(1, 2, 3, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="dropout: tvmflash runs inference only"):
         tt.attention_forward(None, q, q, q, None, dropout=0.1)
+    with pytest.raises(NotImplementedError, match="s_aux: tvmflash has no attention sinks"):
+        tt.attention_forward(None, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"attention_mask: expected None or a 2D \[batch, kv_len\] padding mask"):
+        tt.attention_forward(None, q, q, q, torch.ones(1, 1, 3, 3, dtype=torch.bool))
 
 
 @pytest.mark.gpu

@@ -62,6 +62,20 @@ def test_varlen_variants_numpy_and_bf16(rng):
     _check(qb, kb, vb, cq, ck, True)
 
 
+def test_varlen_edges(rng):
+    """No key at all (an empty k: nothing is read), zero-length sequences, and bounds far above
+    the longest sequence (the kernel runs on the longest the prefix sums hold: no idle tiles, no
+    overflow in a window's arithmetic)."""
+    q, k, v, cq, ck = _packed(rng, (5, 3), (0, 0), 4, 1, 64)
+    out, lse = tvmflash.attention_varlen(q, k, v, cq, ck, 5, 16, return_lse=True)
+    assert not out.any() and bool(torch.isneginf(lse).all())
+    q, k, v, cq, ck = _packed(rng, (9, 3), (4, 6), 4, 1, 64)
+    out, lse = tvmflash.attention_varlen(q, k, v, cq, ck, 2**31 - 10, 2**31 - 1, window_size=(-1, 2), return_lse=True)
+    ref = attention_varlen_reference(q.float().numpy(), k.float().numpy(), v.float().numpy(), cq.numpy(), ck.numpy(),
+                                     window_size=(-1, 2))
+    assert_close_to_reference(out.float().numpy(), lse.numpy(), *ref, "float16")
+
+
 def test_varlen_bad_input_is_refused(rng):
     """Prefix sums that do not start at 0, decrease, miss the packed length, differ in batch or
     are not int32; max_seqlen below the longest sequence; a dense kernel's arrays; each an error

@@ -127,12 +127,12 @@ def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 def _refuse(ctx, inputs, output):
     raise NotImplementedError(
-        "tvmflash::attention_fwd: tvmflash has no backward pass yet, and an input requires grad; call it under "
-        "torch.no_grad() (or on detached tensors) for inference")
+        "tvmflash's ops (attention_fwd, attention_varlen_fwd) have no backward pass yet, and an input requires "
+        "grad; call them under torch.no_grad() (or on detached tensors) for inference")
 
 
 def _no_backward(ctx, grad_out, grad_lse):  # pragma: no cover - never recorded: _refuse raises first
-    raise NotImplementedError("tvmflash::attention_fwd has no backward pass yet")
+    raise NotImplementedError("tvmflash's ops have no backward pass yet")
 
 
 attention_fwd.register_autograd(_no_backward, setup_context=_refuse)

@@ -53,22 +53,37 @@ def register(name: str = NAME) -> str:
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
-                      softcap=None, sliding_window=None, **kwargs):
+                      softcap=None, sliding_window=None, is_causal=None, **kwargs):
     """One layer's attention, as transformers calls an implementation: query [batch, heads,
     q_len, head_dim], key and value [batch, heads_kv, kv_len, head_dim] (the cache already
-    updated), ``attention_mask`` None or a 2D [batch, kv_len] padding mask. Returns
-    (out [batch, q_len, heads, head_dim], None)."""
+    updated), ``attention_mask`` None or a 2D [batch, kv_len] padding mask (shorter than the keys
+    where a static cache holds more rows than are filled: the keys past it are left out, as
+    FlashAttention's integration does). Packed sequences (transformers' ``cu_seq_lens_q/k``
+    with ``max_length_q/k``) run ``attention_varlen``. Returns (out [batch, q_len, heads,
+    head_dim], None)."""
     if dropout:
         raise ValueError(f"dropout: tvmflash runs inference only (no dropout), got {dropout}")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions: tvmflash never materialises the attention weights")
-    causal = bool(getattr(module, "is_causal", True))
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("s_aux: tvmflash has no attention sinks (gpt-oss); use another implementation")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected None or a 2D [batch, kv_len] padding mask (the one "
+                         f"tvmflash.transformers.register sets up), got shape {tuple(attention_mask.shape)}")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     q = query.transpose(1, 2)
     window = (-1, -1)
     if sliding_window:  # transformers' window: a token sees itself and the sliding_window - 1 before it
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
     common = dict(softmax_scale=scaling, softcap=float(softcap or 0.0), window_size=window)
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return _packed(q, key, value, kwargs, causal, common), None
+    # a static cache hands over all its rows: those past the mask (or, with no mask, past the
+    # last position) are not filled
+    filled = attention_mask.shape[1] if attention_mask is not None else _positions(kwargs.get("position_ids"))
+    if filled is not None and filled < key.shape[2]:
+        key, value = key[:, :, :filled], value[:, :, :filled]
+    if attention_mask is not None and not bool(attention_mask.all()):
         return _padded(q, key, value, attention_mask, causal, common), None
     cache = _cache_buffers(key, value)
     if cache is not None:
@@ -77,6 +92,24 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     else:
         out = attention(q, key.transpose(1, 2), value.transpose(1, 2), causal=causal, **common)
     return out, None
+
+
+def _positions(position_ids):
+    """The rows a batch without padding has filled: one past its last position (None: unknown)."""
+    if position_ids is None or position_ids.numel() == 0:
+        return None
+    return int(position_ids.max()) + 1
+
+
+def _packed(q, key, value, kwargs, causal, common):
+    """Sequences packed into one row by transformers (``cu_seq_lens_q/k``, ``max_length_q/k``)
+    through ``attention_varlen``."""
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q: packed sequences lie in one batch row, got batch {q.shape[0]}")
+    cu_q, cu_k = (kwargs[n].to(torch.int32) for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    out = attention_varlen(q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                           int(kwargs["max_length_q"]), int(kwargs["max_length_k"]), causal=causal, **common)
+    return out[None]
 
 
 def _padded(q, key, value, mask, causal, common):

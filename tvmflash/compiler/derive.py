@@ -609,8 +609,14 @@ class _Exprs:
         return self._at(st, st.guard, {"b": b, "i": row}, {})
 
     def keys(self, seq_k):
-        """The keys a tile loads: all of k, or the sequence's (``use``): past them nothing is read,
-        so a paged cache's table needs entries for the sequence's own pages only."""
+        """The keys a tile loads: all of k, or the sequence's (``use``; packed, ``use_offsets``):
+        past them nothing is read, so a paged cache's table needs entries for the sequence's own
+        pages only, and a packed sequence's tile never reads the next one's keys (nor, where no
+        sequence has a key, an empty k)."""
+        if self.offsets is not None:
+            _, lets = self.offsets
+            k_start, k_end = lets["cu_seqlens_k"]
+            return tirx.min(seq_k, k_end - k_start)
         return seq_k if self.used_var is None else tirx.min(seq_k, self.used_var)
 
     def _at(self, st, e, roles, loads):

@@ -120,20 +120,10 @@ class Kernel:
         if device.split(":")[0] != want:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
         scale = V.check_scale(softmax_scale, d)
-        cap = V.check_softcap(softcap)
-        if spec.softcap and not cap:
-            raise ValueError(f"softcap: kernel {self.key} is built with a softcap: expected a cap > 0, got {softcap!r}")
-        if cap and not spec.softcap:
-            raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
-                             f"{softcap!r}")
+        cap = self._cap(softcap)
         values = {"sm_scale": scale, "softcap": cap, **self._window_args(window_size, sq, sk)}
         scalars = tuple(values[name] for name in spec.scalar_params)
-        if spec.alibi and alibi_slopes is None:
-            raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
-                             "float32 slopes, got None")
-        if alibi_slopes is not None and not spec.alibi:
-            raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
-        slopes = V.check_alibi(alibi_slopes, kind, device, b, h) if spec.alibi else None
+        slopes = self._slopes(alibi_slopes, kind, device, b, h)
         if spec.seqused_k and seqused_k is None:
             raise ValueError(f"seqused_k: kernel {self.key} takes each sequence's key count: expected ({b},) int32, "
                              "got None")
@@ -159,22 +149,15 @@ class Kernel:
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
                 f"elements, more than its int32 indexing allows ({INT32_MAX:,}); the fused algorithm has no S"
             )
-        chunk = self._batch_chunk(kind, b, sq, h, sk, hk, d, k) if launched else b
+        parts = self._batch_parts(kind, b, sq, h, sk, hk, d, k) if launched else []
         if launched and spec.is_cuda and spec.algorithm == "fused" and h > GRID_YZ_MAX:
             raise ValueError(f"q: the fused CUDA kernel launches one block row per head: expected heads <= "
                              f"{GRID_YZ_MAX} (gridDim.y), got {h}")
         o_shape, lse_shape = (b, sq, h, d), (b, h, sq)
-        if out is not None:
-            V.check_out(out, "out", kind, device, o_shape, dtype)
-        if lse is not None:
-            V.check_out(lse, "lse", kind, device, lse_shape, "float32")
-        V.check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v}, kind)
-        arrays = _Arrays(kind, device)
-        out = arrays.empty(o_shape, dtype) if out is None else out
-        lse = arrays.empty(lse_shape, "float32") if lse is None else lse
-        for lo in range(0, b if launched else 0, chunk):
-            # sequences lo .. lo + chunk: views from their own base pointers (one launch where all fit)
-            part = (lambda x: x) if chunk == b else (lambda x, s=slice(lo, lo + chunk): x[s])
+        arrays, out, lse = _outputs(kind, device, dtype, out, lse, o_shape, lse_shape, (q, k, v))
+        for lo, hi in parts:
+            # sequences lo .. hi: views from their own base pointers (one launch where all fit)
+            part = (lambda x: x) if hi - lo == b else (lambda x, s=slice(lo, hi): x[s])
             paged = spec.paged  # (a paged cache's pages are shared by all sequences: passed whole)
             qt, kt, vt = (arrays.to_tvm(x) for x in (part(q), k if paged else part(k), v if paged else part(v)))
             o_part, l_part = part(out), part(lse)
@@ -188,11 +171,12 @@ class Kernel:
             arrays.finish(lt, l_part)
         return (out, lse) if return_lse else out
 
-    def _batch_chunk(self, kind: str, b: int, sq: int, h: int, sk: int, hk: int, d: int, k) -> int:
-        """How many sequences one launch takes: all of them where every tensor it indexes (and a
-        split kernel's partials) fits int32 indexing and, on CUDA, gridDim.z; else as many as do,
-        in consecutive launches (a fused kernel of any shape on torch or numpy arrays: views of
-        the batch). ValueError where one sequence's tensors do not fit, or a paged cache's pages."""
+    def _batch_parts(self, kind: str, b: int, sq: int, h: int, sk: int, hk: int, d: int, k) -> list:
+        """[(first, end)] of the sequences each launch takes: all of them where every tensor it
+        indexes (and a split kernel's partials) fits int32 indexing and, on CUDA, gridDim.z; else
+        consecutive parts as equal as may be, each within those (a fused kernel of any shape on
+        torch or numpy arrays: views of the batch). ValueError where one sequence's tensors do not
+        fit, or a paged cache's pages."""
         spec = self.spec
         q_shape = (b, sq, h, d)
         per_seq = max(sq * h, 0 if spec.paged else sk * hk) * d
@@ -210,15 +194,17 @@ class Kernel:
         if spec.is_cuda and spec.algorithm == "fused":
             fit = min(fit, GRID_YZ_MAX)
         if fit >= b:
-            return b
+            return [(0, b)]
         if spec.algorithm != "fused" or spec.shape is not None or kind not in ("torch", "numpy"):
             raise ValueError(
                 f"q, k: the kernels index q, k, v, o with int32 and launch at most {GRID_YZ_MAX} sequences: "
                 f"expected at most {fit} sequences of q {list(q_shape)}, k {list(_shape(k))} in one call of "
                 f"the {spec.algorithm} algorithm{' at a static shape' if spec.shape else ''} on {kind} arrays (the "
                 "fused one of any shape on torch or numpy arrays runs more as several launches)")
-        launches = -(-b // fit)
-        return -(-b // launches)  # (equal parts: a launch of a few sequences would leave the GPU idle)
+        # (equal parts: a last launch of a few sequences would leave the GPU idle)
+        n = -(-b // fit)
+        ends = [b * (i + 1) // n for i in range(n)]
+        return list(zip([0, *ends[:-1]], ends))
 
     def call_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, out=None,
                     lse=None, softmax_scale=None, return_lse: bool = False, softcap: float = 0.0, window_size=None,
@@ -234,8 +220,8 @@ class Kernel:
         if not spec.varlen:
             raise ValueError(f"cu_seqlens_q: kernel {self.key} takes [batch, seqlen, heads, head_dim] arrays (built "
                              "with varlen=False): call kernel(q, k, v)")
-        kind, device, dtype, (_, tq, h, tk, hk, d) = V.check_packed(q, k, v)
-        V.check_qkv(q[None], k[None], v[None], head_dim=spec.head_dim, dtype=spec.dtype, group=spec.group)
+        kind, device, dtype, (_, tq, h, tk, hk, d) = V.check_packed(q, k, v, head_dim=spec.head_dim, dtype=spec.dtype,
+                                                                    group=spec.group)
         return_lse = V.check_bool(return_lse, "return_lse")
         V.check_no_grad(kind, q, k, v)
         want = "cuda" if spec.is_cuda else "cpu"
@@ -243,39 +229,25 @@ class Kernel:
             raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
         max_q = V.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
         max_k = V.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-        cq, _ = V.check_prefix_sums(cu_seqlens_q, "cu_seqlens_q", kind, device, tq, max_q, "max_seqlen_q")
+        cq, long_q = V.check_prefix_sums(cu_seqlens_q, "cu_seqlens_q", kind, device, tq, max_q, "max_seqlen_q")
         b = int(cq.shape[0]) - 1
-        ck, _ = V.check_prefix_sums(cu_seqlens_k, "cu_seqlens_k", kind, device, tk, max_k, "max_seqlen_k", b + 1)
+        ck, long_k = V.check_prefix_sums(cu_seqlens_k, "cu_seqlens_k", kind, device, tk, max_k, "max_seqlen_k", b + 1)
+        # the kernel gets the longest sequences the prefix sums hold, the caller's bounds are checked
+        # only: a loose bound would launch idle query tiles and widen the window arithmetic
+        max_q, max_k = long_q, long_k
         scale = V.check_scale(softmax_scale, d)
-        cap = V.check_softcap(softcap)
-        if spec.softcap and not cap:
-            raise ValueError(f"softcap: kernel {self.key} is built with a softcap: expected a cap > 0, got {softcap!r}")
-        if cap and not spec.softcap:
-            raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
-                             f"{softcap!r}")
+        cap = self._cap(softcap)
         values = {"sm_scale": scale, "softcap": cap, **self._window_args(window_size, max_q, max_k),
                   "max_seqlen_q": max_q, "max_seqlen_k": max_k}
         scalars = tuple(values[name] for name in spec.scalar_params)
-        if spec.alibi and alibi_slopes is None:
-            raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
-                             "float32 slopes, got None")
-        if alibi_slopes is not None and not spec.alibi:
-            raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
-        slopes = V.check_alibi(alibi_slopes, kind, device, b, h) if spec.alibi else None
+        slopes = self._slopes(alibi_slopes, kind, device, b, h)
         launched = b > 0 and tq * h > 0
         if launched and spec.is_cuda and max(b, h) > GRID_YZ_MAX:
             raise ValueError(f"cu_seqlens_q: the fused CUDA kernel launches one block row per head and sequence: "
                              f"expected at most {GRID_YZ_MAX} of each (gridDim.y, gridDim.z), got {b} sequences and "
                              f"{h} heads")
         o_shape, lse_shape = (tq, h, d), (h, tq)
-        if out is not None:
-            V.check_out(out, "out", kind, device, o_shape, dtype)
-        if lse is not None:
-            V.check_out(lse, "lse", kind, device, lse_shape, "float32")
-        V.check_no_overlap({"out": out, "lse": lse}, {"q": q, "k": k, "v": v}, kind)
-        arrays = _Arrays(kind, device)
-        out = arrays.empty(o_shape, dtype) if out is None else out
-        lse = arrays.empty(lse_shape, "float32") if lse is None else lse
+        arrays, out, lse = _outputs(kind, device, dtype, out, lse, o_shape, lse_shape, (q, k, v))
         if launched:
             qt, kt, vt = (arrays.to_tvm(x) for x in (q, k, v))
             ot, lt = arrays.to_tvm(out, output=True), arrays.to_tvm(lse, output=True)
@@ -284,6 +256,25 @@ class Kernel:
             arrays.finish(ot, out)
             arrays.finish(lt, lse)
         return (out, lse) if return_lse else out
+
+    def _cap(self, softcap) -> float:
+        """The checked cap: > 0 for a kernel built with a softcap, 0 for one without."""
+        cap = V.check_softcap(softcap)
+        if self.spec.softcap and not cap:
+            raise ValueError(f"softcap: kernel {self.key} is built with a softcap: expected a cap > 0, got {softcap!r}")
+        if cap and not self.spec.softcap:
+            raise ValueError(f"softcap: kernel {self.key} has none (built with softcap=False): expected 0, got "
+                             f"{softcap!r}")
+        return cap
+
+    def _slopes(self, alibi_slopes, kind: str, device: str, b: int, h: int):
+        """ALiBi's checked [batch, heads] slopes for a kernel built with ALiBi, else None."""
+        if self.spec.alibi and alibi_slopes is None:
+            raise ValueError(f"alibi_slopes: kernel {self.key} is built with ALiBi: expected (heads,) or (batch, heads) "
+                             "float32 slopes, got None")
+        if alibi_slopes is not None and not self.spec.alibi:
+            raise ValueError(f"alibi_slopes: kernel {self.key} has no ALiBi (built with alibi=False): expected None")
+        return V.check_alibi(alibi_slopes, kind, device, b, h) if self.spec.alibi else None
 
     def _window_args(self, window_size, seq_q: int, seq_k: int) -> dict:
         """The window's int32 edges, ``window_left`` and ``window_right`` (the kernel of a causal
@@ -308,6 +299,20 @@ class Kernel:
         qk(qt, kt, s)
         softmax(s, p, lt, scale)
         pv(p, vt, ot)
+
+
+def _outputs(kind: str, device: str, dtype: str, out, lse, o_shape, lse_shape, inputs):
+    """(arrays, out, lse): the caller's out and lse checked (shape, dtype, device, no overlap with
+    the inputs), or new ones."""
+    if out is not None:
+        V.check_out(out, "out", kind, device, o_shape, dtype)
+    if lse is not None:
+        V.check_out(lse, "lse", kind, device, lse_shape, "float32")
+    V.check_no_overlap({"out": out, "lse": lse}, dict(zip("qkv", inputs)), kind)
+    arrays = _Arrays(kind, device)
+    out = arrays.empty(o_shape, dtype) if out is None else out
+    lse = arrays.empty(lse_shape, "float32") if lse is None else lse
+    return arrays, out, lse
 
 
 #: The alignment the kernels' data may assume, in bytes (TVM allocates at 64; its CPU code loads

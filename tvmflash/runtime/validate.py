@@ -437,16 +437,17 @@ def check_no_grad(kind: str, *arrays) -> None:
             " grad; call it under torch.no_grad() (or on detached tensors) for inference")
 
 
-def check_packed(q, k, v):
-    """``validate.check_qkv`` for packed q [total_q, heads, d], k, v [total_k, heads_kv, d]:
-    (kind, device, dtype, (1, total_q, heads, total_k, heads_kv, d))."""
+def check_packed(q, k, v, **against):
+    """``validate.check_qkv`` for packed q [total_q, heads, d], k, v [total_k, heads_kv, d] (and
+    ``against`` a kernel's head_dim, dtype, group): (kind, device, dtype, (1, total_q, heads,
+    total_k, heads_kv, d))."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if array_kind(x, name) not in ("torch", "numpy"):
             raise TypeError(f"{name}: expected a torch tensor or a numpy array, got {array_kind(x, name)}")
         if len(x.shape) != 3:
             raise ValueError(f"{name}: expected rank 3 [total_tokens, heads, head_dim] (packed sequences), got rank "
                              f"{len(x.shape)} with shape {tuple(x.shape)}")
-    return check_qkv(*(x[None] for x in (q, k, v)))
+    return check_qkv(*(x[None] for x in (q, k, v)), **against)
 
 
 def check_max_seqlen(value, name: str) -> int:
@@ -459,8 +460,8 @@ def check_max_seqlen(value, name: str) -> int:
 
 def check_prefix_sums(cu, name: str, kind: str, device: str, total: int, longest_max: int, max_name: str,
                       batch_p1: int | None = None):
-    """(the prefix sums as the kernel takes them, on the device of q; their host copy as numpy),
-    after checking them: (batch + 1,) int32 (``batch_p1`` of them where given), 0 first,
+    """(the prefix sums as the kernel takes them, on the device of q; the longest sequence's
+    length), after checking them: (batch + 1,) int32 (``batch_p1`` of them where given), 0 first,
     non-decreasing, ``total`` (the packed rows) last, no sequence longer than ``longest_max``
     (``max_name``). On q's device (read back: on a GPU, a synchronisation) or, torch with q on a
     GPU, on the CPU (read there; the checked copy goes to the GPU asynchronously)."""
@@ -487,4 +488,4 @@ def check_prefix_sums(cu, name: str, kind: str, device: str, total: int, longest
         raise ValueError(f"{max_name}: expected at least the longest sequence's {longest} (by {name}), got "
                          f"{longest_max}")
     on_device = arr if side == device else to_device(np.array(host, dtype=np.int32), kind, device)
-    return on_device, host
+    return on_device, longest
