@@ -399,15 +399,20 @@ def bench_decode(cases=DECODE_CASES, head_dim: int = 128, heads: int = 32, heads
             lengths = torch.full((batch,), seq_k - seq_q, dtype=torch.int32)
             fns["tvmflash kv cache"] = functools.partial(kv_cache, q, k, v, k[:, -seq_q:].clone(),
                                                          v[:, -seq_q:].clone(), lengths)
-        for name, ms in _time_interleaved(fns, reps=reps).items():
-            row[name] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, moved / ms / 1e9)
+        _timed_row(row, fns, reps, moved, f"B={batch} q={seq_q} kv={seq_k}", "{:5.2f} TB/s")
         del q, k, v
         torch.cuda.empty_cache()
         rows.append(row)
-        print(" | ".join([f"B={batch} q={seq_q} kv={seq_k}"] + [
-            f"{m}: " + (f"{row[m][0]:8.1f} us {row[m][1]:5.2f} TB/s" if row[m][0] is not None else row[m][1])
-            for m in methods]), flush=True)
     return rows, methods
+
+
+def _timed_row(row: dict, fns: dict, reps: int, work: float, label: str, unit: str) -> None:
+    """``row[method] = (us, work / time / 1e9)`` for each of ``fns`` sampled side by side (or
+    (None, why) where one raised), and the row printed as it comes (``unit`` formats the rate)."""
+    for name, ms in _time_interleaved(fns, reps=reps).items():
+        row[name] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, work / ms / 1e9)
+    print(" | ".join([label] + [f"{m}: " + (f"{row[m][0]:8.1f} us " + unit.format(row[m][1]) if row[m][0] is not None
+                                            else row[m][1]) for m in fns]), flush=True)
 
 
 #: The cases of ``bench_varlen``: (name, each sequence's length), query and key lengths equal
@@ -463,14 +468,10 @@ def bench_varlen(cases=VARLEN_CASES, head_dim: int = 128, heads: int = 16, dtype
             }
             row = {"case": name, "causal": causal, "sequences": batch, "tokens": total, "head_dim": head_dim,
                    "heads": heads}
-            for method, ms in _time_interleaved(fns, reps=reps).items():
-                row[method] = (None, _why(ms)) if isinstance(ms, Exception) else (ms * 1e3, flops / ms / 1e9)
+            _timed_row(row, fns, reps, flops, f"{name} causal={causal}", "{:6.1f} TFLOP/s")
             del q, k, v, padded, seqs
             torch.cuda.empty_cache()
             rows.append(row)
-            print(" | ".join([f"{name} causal={causal}"] + [
-                f"{m}: " + (f"{row[m][0]:8.1f} us {row[m][1]:6.1f} TFLOP/s" if row[m][0] is not None else row[m][1])
-                for m in methods]), flush=True)
     return rows, methods
 
 
