@@ -609,14 +609,11 @@ class _Exprs:
         return self._at(st, st.guard, {"b": b, "i": row}, {})
 
     def keys(self, seq_k):
-        """The keys a tile loads: all of k, or the sequence's (``use``; packed, ``use_offsets``):
-        past them nothing is read, so a paged cache's table needs entries for the sequence's own
-        pages only, and a packed sequence's tile never reads the next one's keys (nor, where no
-        sequence has a key, an empty k)."""
-        if self.offsets is not None:
-            _, lets = self.offsets
-            k_start, k_end = lets["cu_seqlens_k"]
-            return tirx.min(seq_k, k_end - k_start)
+        """The keys a tile loads: all of k, or the sequence's (``use``): past them nothing is read,
+        so a paged cache's table needs entries for the sequence's own pages only. (Packed
+        sequences load up to the longest sequence's keys, clamped inside k, the mask leaving out
+        the next sequence's: bounding the loads by the sequence's keys cost registers, 436 B of
+        spills at sm_90 against 324.)"""
         return seq_k if self.used_var is None else tirx.min(seq_k, self.used_var)
 
     def _at(self, st, e, roles, loads):

@@ -241,7 +241,9 @@ class Kernel:
                   "max_seqlen_q": max_q, "max_seqlen_k": max_k}
         scalars = tuple(values[name] for name in spec.scalar_params)
         slopes = self._slopes(alibi_slopes, kind, device, b, h)
-        launched = b > 0 and tq * h > 0
+        # (no key at all: nothing to read, every row sees none; the kernel's loads, clamped inside
+        # k, would read an empty one)
+        launched = b > 0 and tq * h > 0 and tk > 0
         if launched and spec.is_cuda and max(b, h) > GRID_YZ_MAX:
             raise ValueError(f"cu_seqlens_q: the fused CUDA kernel launches one block row per head and sequence: "
                              f"expected at most {GRID_YZ_MAX} of each (gridDim.y, gridDim.z), got {b} sequences and "
@@ -255,6 +257,9 @@ class Kernel:
             self._functions[0](qt, kt, vt, ot, lt, *inputs, *scalars)
             arrays.finish(ot, out)
             arrays.finish(lt, lse)
+        elif tq * h > 0:
+            out[...] = 0
+            lse[...] = float("-inf")
         return (out, lse) if return_lse else out
 
     def _cap(self, softcap) -> float:
