@@ -181,30 +181,25 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
         store's guard leaves it out)."""
         return buf[tirx.max(tirx.min(cu[b] + pos, buf.shape[0] - 1), 0), h, d]
 
-    def scored(s, slopes, used, b, h, i, j, seq_q, seq_k, sm_scale, cap):
-        x = mod.score(s, sm_scale, cap)
-        if not spec.alibi:
-            return x
-        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, seq_q, keys(used, b, seq_k))
+    def counts(used, cu_q, cu_k, b, seq_q, seq_k):
+        """(query rows, keys) of batch ``b``: the lengths its causal diagonal, window and ALiBi
+        align to (``rows``, ``keys``; ``used`` the per-sequence key counts)."""
+        return rows(cu_q, b, seq_q), keys(cu_k if spec.varlen else used, b, seq_k)
 
-    def scored_varlen(s, slopes, cu_q, cu_k, b, h, i, j, seq_q, seq_k, sm_scale, cap):
+    def scored(s, slopes, b, h, i, j, n, sm_scale, cap):
         x = mod.score(s, sm_scale, cap)
         if not spec.alibi:
             return x
-        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, rows(cu_q, b, seq_q), keys(cu_k, b, seq_k))
+        return _alibi(x if mod.scaled else x * sm_scale, slopes[b, h], i, j, *n)
 
     def exp_scale(sm_scale):
         return tirx.const(LOG2E, "float32") if spec.alibi and not mod.scaled else mod.exp_scale(sm_scale)
 
-    def seen(s, used, b, i, j, seq_q, seq_k, left, right):
-        # every key of k exists, unless the sequence uses fewer: then a term j < seqused_k[b]
+    def seen(s, i, j, n, left, right):
+        # every key of k exists, unless the sequence has fewer (seqused_k, varlen): then a term
+        # j < its key count; ``n``: the (rows, keys) of ``counts``
         window = (left, None if causal else right) if spec.window else None
-        return masked(s, i, j, seq_q, keys(used, b, seq_k), causal, not spec.seqused_k, window)
-
-    def seen_varlen(s, cu_q, cu_k, b, i, j, seq_q, seq_k, left, right):
-        # each sequence its own rows and keys: a term j < its key count, the diagonal at its lengths
-        window = (left, None if causal else right) if spec.window else None
-        return masked(s, i, j, rows(cu_q, b, seq_q), keys(cu_k, b, seq_k), causal, False, window)
+        return masked(s, i, j, *n, causal, not (spec.seqused_k or spec.varlen), window)
 
     def o_value(acc, l, vb, vh, vi, vd):
         return T.Cast(dtype, T.Select(l[vb, vh, vi] == zero_f, zero_f, acc[vb, vh, vi, vd] / l[vb, vh, vi]))
@@ -289,34 +284,23 @@ def _plain(spec: KernelSpec, mod: ScoreMod) -> tirx.PrimFunc:
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("score"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    if spec.varlen:
-                        Sc[vb, vh, vi, vj] = scored_varlen(S[vb, vh, vi, vj], alibi_slopes, cu_seqlens_q, cu_seqlens_k, vb, vh,
-                                                           vi, vj, seq_q, seq_k, sm_scale, softcap)
-                    else:
-                        Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, seqused_k, vb, vh, vi, vj, seq_q, seq_k,
-                                                    sm_scale, softcap)
+                    Sc[vb, vh, vi, vj] = scored(S[vb, vh, vi, vj], alibi_slopes, vb, vh, vi, vj,
+                                                counts(seqused_k, cu_seqlens_q, cu_seqlens_k, vb, seq_q, seq_k), sm_scale,
+                                                softcap)
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_max"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
                     with T.init():
                         m[vb, vh, vi] = neg_inf
-                    if spec.varlen:
-                        m[vb, vh, vi] = T.max(m[vb, vh, vi], seen_varlen(Sc[vb, vh, vi, vj], cu_seqlens_q, cu_seqlens_k, vb, vi,
-                                                                         vj, seq_q, seq_k, window_left, window_right))
-                    else:
-                        m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k,
-                                                                  window_left, window_right))
+                    m[vb, vh, vi] = T.max(m[vb, vh, vi], seen(
+                        Sc[vb, vh, vi, vj], vi, vj, counts(seqused_k, cu_seqlens_q, cu_seqlens_k, vb, seq_q, seq_k),
+                        window_left, window_right))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("P"):
                     vb, vh, vi, vj = T.axis.remap("SSSS", [b, h, i, j])
-                    if spec.varlen:
-                        P[vb, vh, vi, vj] = T.exp2(
-                            (seen_varlen(Sc[vb, vh, vi, vj], cu_seqlens_q, cu_seqlens_k, vb, vi, vj, seq_q, seq_k, window_left,
-                                         window_right) - finite(m[vb, vh, vi])) * exp_scale(sm_scale))
-                    else:
-                        P[vb, vh, vi, vj] = T.exp2(
-                            (seen(Sc[vb, vh, vi, vj], seqused_k, vb, vi, vj, seq_q, seq_k, window_left, window_right)
-                             - finite(m[vb, vh, vi])) * exp_scale(sm_scale))
+                    P[vb, vh, vi, vj] = T.exp2(
+                        (seen(Sc[vb, vh, vi, vj], vi, vj, counts(seqused_k, cu_seqlens_q, cu_seqlens_k, vb, seq_q, seq_k),
+                              window_left, window_right) - finite(m[vb, vh, vi])) * exp_scale(sm_scale))
             for b, h, i, j in T.grid(batch, heads, seq_q, seq_k):
                 with T.sblock("row_sum"):
                     vb, vh, vi, vj = T.axis.remap("SSSR", [b, h, i, j])
