@@ -94,6 +94,11 @@ def spec_for(q, k, v, *, causal: bool = False, algorithm: str = "fused", softcap
     return spec, (b, sq, sk, h)
 
 
+#: KernelSpec(**fields), one object per fields: the host path of the cache and varlen APIs builds a
+#: spec every call, and a spec's construction checks every field.
+cached_spec = functools.lru_cache(maxsize=256)(KernelSpec)
+
+
 #: Query rows up to which ``attention`` splits the keys by itself on a GPU: one query tile of the
 #: split kernel (``rules.decode_cuda_mma``).
 DECODE_ROWS = 16

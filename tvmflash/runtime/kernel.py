@@ -116,9 +116,7 @@ class Kernel:
             sk = int(block_table.shape[1]) * sk  # the keys the table can address
         return_lse = V.check_bool(return_lse, "return_lse")
         V.check_no_grad(kind, q, k, v)
-        want = "cuda" if spec.is_cuda else "cpu"
-        if device.split(":")[0] != want:
-            raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
+        self._check_device(device)
         scale = V.check_scale(softmax_scale, d)
         cap = self._cap(softcap)
         values = {"sm_scale": scale, "softcap": cap, **self._window_args(window_size, sq, sk)}
@@ -224,9 +222,7 @@ class Kernel:
                                                                     group=spec.group)
         return_lse = V.check_bool(return_lse, "return_lse")
         V.check_no_grad(kind, q, k, v)
-        want = "cuda" if spec.is_cuda else "cpu"
-        if device.split(":")[0] != want:
-            raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
+        self._check_device(device)
         max_q = V.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
         max_k = V.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
         cq, long_q = V.check_prefix_sums(cu_seqlens_q, "cu_seqlens_q", kind, device, tq, max_q, "max_seqlen_q")
@@ -261,6 +257,11 @@ class Kernel:
             out[...] = 0
             lse[...] = float("-inf")
         return (out, lse) if return_lse else out
+
+    def _check_device(self, device: str) -> None:
+        want = "cuda" if self.spec.is_cuda else "cpu"
+        if device.split(":")[0] != want:
+            raise ValueError(f"q: expected a {want} array for kernel {self.key}, got one on {device}")
 
     def _cap(self, softcap) -> float:
         """The checked cap: > 0 for a kernel built with a softcap, 0 for one without."""

@@ -8,12 +8,10 @@ and values are written into the cache first, in place.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
-from ..spec import KernelSpec
 from . import validate as V
-from .api import kernel_for, target_for, with_splits
+from .api import cached_spec, kernel_for, target_for, with_splits
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
@@ -83,18 +81,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if new:
         _append((k_cache, v_cache), (k, v), _rows(held, new, rows, host_table), kind, device)
     used = V.to_device(np.asarray(held, dtype=np.int32) + np.int32(new), kind, device)
-    spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, sq, capacity), bool(cap),
-                 alibi_slopes is not None, rows if paged else 0)
+    causal_k, windowed = V.window_kind(window, sq, capacity)
+    spec = cached_spec(head_dim=d, dtype=dtype, causal=causal_k, group=h // hk, target=target_for(device),
+                       softcap=bool(cap), window=windowed, alibi=alibi_slopes is not None, seqused_k=True,
+                       paged=rows if paged else 0)
     spec = with_splits(spec, b, sq, max(held, default=0) + new, h, num_splits, window)
     return kernel_for(spec, sq, capacity)(q, k_cache, v_cache, softmax_scale=softmax_scale, return_lse=return_lse,
                                           softcap=cap, window_size=window if spec.window else None,
                                           alibi_slopes=alibi_slopes, seqused_k=used, block_table=table)
-
-
-@functools.lru_cache(maxsize=256)
-def _spec(head_dim, dtype, group, target, causal, window, softcap, alibi, paged) -> KernelSpec:
-    return KernelSpec(head_dim=head_dim, dtype=dtype, causal=causal, group=group, target=target, softcap=softcap,
-                      window=window, alibi=alibi, seqused_k=True, paged=paged)
 
 
 def _table(block_table, kind: str, device: str, batch: int, held: list, new: int, k_cache):
@@ -103,12 +97,11 @@ def _table(block_table, kind: str, device: str, batch: int, held: list, new: int
     int32, on q's device (read back: on a GPU, a synchronisation) or, torch with q on a GPU, on
     the CPU (read there, copied asynchronously)."""
     num_pages, page_size = int(k_cache.shape[0]), int(k_cache.shape[1])
-    on_cpu = (kind == "torch" and device != "cpu" and V.array_kind(block_table, "block_table") == "torch"
-              and block_table.device.type == "cpu")
-    table = V.check_block_table(block_table, kind, "cpu" if on_cpu else device, batch)
+    side = V.host_side(block_table, "block_table", kind, device)
+    table = V.check_block_table(block_table, kind, side, batch)
     import numpy as np
 
-    host = table.cpu().numpy() if kind == "torch" else table
+    host = V.host_array(table, kind)
     max_pages = int(host.shape[1])
     filled = np.minimum(-(-(np.asarray(held, dtype=np.int64) + new) // page_size), max_pages)
     bad = (np.arange(max_pages)[None, :] < filled[:, None]) & ((host < 0) | (host >= num_pages))
@@ -116,9 +109,7 @@ def _table(block_table, kind: str, device: str, batch: int, held: list, new: int
         i, j = (int(x) for x in np.argwhere(bad)[0])
         raise ValueError(f"block_table: expected page numbers in [0, {num_pages}) (the pages of k_cache) for the "
                          f"{int(filled[i])} pages sequence {i} fills, got block_table[{i}, {j}] = {int(host[i, j])}")
-    # (from CPU memory, the checked copy goes to the GPU, not the caller's table, which the caller
-    # may change before an asynchronous copy of it runs)
-    return (V.to_device(np.array(host, dtype=np.int32), kind, device) if on_cpu else table), host
+    return V.checked_copy(table, host, side, kind, device), host
 
 
 def _check_new(k, v, kind: str, device: str, dtype: str, batch: int, heads_kv: int, head_dim: int) -> int:
@@ -154,7 +145,7 @@ def _lengths(cache_seqlens, kind: str, device: str, batch: int) -> list:
         return [int(cache_seqlens)] * batch
     side = V.host_side(cache_seqlens, "cache_seqlens", kind, device)
     lengths = V.check_lengths(cache_seqlens, "cache_seqlens", kind, side, batch)
-    return [int(n) for n in (lengths.cpu() if kind == "torch" else lengths).tolist()]
+    return [int(n) for n in V.host_array(lengths, kind).tolist()]
 
 
 def _compact(x, kind: str) -> bool:

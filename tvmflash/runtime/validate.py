@@ -314,6 +314,20 @@ def to_device(array, kind: str, device: str):
     return t if device == "cpu" else t.to(device, non_blocking=True)
 
 
+def host_array(x, kind: str):
+    """A checked index array's values on the host, as numpy (from a GPU: a synchronisation)."""
+    return x.cpu().numpy() if kind == "torch" else x
+
+
+def checked_copy(x, host, side: str, kind: str, device: str):
+    """The index array the kernel reads: ``x`` where it is on q's device, else (on the CPU, q on
+    a GPU) the checked host copy sent there, not the caller's array, which the caller may change
+    before an asynchronous copy of it runs."""
+    import numpy as np
+
+    return x if side == device else to_device(np.array(host, dtype=np.int32), kind, device)
+
+
 def _int32_array(x, name: str, kind: str, device: str, shape_ok, expected: str):
     """``x`` compact, after checking it is an int32 array of q's kind and device whose shape
     ``shape_ok`` accepts (``expected`` says which, in the error)."""
@@ -472,7 +486,7 @@ def check_prefix_sums(cu, name: str, kind: str, device: str, total: int, longest
     arr = _int32_array(cu, name, kind, side, lambda s: len(s) == 1 and s[0] >= 1, expected)
     if batch_p1 is not None and int(arr.shape[0]) != batch_p1:
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(int(n) for n in arr.shape)}")
-    host = np.asarray(arr.cpu().numpy() if kind == "torch" else arr.numpy() if kind == "tvm" else arr)
+    host = host_array(arr, kind)
     if int(host[0]) != 0:
         raise ValueError(f"{name}: expected prefix sums starting at 0, got {name}[0] = {int(host[0])}")
     steps = np.diff(host.astype(np.int64))
@@ -487,5 +501,4 @@ def check_prefix_sums(cu, name: str, kind: str, device: str, total: int, longest
     if longest > longest_max:
         raise ValueError(f"{max_name}: expected at least the longest sequence's {longest} (by {name}), got "
                          f"{longest_max}")
-    on_device = arr if side == device else to_device(np.array(host, dtype=np.int32), kind, device)
-    return on_device, longest
+    return checked_copy(arr, host, side, kind, device), longest

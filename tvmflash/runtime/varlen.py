@@ -8,11 +8,8 @@ sequence's keys never visited, query tiles past its rows storing nothing.
 
 from __future__ import annotations
 
-import functools
-
-from ..spec import KernelSpec
 from . import validate as V
-from .api import kernel_for, target_for
+from .api import cached_spec, kernel_for, target_for
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
@@ -44,14 +41,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     V.check_scale(softmax_scale, d)
     max_q = V.check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_k = V.check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    spec = _spec(d, dtype, h // hk, target_for(device), *V.window_kind(window, max_q, max_k), bool(cap),
-                 alibi_slopes is not None)
+    causal_k, windowed = V.window_kind(window, max_q, max_k)
+    spec = cached_spec(head_dim=d, dtype=dtype, causal=causal_k, group=h // hk, target=target_for(device),
+                       softcap=bool(cap), window=windowed, alibi=alibi_slopes is not None, varlen=True)
     return kernel_for(spec, max_q, max_k).call_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=softmax_scale, return_lse=return_lse,
         softcap=cap, window_size=window if spec.window else None, alibi_slopes=alibi_slopes)
-
-
-@functools.lru_cache(maxsize=256)
-def _spec(head_dim, dtype, group, target, causal, window, softcap, alibi) -> KernelSpec:
-    return KernelSpec(head_dim=head_dim, dtype=dtype, causal=causal, group=group, target=target, softcap=softcap,
-                      window=window, alibi=alibi, varlen=True)
