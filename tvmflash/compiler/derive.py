@@ -514,7 +514,8 @@ class _Exprs:
 
     def __init__(self, ch: Chain, even: bool, BM: int, pack: int = 1):
         self.ch, self.even, self.BM, self.pack = ch, even, BM, pack
-        self.shape = self.scalars = self.used_var = self.offsets = None
+        self.shape = self.scalars = self.tile_b = None
+        self.lets = {}  # input buffer name -> the variables the tile binds its loads at b, b + 1 to
 
     # A tile's rows. Unpacked (``pack`` 1): the grid's head ``vh`` and query rows ``qb * BM + i``.
     # Packed (GQA, FlashAttention's "pack GQA"): the grid's head is a K/V head and the tile's rows
@@ -566,34 +567,28 @@ class _Exprs:
         buffers, in ``SCALARS`` then ``BUFFERS`` order (called as its body is parsed)."""
         self.shape, self.scalars = {**shape, **pages}, dict(zip(SCALARS + BUFFERS, scalars_and_buffers))
 
-    def use(self, var):
-        """Read the sequence's key count from ``var`` (a variable the tile binds) from here on,
-        not from its load: one load a tile, and bounds TVM's analyzer can prove. Returns var."""
-        self.used_var = var
-        return var
-
-    def use_offsets(self, vb, q_start, q_end, k_start, k_end):
-        """Read packed sequence ``vb``'s prefix sums (``KernelSpec.varlen``) from the variables the
-        tile binds from here on: cu_seqlens_q[vb] is ``q_start``, cu_seqlens_q[vb + 1] ``q_end``,
-        k alike. As ``use``: bounds TVM's analyzer can prove, and four loads a tile."""
-        self.offsets = (vb, {"cu_seqlens_q": (q_start, q_end), "cu_seqlens_k": (k_start, k_end)})
-        return q_start
+    def use(self, vb, **lets):
+        """Read the loads of input buffers at the tile's batch ``vb`` (and at ``vb + 1``) from
+        variables the tile binds, from here on: ``seqused_k=(kv_used,)`` (the sequence's key
+        count), ``cu_seqlens_q=(q_start, q_end)``, ``cu_seqlens_k=(k_start, k_end)`` (a packed
+        sequence's offsets). One load each a tile, and bounds TVM's analyzer can prove (it proves
+        the pipeline's guards on variables, not on loads). Returns vb."""
+        self.tile_b = vb
+        self.lets.update(lets)
+        return vb
 
     def local(self, e):
-        """``e`` with the loads a tile binds to variables (``use``, ``use_offsets``) read from them."""
-        if self.used_var is not None:
-            e = _subst(e, {}, {self.scalars["seqused_k"]: self.used_var})
-        if self.offsets is None:
+        """``e`` with the loads the tile binds to variables (``use``) read from them."""
+        if not self.lets:
             return e
-        vb, lets = self.offsets
-        bufs = {name: self.scalars[name] for name in lets}
+        bufs = {name: self.scalars[name] for name in self.lets}
 
         def on_load(ld):
             for name, buf in bufs.items():
                 if ld.source.same_as(buf) and len(ld.indices) == 1:
-                    delta = _Analyzer().simplify(ld.indices[0] - vb)
-                    if isinstance(delta, tirx.IntImm) and delta.value in (0, 1):
-                        return lets[name][delta.value]
+                    delta = _Analyzer().simplify(ld.indices[0] - self.tile_b)
+                    if isinstance(delta, tirx.IntImm) and 0 <= delta.value < len(self.lets[name]):
+                        return self.lets[name][delta.value]
             return ld
 
         return tvm_ffi.structural_map(e, [(Load, on_load)])
@@ -614,7 +609,8 @@ class _Exprs:
         sequences load up to the longest sequence's keys, clamped inside k, the mask leaving out
         the next sequence's: bounding the loads by the sequence's keys cost registers, 436 B of
         spills at sm_90 against 324.)"""
-        return seq_k if self.used_var is None else tirx.min(seq_k, self.used_var)
+        used = self.lets.get("seqused_k")
+        return seq_k if used is None else tirx.min(seq_k, used[0])
 
     def _at(self, st, e, roles, loads):
         return self.local(self.ch.at(st, e, roles, loads, self.shape, self.scalars))
@@ -1014,17 +1010,17 @@ def _rolling(ch: Chain, BM: int, BN: int, even: bool) -> tirx.PrimFunc:
                 l_i = T.sblock_alloc_buffer((BM,), "float32")
                 alpha = T.sblock_alloc_buffer((BM,), "float32")
 
-                if ex.varlen:  # (the sequence's offsets, one variable each a tile: ``_Exprs.use_offsets``)
+                if ex.varlen:  # (the sequence's offsets, one variable each a tile: ``_Exprs.use``)
                     q_start: T.let[T.int32] = cu_seqlens_q[vb]
                     q_end: T.let[T.int32] = cu_seqlens_q[vb + 1]
                     k_start: T.let[T.int32] = cu_seqlens_k[vb]
                     k_end: T.let[T.int32] = cu_seqlens_k[vb + 1]
-                    offsets_ = T.meta_var(ex.use_offsets(vb, q_start, q_end, k_start, k_end))
+                    offsets_ = T.meta_var(ex.use(vb, cu_seqlens_q=(q_start, q_end), cu_seqlens_k=(k_start, k_end)))
                 start_tile()
                 # the key tiles the mask leaves visible (all where it bounds none)
                 if ex.used:  # (the sequence's key count, one variable a tile: ``kv_tiles``)
                     kv_used: T.let[T.int32] = seqused_k[vb]
-                    kv_used_ = T.meta_var(ex.use(kv_used))
+                    kv_used_ = T.meta_var(ex.use(vb, seqused_k=(kv_used,)))
                 for kb in T.serial(kv_tiles(vb, vqb, seq_q, seq_k)):
                     kv_step(ex.kv_first(vb, vqb, seq_k, kb))
 
@@ -1208,7 +1204,7 @@ def _split(ch: Chain, BM: int, BN: int, even: bool, parts: int, pack: int) -> ti
                     start_tile()
                     if ex.used:  # (the sequence's key count, one variable a tile: ``kv_tiles``)
                         kv_used: T.let[T.int32] = seqused_k[vb]
-                        kv_used_ = T.meta_var(ex.use(kv_used))
+                        kv_used_ = T.meta_var(ex.use(vb, seqused_k=(kv_used,)))
                     for kb in T.serial(chunk_tiles(vb, vqb, vc, seq_q, seq_k)[0]):
                         kv_step(ex.kv_first(vb, vqb, seq_k, chunk_tiles(vb, vqb, vc, seq_q, seq_k)[1] + kb))
                     # the chunk's partial state leaves the tile (rows past seq_q are not stored),
