@@ -83,7 +83,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     filled = attention_mask.shape[1] if attention_mask is not None else _positions(kwargs.get("position_ids"))
     if filled is not None and filled < key.shape[2]:
         key, value = key[:, :, :filled], value[:, :, :filled]
-    if attention_mask is not None and not bool(attention_mask.all()):
+    if attention_mask is not None and not _all_valid(attention_mask):
         return _padded(q, key, value, attention_mask, causal, common), None
     cache = _cache_buffers(key, value)
     if cache is not None:
@@ -94,6 +94,25 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out, None
 
 
+def _per_forward(read):
+    """``read(x)``, a value that waits for the GPU, taken once per tensor: transformers hands every
+    layer of a forward the same mask and position tensors, so one wait a forward, not one a layer
+    (the last tensor is kept, so its identity stays its own)."""
+    last = [None, None]
+
+    def cached(x):
+        if x is not last[0]:
+            last[:] = [x, read(x)]
+        return last[1]
+
+    return cached
+
+
+#: Whether a 2D padding mask has no padding.
+_all_valid = _per_forward(lambda mask: bool(mask.all()))
+
+
+@_per_forward
 def _positions(position_ids):
     """The rows a batch without padding has filled: one past its last position (None: unknown)."""
     if position_ids is None or position_ids.numel() == 0:
