@@ -248,7 +248,8 @@ def on_chip(lowered) -> tuple[int | None, int | None]:
     that code generation sees (after TVM merges the shared buffers and reuses dead ones)."""
     if not lowered.spec.is_cuda:
         return None, None
-    mod = lower_to_device(lowered.mod, lowered.spec.tvm_target, lowered.pass_config)
+    mod = lower_to_device(lowered.mod, lowered.spec.tvm_target, lowered.pass_config,
+                          tir_pipeline=lowered.tir_pipeline)
     shared, threads = 0, None
     for gv, func in mod.functions.items():
         if func.attrs is None or not func.attrs.get("tirx.is_global_func", False):

@@ -30,6 +30,7 @@ class Lowered:
     entry: tuple = ("main",)  # the module's functions, in call order
     pass_config: dict = field(default_factory=dict)  # PassContext options the rule's kernels need
     tuning: dict = field(default_factory=dict)  # tuned record used, or why none (manifest)
+    tir_pipeline: str | None = None  # the rule's (None: tvmflash's, for scheduled TensorIR)
 
 
 def lower(spec: KernelSpec, config=None) -> Lowered:
@@ -44,12 +45,12 @@ def lower(spec: KernelSpec, config=None) -> Lowered:
         p = Plan(spec, p.rule, config, "given config")
     rule = p.rule
     before = rule.definition(spec, p.tile)
-    sch, tuning = None, {}
+    mod, tuning = None, {}
     if p.source == "tuned record":
         where = f"the record of tile {p.entry.tile[0]}x{p.entry.tile[1]} in {p.entry.vdir}"
         try:
             tuned = records.load_record(spec, rule, p.entry)
-            sch = records.replay(rule, spec, tuned.record.trace, before, where)
+            mod = records.replay(rule, spec, tuned.record.trace, before, where).mod
             tuning = tuned.describe()
         except records.UntrustedTrace:
             raise
@@ -58,17 +59,17 @@ def lower(spec: KernelSpec, config=None) -> Lowered:
                       "tuning": f"{where} does not replay ({type(err).__name__}: {records.first_line(err)}); its "
                                 f"config is scheduled by rule {rule.name} instead",
                       "database": str(p.entry.vdir)}
-    if sch is None:
-        with spec.tvm_target:  # as TVM's dlight rules read it
-            sch = rule.apply(before, p.config)
+    if mod is None:
+        mod = rule.scheduled(spec, before, p.config)
         if not tuning:
             tuning = {"source": p.source, **({"tuning": p.why} if p.why else {})}
     if isinstance(before, tvm.tirx.PrimFunc):
         before = tvm.IRModule({"main": before})
-    return Lowered(spec, sch.mod, before, rule.name, rule.config_dict(p.config), tuple(rule.entry),
-                   dict(rule.pass_config(spec)), tuning)
+    return Lowered(spec, mod, before, rule.name, rule.config_dict(p.config), tuple(rule.entry),
+                   dict(rule.pass_config(spec)), tuning, rule.tir_pipeline)
 
 
 def compile_lowered(lowered: Lowered):
-    """``compiler.compile_module`` of the scheduled module, with the rule's pass config."""
-    return compile_module(lowered.mod, lowered.spec.tvm_target, lowered.pass_config)
+    """``compiler.compile_module`` of the scheduled module, with the rule's pass config and
+    pipeline."""
+    return compile_module(lowered.mod, lowered.spec.tvm_target, lowered.pass_config, lowered.tir_pipeline)

@@ -19,9 +19,10 @@ from .pipeline import TIR_PIPELINE, lower_to_device
 __all__ = ["compile_module", "device_source", "lower_to_device", "TIR_PIPELINE"]
 
 
-def compile_module(mod: tvm.IRModule, target, pass_config: dict | None = None):
+def compile_module(mod: tvm.IRModule, target, pass_config: dict | None = None, tir_pipeline: str | None = None):
     """``tvm.compile`` of the scheduled ``mod`` for ``target`` (a ``tvm.target.Target``) through
-    ``TIR_PIPELINE`` with ``pass_config`` (the rule's PassContext options). No GPU is needed for
-    CUDA: the module holds the generated CUDA source (on a GPU machine too)."""
+    ``TIR_PIPELINE`` (or the rule's ``tir_pipeline``: "tirx" for a kernel written in TIRx) with
+    ``pass_config`` (the rule's PassContext options). No GPU is needed for CUDA: the module
+    holds the generated CUDA source (on a GPU machine too)."""
     with tvm.transform.PassContext(config=dict(pass_config or {})), cuda_source_modules():
-        return tvm.compile(mod, target=target, tir_pipeline=TIR_PIPELINE)
+        return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline or TIR_PIPELINE)

@@ -56,12 +56,13 @@ TIR_PIPELINE = _register_pipeline()
 
 
 def lower_to_device(mod: tvm.IRModule, target: tvm.target.Target, pass_config: dict | None = None,
-                    instruments=()) -> tvm.IRModule:
-    """The scheduled ``mod`` taken through the tirx pipeline ``tvm.compile`` runs (``TIR_PIPELINE``),
-    up to code generation: kernels split from the host code, shared memory merged and reused.
-    This is the TIR the CUDA source is printed from (what ``tvm.tirx.build`` does before codegen)."""
+                    instruments=(), tir_pipeline: str | None = None) -> tvm.IRModule:
+    """The scheduled ``mod`` taken through the tirx pipeline ``tvm.compile`` runs (``TIR_PIPELINE``,
+    or the rule's ``tir_pipeline``), up to code generation: kernels split from the host code,
+    shared memory merged and reused. This is the TIR the CUDA source is printed from (what
+    ``tvm.tirx.build`` does before codegen)."""
     host = tvm.target.Target("llvm") if tvm.runtime.enabled("llvm") else tvm.target.Target("c")
     mod = tirx.transform.BindTarget(target.with_host(host))(mod)
-    pipeline, _, _ = tirx.get_tir_pipeline(TIR_PIPELINE)
+    pipeline, _, _ = tirx.get_tir_pipeline(tir_pipeline or TIR_PIPELINE)
     with tvm.transform.PassContext(config=pass_config or {}, instruments=list(instruments)):
         return pipeline(mod)

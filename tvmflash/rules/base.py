@@ -52,6 +52,9 @@ class ScheduleRule:
     split_builds: ClassVar[bool] = False
     trace_instructions: ClassVar[frozenset] = frozenset()
     trace_annotations: ClassVar[frozenset] = frozenset()
+    #: the tirx pipeline its modules compile with: None, tvmflash's (``compiler.TIR_PIPELINE``,
+    #: TVM's s_tir passes for scheduled TensorIR); "tirx" for a kernel written in TIRx
+    tir_pipeline: ClassVar[str | None] = None
 
     def supports(self, spec: KernelSpec) -> bool:
         raise NotImplementedError
@@ -61,6 +64,13 @@ class ScheduleRule:
 
     def apply(self, func, config) -> Schedule:
         raise NotImplementedError
+
+    def scheduled(self, spec: KernelSpec, func, config) -> tvm.IRModule:
+        """The module ``build`` compiles for ``spec``: ``func`` (``definition``'s) scheduled by
+        ``apply`` with ``config``. A rule whose kernel is written rather than scheduled (TIRx)
+        returns that kernel here."""
+        with spec.tvm_target:  # as TVM's dlight rules read it
+            return self.apply(func, config).mod
 
     def definition(self, spec: KernelSpec, tile):
         """The TensorIR this rule schedules for ``spec`` at ``tile`` (``self.tile(config)``): by
