@@ -45,3 +45,24 @@ def rng(request):
 
 
 NVCC = shutil.which("nvcc")
+
+
+@pytest.fixture
+def without_hopper(tmp_path_factory, monkeypatch):
+    """The registry without the Hopper rule (``fused_hopper``), for a test of the mma.sync kernel
+    at the H100 target: that rule serves the H100's dense head dims 64 and 128 first, the mma.sync
+    rule its variants, static shapes and even builds (and every spec without the Hopper rule).
+    A kernel cache of its own (a process's): the same key names the other rule's kernel there, which another
+    test process may be building into the shared one."""
+    from tvmflash import rules
+
+    # (one per test process: its tests share their builds)
+    monkeypatch.setenv("TVMFLASH_CACHE", str(tmp_path_factory.getbasetemp() / "mma-cache"))
+    names = [r.name for r in rules.RULES]
+    at = names.index("fused_hopper")
+    rule = rules.RULES[at]
+    rules.unregister(rule)
+    try:
+        yield
+    finally:
+        rules.register(rule, before=names[at + 1])

@@ -86,9 +86,10 @@ def _stub_kernel(spec, tile):
     (4096, 4048, "general"),  # the planned tile does not divide: the even one is never built
     (0, 4096, "general"),
 ])
-def test_attention_dispatch(monkeypatch, seq_q, seq_k, chosen):
+def test_attention_dispatch(monkeypatch, without_hopper, seq_q, seq_k, chosen):
     """``attention`` picks the build by the plan's tile (the hand config's 128x64 here) before
-    anything is built, and asks the cache for that one kernel only."""
+    anything is built, and asks the cache for that one kernel only (the mma.sync rule's: the
+    Hopper rule has no even build)."""
     got = []
 
     def fake_get_kernel(spec):

@@ -5,6 +5,8 @@ first, the general ones after. Each rule is one file exporting ``RULE``; a new k
 Hopper kernel, a head dim) is a new file and a line here. ``register`` adds a rule at run time
 (first, unless ``before`` names another), for plugins and tests.
 
+    fused_hopper      fused, sm_90a (H100, H200): TMA, mbarriers, wgmma, warp specialization,
+                      written in TIRx (head dims 64 and 128, no variants)
     decode_cuda_mma   fused split over the keys (FlashDecoding, ``KernelSpec.splits``), CUDA,
                       tensor cores
     fused_cuda_mma    fused, CUDA, tensor cores (head dims 32, 64, 96, 128, 256)
@@ -19,13 +21,14 @@ from __future__ import annotations
 import threading
 
 from ..spec import KernelSpec
-from . import decode_cuda_mma, fused_cpu, fused_cuda_mma, fused_cuda_plain, standard_cpu, standard_cuda
+from . import decode_cuda_mma, fused_cpu, fused_cuda_mma, fused_cuda_plain, fused_hopper, standard_cpu, standard_cuda
 from .base import ScheduleRule, Space
 
 __all__ = ["RULES", "ScheduleRule", "Space", "generation", "register", "rule_for", "rule_named", "unregister"]
 
 #: The registry, first match wins.
 RULES: list[ScheduleRule] = [
+    fused_hopper.RULE,
     decode_cuda_mma.RULE,
     fused_cuda_mma.RULE,
     fused_cuda_plain.RULE,

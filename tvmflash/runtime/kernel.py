@@ -141,7 +141,9 @@ class Kernel:
                 f"seq_q, seq_k: kernel {self.key} is even (no bound checks): expected seq_q a multiple of "
                 f"block_m={block_m} and seq_k a multiple of block_n={block_n}, got seq_q {sq} and seq_k {sk}"
             )
-        launched = b * sq * h > 0
+        # (no key at all: every row sees none, and nothing is launched: a kernel that maps k for
+        # the TMA engine cannot describe an empty one)
+        launched = b * sq * h > 0 and (sk > 0 or spec.algorithm != "fused")
         if spec.algorithm == "standard" and b * h * sq * sk > INT32_MAX:
             raise ValueError(
                 f"seq_q, seq_k: the standard algorithm's S has batch*heads*seq_q*seq_k = {b * h * sq * sk:,} "
@@ -167,6 +169,8 @@ class Kernel:
                 self._run_standard(arrays, qt, kt, vt, ot, lt, scale, (b, h, sq, sk))
             arrays.finish(ot, o_part)
             arrays.finish(lt, l_part)
+        if not launched and b * sq * h > 0:
+            arrays.no_keys(out, lse)
         return (out, lse) if return_lse else out
 
     def _batch_parts(self, kind: str, b: int, sq: int, h: int, sk: int, hk: int, d: int, k) -> list:
@@ -254,8 +258,7 @@ class Kernel:
             arrays.finish(ot, out)
             arrays.finish(lt, lse)
         elif tq * h > 0:
-            out[...] = 0
-            lse[...] = float("-inf")
+            arrays.no_keys(out, lse)
         return (out, lse) if return_lse else out
 
     def _check_device(self, device: str) -> None:
@@ -361,6 +364,17 @@ class _Arrays:
 
             return tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu())
         return x
+
+    def no_keys(self, out, lse) -> None:
+        """The result of rows that see no key: out 0, lse -inf (nothing launched)."""
+        if self.kind == "tvm":
+            import numpy as np
+
+            out.copyfrom(np.zeros(out.shape, numpy_dtype(str(out.dtype))))
+            lse.copyfrom(np.full(lse.shape, -np.inf, np.float32))
+        else:
+            out[...] = 0
+            lse[...] = float("-inf")
 
     def finish(self, t, dst) -> None:
         """Copy a result back where the kernel wrote a staging copy (numpy, or a torch output
