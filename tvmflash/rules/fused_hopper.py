@@ -7,7 +7,8 @@ split, paged and packed forms stay with ``fused_cuda_mma``.
 Not derived from the TensorIR definition by schedule primitives: TensorIR's schedules stop at
 mma.sync (no wgmma, TMA or warp specialization among its intrinsics and primitives), so this
 kernel is written out in TIRx, as FlashAttention-3 is in CUTLASS, and is tested against the
-definition (``definition.plain``) like every other kernel. Its semantics are Algorithm 0's:
+float64 reference of the definition (``definition.reference``) like every other kernel. Its
+semantics are Algorithm 0's (``definition.plain``):
 the same arguments, layout and results as the derived kernels (q, o [batch, seq_q, heads, d],
 k, v [batch, seq_k, heads_kv, d], lse [batch, heads, seq_q] in natural log, rows that see no key
 give 0 and -inf, causal aligned bottom-right).
