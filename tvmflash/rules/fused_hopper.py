@@ -60,7 +60,6 @@ _TMA_4D = "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx:
 # warpgroup_fence_operand; the wheel's T.cuda.wgmma.noop_barrier does not generate code).
 _FENCE_SRC = r"""
 __device__ __forceinline__ void tvmflash_fence(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
-__device__ __forceinline__ void tvmflash_fence_u32(unsigned& r) { asm volatile("" : "+r"(r) :: "memory"); }
 """
 _EX2_SRC = r"""
 __device__ __forceinline__ float tvmflash_ex2(float x) {
@@ -151,6 +150,25 @@ def hopper_attention(spec: KernelSpec, cfg: HopperConfig):
     q_layout = mma_shared_layout(dt, _SWIZZLE_128B, (NC, BM, 64))
     kv_layout = mma_shared_layout(dt, _SWIZZLE_128B, (ST, NC, BN, 64))
 
+    @T.inline
+    def encode(tensor_map, data, rows, heads_, batch, box_rows):
+        """The TMA map of a [batch, rows, heads_, D] tensor: dims innermost first (d, head, row,
+        batch), strides in bytes of dims 1..3, box one 128-byte chunk of a row x ``box_rows``."""
+        T.call_packed("runtime.cuTensorMapEncodeTiled", tensor_map, dt, 4, data,
+                      D, heads_, rows, batch,
+                      T.int64(D * 2), T.Cast("int64", heads_) * (D * 2), T.Cast("int64", rows) * heads_ * (D * 2),
+                      64, 1, box_rows, 1, 1, 1, 1, 1, 0, _SWIZZLE_128B, _L2_PROMO_128B, 0)
+
+    @T.inline
+    def retire(acc, n, empty, stage, lane):
+        """Wait for the warpgroup's wgmma group, fence its accumulator, release the stage."""
+        T.ptx.wgmma.commit_group.sync.aligned()
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        for i in T.unroll(n):
+            T.cuda.func_call("tvmflash_fence", acc[i], source_code=_FENCE_SRC)
+        if lane == 0:
+            empty.arrive(stage)
+
     # fmt: off
     @T.prim_func
     def main(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle, lse_h: T.handle,
@@ -169,22 +187,9 @@ def hopper_attention(spec: KernelSpec, cfg: HopperConfig):
         q_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         k_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
         v_map: T.let[T.handle("tensormap")] = T.tvm_stack_alloca("tensormap", 1)
-        # dims innermost first (d, head, row, batch); strides in bytes of dims 1..3; box: one
-        # 128-byte chunk of a row x the tile's rows
-        T.call_packed("runtime.cuTensorMapEncodeTiled", q_map, dt, 4, Q.data,
-                      D, heads, seq_q, batch,
-                      T.int64(D * 2), T.Cast("int64", heads) * (D * 2), T.Cast("int64", seq_q) * heads * (D * 2),
-                      64, 1, BM, 1, 1, 1, 1, 1, 0, _SWIZZLE_128B, _L2_PROMO_128B, 0)
-        T.call_packed("runtime.cuTensorMapEncodeTiled", k_map, dt, 4, K.data,
-                      D, heads_kv, seq_k, batch,
-                      T.int64(D * 2), T.Cast("int64", heads_kv) * (D * 2),
-                      T.Cast("int64", seq_k) * heads_kv * (D * 2),
-                      64, 1, BN, 1, 1, 1, 1, 1, 0, _SWIZZLE_128B, _L2_PROMO_128B, 0)
-        T.call_packed("runtime.cuTensorMapEncodeTiled", v_map, dt, 4, V.data,
-                      D, heads_kv, seq_k, batch,
-                      T.int64(D * 2), T.Cast("int64", heads_kv) * (D * 2),
-                      T.Cast("int64", seq_k) * heads_kv * (D * 2),
-                      64, 1, BN, 1, 1, 1, 1, 1, 0, _SWIZZLE_128B, _L2_PROMO_128B, 0)
+        encode(q_map, Q.data, seq_q, heads, batch, BM)
+        encode(k_map, K.data, seq_k, heads_kv, batch, BN)
+        encode(v_map, V.data, seq_k, heads_kv, batch, BN)
         T.device_entry()
         T.attr({"tirx.launch_bounds_min_blocks_per_sm": 1})
         bx, head, b = T.cta_id([(seq_q + BM - 1) // BM, heads, batch])
@@ -279,12 +284,7 @@ def hopper_attention(spec: KernelSpec, cfg: HopperConfig):
                         desc_q + T.Cast("uint64", (kk // 4) * Q_CHUNK16 + (wg - 1) * WG_ROWS16 + (kk % 4) * 2),
                         desc_k + T.Cast("uint64", stage * KV_STAGE16 + (kk // 4) * KV_CHUNK16 + (kk % 4) * 2),
                         T.ptx.pred(T.int32(1)), 1, 1, 0, 0)
-                T.ptx.wgmma.commit_group.sync.aligned()
-                T.ptx.wgmma.wait_group.sync.aligned(0)
-                for i in T.unroll(S_ACC):
-                    T.cuda.func_call("tvmflash_fence", s[i], source_code=_FENCE_SRC)
-                if lane == 0:
-                    k_empty.arrive(stage)
+                retire(s, S_ACC, k_empty, stage, lane)
                 # the mask, on the tiles that hold keys past seq_k or past a row's diagonal
                 if (n + 1) * BN > seq_k or (causal and (n + 1) * BN - 1 > mb * BM + seq_k - seq_q):
                     for j in T.unroll(BN // 8):
@@ -328,12 +328,7 @@ def hopper_attention(spec: KernelSpec, cfg: HopperConfig):
                         *[o[i] for i in range(O_ACC)], p[kk * 4], p[kk * 4 + 1], p[kk * 4 + 2], p[kk * 4 + 3],
                         desc_v + T.Cast("uint64", stage * KV_STAGE16 + kk * 128),
                         T.ptx.pred(T.int32(1)), 1, 1, 1)
-                T.ptx.wgmma.commit_group.sync.aligned()
-                T.ptx.wgmma.wait_group.sync.aligned(0)
-                for i in T.unroll(O_ACC):
-                    T.cuda.func_call("tvmflash_fence", o[i], source_code=_FENCE_SRC)
-                if lane == 0:
-                    v_empty.arrive(stage)
+                retire(o, O_ACC, v_empty, stage, lane)
             # the epilogue: the row sums across the row's 4 lanes, O / l, lse
             for r in T.unroll(2):
                 l[r] = l[r] + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), l[r], 1, 32)
